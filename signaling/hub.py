@@ -1,0 +1,175 @@
+"""Local subscriptions and fan-out.
+
+The hub maps each channel to the connections of this instance subscribed to
+it, and is the :class:`~signaling.broker.base.BrokerHandler` the broker
+delivers to. A publication is encoded once per channel — push JSON and the
+WebSocket frame around it — and the same bytes are handed to every local
+subscriber; no coroutine or task per recipient (STYLE §5).
+
+A subscriber that is still recovering (its subscribe reply not sent yet) is
+"syncing": publications for it are buffered, bounded, and merged with what it
+recovered from history when it goes live, so nothing falls between history
+and the live stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from signaling.protocol import (
+    ClientInfo,
+    Publication,
+    encode_join_push,
+    encode_leave_push,
+    encode_pub_push,
+)
+
+__all__ = ["Hub", "Subscriber", "SYNC_BUFFER_MAX"]
+
+# Publications buffered for one syncing subscriber before it is considered
+# hopelessly behind (it is then told to reconnect: insufficient state).
+SYNC_BUFFER_MAX = 1000
+
+
+class Subscriber(Protocol):
+    """The hub's view of a connection."""
+
+    def deliver(self, frame: bytes) -> None:
+        """Write a pre-encoded WebSocket frame. Must not await or raise."""
+
+    def sync_overflow(self, channel: str) -> None:
+        """The connection fell too far behind while recovering ``channel``."""
+
+
+@dataclass(slots=True)
+class _Channel:
+    live: dict[str, Subscriber] = field(default_factory=dict)
+    join_leave: dict[str, Subscriber] = field(default_factory=dict)
+    syncing: dict[str, list[Publication]] = field(default_factory=dict)
+    syncing_subs: dict[str, Subscriber] = field(default_factory=dict)
+    # Syncing subscribers that asked for join/leave: they get them once live.
+    pending_join_leave: set[str] = field(default_factory=set)
+    # Snapshot of live subscribers for iteration: a delivery may close a slow
+    # connection, which unsubscribes it while we iterate.
+    snapshot: tuple[Subscriber, ...] | None = None
+    # Last offset/epoch seen from the broker: the channel's position on this
+    # instance (for position checks after a broker reconnect).
+    last_offset: int = 0
+    epoch: str = ""
+
+    def live_snapshot(self) -> tuple[Subscriber, ...]:
+        if self.snapshot is None:
+            self.snapshot = tuple(self.live.values())
+        return self.snapshot
+
+    def empty(self) -> bool:
+        return not self.live and not self.syncing_subs
+
+
+class Hub:
+    def __init__(
+        self,
+        frame_encoder: Callable[[bytes], bytes],
+        on_delivered: Callable[[int], None] | None = None,
+    ) -> None:
+        self._encode_frame = frame_encoder
+        self._on_delivered = on_delivered
+        self._channels: dict[str, _Channel] = {}
+
+    # --- bookkeeping -------------------------------------------------------
+
+    def add(self, channel: str, client_id: str, sub: Subscriber, *, join_leave: bool) -> bool:
+        """Register a syncing subscriber; True if it is the channel's first
+        on this instance (the broker must then subscribe)."""
+        ch = self._channels.get(channel)
+        first = ch is None
+        if ch is None:
+            ch = self._channels[channel] = _Channel()
+        ch.syncing[client_id] = []
+        ch.syncing_subs[client_id] = sub
+        if join_leave:
+            ch.pending_join_leave.add(client_id)
+        return first
+
+    def go_live(self, channel: str, client_id: str) -> list[Publication]:
+        """Move a syncing subscriber to live delivery; returns what was
+        buffered for it meanwhile, in order."""
+        ch = self._channels.get(channel)
+        if ch is None or client_id not in ch.syncing_subs:
+            return []
+        buffered = ch.syncing.pop(client_id)
+        sub = ch.live[client_id] = ch.syncing_subs.pop(client_id)
+        ch.snapshot = None
+        if client_id in ch.pending_join_leave:
+            ch.pending_join_leave.discard(client_id)
+            ch.join_leave[client_id] = sub
+        return buffered
+
+    def remove(self, channel: str, client_id: str) -> bool:
+        """Unregister; True if it was the channel's last subscriber here."""
+        ch = self._channels.get(channel)
+        if ch is None:
+            return False
+        if ch.live.pop(client_id, None) is not None:
+            ch.snapshot = None
+        ch.syncing.pop(client_id, None)
+        ch.syncing_subs.pop(client_id, None)
+        ch.join_leave.pop(client_id, None)
+        ch.pending_join_leave.discard(client_id)
+        if ch.empty():
+            del self._channels[channel]
+            return True
+        return False
+
+    def has_channel(self, channel: str) -> bool:
+        return channel in self._channels
+
+    def channels(self) -> list[str]:
+        return list(self._channels)
+
+    def num_subscribers(self, channel: str) -> int:
+        ch = self._channels.get(channel)
+        return 0 if ch is None else len(ch.live) + len(ch.syncing_subs)
+
+    def position(self, channel: str) -> tuple[int, str] | None:
+        ch = self._channels.get(channel)
+        return None if ch is None else (ch.last_offset, ch.epoch)
+
+    # --- deliveries from the broker ----------------------------------------
+
+    def on_publication(self, channel: str, pub: Publication, epoch: str) -> None:
+        ch = self._channels.get(channel)
+        if ch is None:
+            return
+        if pub.offset:
+            ch.last_offset = pub.offset
+            ch.epoch = epoch
+        for client_id, buffered in ch.syncing.items():
+            if len(buffered) >= SYNC_BUFFER_MAX:
+                ch.syncing_subs[client_id].sync_overflow(channel)
+            else:
+                buffered.append(pub)
+        subs = ch.live_snapshot()
+        if not subs:
+            return
+        payload = encode_pub_push(channel, pub)
+        self._broadcast(subs, payload)
+
+    def on_join(self, channel: str, info: ClientInfo) -> None:
+        ch = self._channels.get(channel)
+        if ch is not None and ch.join_leave:
+            self._broadcast(tuple(ch.join_leave.values()), encode_join_push(channel, info))
+
+    def on_leave(self, channel: str, info: ClientInfo) -> None:
+        ch = self._channels.get(channel)
+        if ch is not None and ch.join_leave:
+            self._broadcast(tuple(ch.join_leave.values()), encode_leave_push(channel, info))
+
+    def _broadcast(self, subs: tuple[Subscriber, ...], payload: bytes) -> None:
+        frame = self._encode_frame(payload)
+        for sub in subs:
+            sub.deliver(frame)
+        if self._on_delivered is not None:
+            self._on_delivered(len(subs))

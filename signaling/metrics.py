@@ -1,0 +1,102 @@
+"""Prometheus metrics of the server, in one registry per process.
+
+Names are what the operators' dashboards use; ``websocket_active_connections``
+keeps its historical name. Label values are bounded sets (method names,
+result codes, limit names), never user input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE", "Metrics", "watch_loop_lag"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.active_connections = Gauge(
+            "websocket_active_connections", "Open WebSocket connections.", registry=r
+        )
+        self.connection_attempts = Counter(
+            "signal_connection_attempts",
+            "Connect commands by result (ok, or why refused).",
+            ["result"],
+            registry=r,
+        )
+        self.commands = Counter(
+            "signal_commands",
+            "Commands by method and result (ok or the error code).",
+            ["method", "result"],
+            registry=r,
+        )
+        self.command_duration = Histogram(
+            "signal_command_duration_seconds",
+            "Time to handle a command, by method.",
+            ["method"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.publications = Counter(
+            "signal_publications", "Publications accepted by the broker.", registry=r
+        )
+        self.deliveries = Counter(
+            "signal_deliveries", "Pushes written to local connections.", registry=r
+        )
+        self.disconnects = Counter(
+            "signal_disconnects",
+            "Connections closed by the server, by close code.",
+            ["code"],
+            registry=r,
+        )
+        self.slow_clients = Counter(
+            "signal_slow_client_disconnects",
+            "Connections closed because their send buffer overflowed (3008).",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "signal_rate_limit_disconnects",
+            "Connections closed for sending too many commands (3013).",
+            registry=r,
+        )
+        self.limit_refusals = Counter(
+            "signal_limit_refusals",
+            "Requests refused by a configured limit, by limit.",
+            ["limit"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "signal_event_loop_lag_seconds",
+            "How late the event loop ran a timer (time it was blocked).",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+            registry=r,
+        )
+        self.broker_ready = Gauge(
+            "signal_broker_ready", "1 while the broker is reachable.", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def watch_loop_lag(metrics: Metrics, interval_s: float = 0.5) -> None:
+    """Measure how late a sleeping task wakes: the time the loop was blocked."""
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(interval_s)
+        metrics.loop_lag.observe(max(0.0, loop.time() - start - interval_s))

@@ -1,0 +1,234 @@
+"""The node: one server instance's shared state and the core's public API.
+
+Sessions (one per connection) call into the node; handlers in ``handlers/``
+use it to register RPC methods, publish, and learn of connects and
+disconnects. The node owns the hub, the broker, the channel policy, the
+heartbeat and the metrics, and does the bookkeeping that spans connections:
+users' connections, and subscribing the broker to a channel on its first
+local subscriber and unsubscribing after the last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from signaling.auth import Credentials, TokenVerifier
+from signaling.broker.base import Broker, PresenceStore
+from signaling.channels import ChannelOptions, ChannelPolicy
+from signaling.config import Settings
+from signaling.errors import ERROR_UNKNOWN_CHANNEL, Disconnect, SignalError
+from signaling.heartbeat import Heartbeat
+from signaling.hub import Hub, Subscriber
+from signaling.metrics import Metrics
+from signaling.protocol import ClientInfo, Publication, StreamPosition
+from signaling.values import JSON
+
+if TYPE_CHECKING:
+    from signaling.session import ClientSession
+
+__all__ = ["ConnectionEvent", "Node", "RpcContext", "RpcHandler"]
+
+log = logging.getLogger("signaling.node")
+
+
+@dataclass(frozen=True, slots=True)
+class RpcContext:
+    """Who calls an RPC method, for the handler."""
+
+    user: str
+    client: str
+    info: ClientInfo
+    credentials: Credentials
+    node: Node
+
+
+RpcHandler = Callable[[RpcContext, JSON], Awaitable[JSON]]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEvent:
+    """A user's connection opened (after connect) or closed on this node."""
+
+    user: str
+    client: str
+    # Connections this user still has on this node, this one included on open.
+    user_connections: int
+
+
+ConnectionHook = Callable[[ConnectionEvent], Awaitable[None]]
+
+
+class Node:
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        presence: PresenceStore,
+        policy: ChannelPolicy,
+        verifier: TokenVerifier,
+        metrics: Metrics,
+        frame_encoder: Callable[[bytes], bytes],
+        name: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.presence = presence
+        self.policy = policy
+        self.verifier = verifier
+        self.metrics = metrics
+        self.name = name or uuid.uuid4().hex[:12]
+        self.hub = Hub(frame_encoder, on_delivered=metrics.deliveries.inc)
+        self.heartbeat = Heartbeat(settings.ping_interval_s, settings.pong_timeout_s)
+        self.rpc_handlers: dict[str, RpcHandler] = {}
+        self.on_connect: list[ConnectionHook] = []
+        self.on_disconnect: list[ConnectionHook] = []
+        self.draining = False
+        # Every open connection, authenticated or not (drain closes them all).
+        self.sessions: set[ClientSession] = set()
+        self._users: dict[str, set[ClientSession]] = {}
+        # Channel subscribe/unsubscribe transitions in flight, so that a
+        # subscriber arriving while the broker subscribes waits for it.
+        self._channel_locks: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        broker.bind(self.hub)
+
+    # --- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.broker.start()
+        self.heartbeat.start()
+
+    async def close(self) -> None:
+        self.heartbeat.stop()
+        for task in list(self._background):
+            task.cancel()
+        await self.broker.close()
+        await self.verifier.aclose()
+
+    def is_ready(self) -> bool:
+        return not self.draining and self.broker.is_ready()
+
+    # --- registration (handlers) -------------------------------------------
+
+    def register_rpc(self, method: str, handler: RpcHandler) -> None:
+        if method in self.rpc_handlers:
+            raise ValueError(f"RPC method {method!r} registered twice")
+        self.rpc_handlers[method] = handler
+
+    # --- channels -------------------------------------------------------------
+
+    def channel_options(self, channel: str) -> ChannelOptions:
+        """The policy's options, or :class:`SignalError` 102."""
+        options = self.policy.options(channel)
+        if options is None:
+            raise SignalError(ERROR_UNKNOWN_CHANNEL)
+        return options
+
+    async def add_subscriber(
+        self, channel: str, client_id: str, sub: Subscriber, *, join_leave: bool
+    ) -> None:
+        """Register a syncing local subscriber; subscribe the broker on the
+        channel's first. On a broker failure the registration is undone."""
+        lock = self._channel_locks.setdefault(channel, asyncio.Lock())
+        try:
+            async with lock:
+                first = self.hub.add(channel, client_id, sub, join_leave=join_leave)
+                if first:
+                    try:
+                        await self.broker.subscribe(channel)
+                    except BaseException:
+                        self.hub.remove(channel, client_id)
+                        raise
+        finally:
+            self._release_lock(channel, lock)
+
+    async def remove_subscriber(self, channel: str, client_id: str) -> None:
+        lock = self._channel_locks.setdefault(channel, asyncio.Lock())
+        try:
+            async with lock:
+                if self.hub.remove(channel, client_id):
+                    await self.broker.unsubscribe(channel)
+        finally:
+            self._release_lock(channel, lock)
+
+    def _release_lock(self, channel: str, lock: asyncio.Lock) -> None:
+        if not lock.locked() and self._channel_locks.get(channel) is lock:
+            # Nobody waits on it (a waiter would hold or queue on it).
+            if not getattr(lock, "_waiters", None):
+                del self._channel_locks[channel]
+
+    # --- publishing -----------------------------------------------------------
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        info: ClientInfo | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> StreamPosition:
+        """Publish raw JSON ``data`` to ``channel`` on every instance; returns
+        once the broker accepted it. Raises BrokerUnavailable."""
+        options = self.channel_options(channel)
+        pub = Publication(data, info, 0, tags, int(time.time() * 1000))
+        position = await self.broker.publish(channel, pub, options.history)
+        self.metrics.publications.inc()
+        return position
+
+    # --- users ------------------------------------------------------------------
+
+    def user_connection_count(self, user: str) -> int:
+        return len(self._users.get(user, ()))
+
+    def user_sessions(self, user: str) -> list[ClientSession]:
+        return list(self._users.get(user, ()))
+
+    def session_connected(self, session: ClientSession, user: str) -> None:
+        sessions = self._users.setdefault(user, set())
+        sessions.add(session)
+        self._fire(self.on_connect, ConnectionEvent(user, session.client_id, len(sessions)))
+
+    def session_closed(self, session: ClientSession, user: str) -> None:
+        sessions = self._users.get(user)
+        if sessions is None or session not in sessions:
+            return
+        sessions.discard(session)
+        if not sessions:
+            del self._users[user]
+        self._fire(self.on_disconnect, ConnectionEvent(user, session.client_id, len(sessions)))
+
+    def disconnect_user(self, user: str, disconnect: Disconnect) -> int:
+        """Close every connection of ``user`` on this node."""
+        sessions = self.user_sessions(user)
+        for session in sessions:
+            session.disconnect(disconnect)
+        return len(sessions)
+
+
+    # --- background work ----------------------------------------------------------
+
+    def spawn(self, coro: Awaitable[None], name: str) -> None:
+        """Run a coroutine in the background, keeping a reference and logging
+        its failure (a lost task would swallow the exception)."""
+
+        async def run() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background task %s failed", name)
+
+        task = asyncio.create_task(run(), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _fire(self, hooks: list[ConnectionHook], event: ConnectionEvent) -> None:
+        for hook in hooks:
+            self.spawn(hook(event), f"hook-{getattr(hook, '__name__', 'connection')}")

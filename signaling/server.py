@@ -1,0 +1,182 @@
+"""Runs one server process: wires config, broker, node, handlers and
+transport, serves until SIGTERM/SIGINT, then drains.
+
+Draining (graceful shutdown): stop accepting, ``/readyz`` answers 503, and
+every connection is closed with 3001 (shutdown, reconnect) spread over
+``drain_s`` so that the clients' reconnects do not stampede the remaining
+instances; then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import random
+import resource
+import signal
+from collections.abc import Callable, Mapping
+from types import ModuleType
+
+from signaling.auth import TokenVerifier
+from signaling.broker.memory import MemoryBroker
+from signaling.channels import ChannelPolicy
+from signaling.config import Settings, describe
+from signaling.errors import DISCONNECT_SHUTDOWN
+from signaling.metrics import CONTENT_TYPE, Metrics, watch_loop_lag
+from signaling.node import Node
+from signaling.session import ClientSession
+from signaling.transport import (
+    ConnectionHandler,
+    HttpResponse,
+    Transport,
+    TransportOptions,
+    WebSocketConnection,
+    encode_text_frame,
+    start_transport,
+)
+
+__all__ = ["App", "build_node", "raise_file_limit", "run_server"]
+
+log = logging.getLogger("signaling.server")
+
+DEFAULT_APP = "handlers.app"
+# Drain in steps of this many seconds.
+DRAIN_STEP_S = 0.05
+
+
+class App:
+    """The transport's view of the server: HTTP endpoints and sessions."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def handle_http(self, method: str, path: str, headers: Mapping[str, str]) -> HttpResponse | None:
+        route = path.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return HttpResponse(405, b"method not allowed\n")
+        if route == "/healthz":
+            return HttpResponse(200, b"ok\n")
+        if route == "/readyz":
+            if self.node.is_ready():
+                return HttpResponse(200, b"ready\n")
+            reason = b"draining\n" if self.node.draining else b"broker unavailable\n"
+            return HttpResponse(503, reason)
+        if route == "/metrics":
+            self.node.metrics.broker_ready.set(1 if self.node.broker.is_ready() else 0)
+            return HttpResponse(200, self.node.metrics.render(), CONTENT_TYPE)
+        return None
+
+    def websocket_allowed(self) -> HttpResponse | None:
+        if self.node.draining:
+            return HttpResponse(503, b"shutting down\n")
+        return None
+
+    def websocket_opened(self, conn: WebSocketConnection) -> ConnectionHandler:
+        return ClientSession(self.node, conn)
+
+
+def load_app(module_name: str) -> ModuleType:
+    """The domain module that provides ``channel_policy(settings)`` and
+    ``install(node)``; loaded by name so the core never imports handlers."""
+    module = importlib.import_module(module_name)
+    for attr in ("channel_policy", "install"):
+        if not callable(getattr(module, attr, None)):
+            raise RuntimeError(f"app module {module_name!r} has no {attr}()")
+    return module
+
+
+def build_node(settings: Settings, app_module: ModuleType, metrics: Metrics) -> Node:
+    broker = MemoryBroker()
+    policy: ChannelPolicy = app_module.channel_policy(settings)
+    node = Node(
+        settings,
+        broker=broker,
+        presence=broker,
+        policy=policy,
+        verifier=TokenVerifier(settings),
+        metrics=metrics,
+        frame_encoder=encode_text_frame,
+    )
+    app_module.install(node)
+    return node
+
+
+def raise_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one: every connection is a
+    file descriptor. Returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+async def run_server(
+    settings: Settings,
+    app_module_name: str = DEFAULT_APP,
+    *,
+    on_listening: Callable[[int], None] | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code."""
+    files = raise_file_limit()
+    metrics = Metrics()
+    node = build_node(settings, load_app(app_module_name), metrics)
+    await node.start()
+    options = TransportOptions(
+        max_message_bytes=settings.max_frame_bytes,
+        allowed_origins=settings.allowed_origins,
+        compression=settings.compression,
+        send_buffer_max_bytes=settings.send_buffer_max_bytes,
+        on_slow_client=metrics.slow_clients.inc,
+    )
+    transport = await start_transport(App(node), settings.host, settings.port, options)
+    lag_watch = asyncio.create_task(watch_loop_lag(metrics), name="loop-lag")
+    log.info(
+        "digis-signal node %s listening on http://%s:%d (websocket /connection/websocket, "
+        "open files %d)",
+        node.name,
+        settings.host,
+        transport.port,
+        files,
+    )
+    log.info("settings: %s", " ".join(f"{k}={v}" for k, v in describe(settings).items()))
+    if on_listening is not None:
+        on_listening(transport.port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
+
+    await drain(node, transport, settings.drain_s)
+    lag_watch.cancel()
+    await node.close()
+    log.info("stopped")
+    return 0
+
+
+async def drain(node: Node, transport: Transport, drain_s: float) -> None:
+    """Stop accepting and close every connection with 3001, spread evenly
+    over ``drain_s`` seconds in a random order."""
+    node.draining = True
+    transport.stop_accepting()
+    sessions = list(node.sessions)
+    random.shuffle(sessions)
+    log.info("draining %d connections over %.1f s", len(sessions), drain_s)
+    steps = max(1, int(drain_s / DRAIN_STEP_S))
+    per_step = -(-len(sessions) // steps)  # ceiling division
+    for start in range(0, len(sessions), per_step or 1):
+        for session in sessions[start : start + per_step]:
+            session.disconnect(DISCONNECT_SHUTDOWN)
+        if start + per_step < len(sessions):
+            await asyncio.sleep(DRAIN_STEP_S)
+    # Connections opened meanwhile (handshakes in flight) go too.
+    for session in list(node.sessions):
+        session.disconnect(DISCONNECT_SHUTDOWN)
+    await transport.wait_closed(timeout=5.0)

@@ -1,0 +1,710 @@
+"""One client connection speaking the Centrifuge protocol.
+
+A :class:`ClientSession` is the transport's per-connection handler and the
+hub's subscriber. Frames are decoded as they arrive; their commands run in
+order, one at a time, in a task that exists only while commands are in flight
+(an idle connection has no task). Errors reach the client at one point,
+:meth:`ClientSession._run_command`: an :class:`ErrorReply` becomes an error
+reply, a :class:`Disconnect` a close frame, anything else the internal-error
+disconnect with a logged traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, replace
+import orjson
+
+from signaling.auth import Credentials, TokenError, TokenExpired
+from signaling.broker.base import BrokerUnavailable, UnrecoverablePosition
+from signaling.channels import ChannelOptions
+from signaling.errors import (
+    DISCONNECT_BAD_REQUEST,
+    DISCONNECT_CONNECTION_LIMIT,
+    DISCONNECT_EXPIRED,
+    DISCONNECT_INAPPROPRIATE_PROTOCOL,
+    DISCONNECT_INSUFFICIENT_STATE,
+    DISCONNECT_INTERNAL,
+    DISCONNECT_INVALID_TOKEN,
+    DISCONNECT_NO_PONG,
+    DISCONNECT_NOT_AVAILABLE,
+    DISCONNECT_SHUTDOWN,
+    DISCONNECT_STALE,
+    DISCONNECT_TOO_MANY_REQUESTS,
+    ERROR_ALREADY_SUBSCRIBED,
+    ERROR_BAD_REQUEST,
+    ERROR_INTERNAL,
+    ERROR_LIMIT_EXCEEDED,
+    ERROR_METHOD_NOT_FOUND,
+    ERROR_NOT_AVAILABLE,
+    ERROR_PERMISSION_DENIED,
+    ERROR_TOKEN_EXPIRED,
+    ERROR_TOO_MANY_REQUESTS,
+    ERROR_UNRECOVERABLE_POSITION,
+    Disconnect,
+    ErrorReply,
+    SignalError,
+)
+from signaling.protocol import (
+    PING_FRAME,
+    ClientInfo,
+    Command,
+    ConnectRequest,
+    ConnectResult,
+    HistoryRequest,
+    HistoryResult,
+    PingRequest,
+    PongCommand,
+    PresenceRequest,
+    PresenceResult,
+    PresenceStatsRequest,
+    PresenceStatsResult,
+    ProtocolError,
+    Publication,
+    PublishRequest,
+    RefreshRequest,
+    RefreshResult,
+    RpcRequest,
+    SendRequest,
+    StreamPosition,
+    SubRefreshRequest,
+    SubRefreshResult,
+    SubscribeRequest,
+    SubscribeResult,
+    UnknownRequest,
+    UnsubscribeRequest,
+    decode_frame,
+    encode_error,
+    encode_pub_push,
+    encode_reply,
+    encode_unsubscribe_push,
+)
+from signaling.node import Node, RpcContext
+from signaling.transport import WebSocketConnection
+from signaling.values import JSON
+
+
+__all__ = ["ClientSession", "SERVER_VERSION"]
+
+log = logging.getLogger("signaling.session")
+
+SERVER_VERSION = "digis-signal 0.1"
+# Commands queued behind a slow one before the client counts as flooding.
+MAX_QUEUED_COMMANDS = 256
+# Subscribe flag bit: reply 112 instead of recovered=false (client.proto).
+FLAG_REJECT_UNRECOVERED = 1 << 1
+# Unsubscribe push codes (centrifuge unsubscribe.go): >= 2500 resubscribes.
+UNSUBSCRIBE_EXPIRED = (2501, "subscription expired")
+
+
+@dataclass(slots=True)
+class _Identity:
+    """What a connection is once authenticated."""
+
+    credentials: Credentials
+    info: ClientInfo
+
+
+@dataclass(slots=True)
+class _Subscription:
+    options: ChannelOptions
+    expires_at: float | None = None
+    # Still recovering: not yet live in the hub.
+    syncing: bool = True
+
+
+class ClientSession:
+    """Protocol state of one WebSocket connection."""
+
+    __slots__ = (
+        "_closed",
+        "_commands",
+        "_finalized",
+        "_identity",
+        "_last_refill",
+        "_pong_deadline",
+        "_runner",
+        "_stale_timer",
+        "_tokens",
+        "client_id",
+        "conn",
+        "node",
+        "subs",
+    )
+
+    def __init__(self, node: Node, conn: WebSocketConnection) -> None:
+        self.node = node
+        self.conn = conn
+        self.client_id = str(uuid.uuid4())
+        self.subs: dict[str, _Subscription] = {}
+        self._identity: _Identity | None = None
+        self._commands: deque[Command] = deque()
+        self._runner: asyncio.Task[None] | None = None
+        self._closed = False
+        self._finalized = False
+        self._pong_deadline = 0.0
+        settings = node.settings
+        self._tokens = float(settings.command_burst)
+        self._last_refill = time.monotonic()
+        self._stale_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            settings.connect_timeout_s, self.disconnect, DISCONNECT_STALE
+        )
+        node.metrics.active_connections.inc()
+        node.sessions.add(self)
+
+    # --- transport callbacks --------------------------------------------------
+
+    def on_text(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            commands = decode_frame(data)
+        except ProtocolError as exc:
+            log.info("bad frame from %s: %s", self.conn.remote_address, exc)
+            self.disconnect(DISCONNECT_BAD_REQUEST)
+            return
+        for cmd in commands:
+            if isinstance(cmd.request, PongCommand):
+                # Answered inline: pongs are most of an idle server's traffic.
+                self._on_pong()
+                continue
+            if not self._take_token():
+                if self._closed:
+                    return
+                self._refuse(cmd, ERROR_TOO_MANY_REQUESTS, "command_rate")
+                continue
+            self._commands.append(cmd)
+        if len(self._commands) > MAX_QUEUED_COMMANDS:
+            self.node.metrics.rate_limited.inc()
+            self.disconnect(DISCONNECT_TOO_MANY_REQUESTS)
+            return
+        if self._commands and self._runner is None:
+            self._runner = asyncio.create_task(self._run_commands())
+
+    def on_binary(self, data: bytes) -> None:
+        # JSON protocol only: binary frames are not ours (decode would fail).
+        self.disconnect(DISCONNECT_BAD_REQUEST)
+
+    def on_closed(self, code: int | None, reason: str) -> None:
+        if self._finalized:
+            return
+        self._finalized = True
+        self._closed = True
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
+            self._stale_timer = None
+        node = self.node
+        node.metrics.active_connections.dec()
+        node.sessions.discard(self)
+        node.heartbeat.remove(self)
+        if self._runner is not None:
+            self._runner.cancel()
+            self._runner = None
+        identity = self._identity
+        if identity is not None:
+            node.session_closed(self, identity.credentials.user)
+            if self.subs:
+                node.spawn(self._cleanup(identity, list(self.subs.items())), "session-cleanup")
+            self.subs = {}
+        log.debug("connection %s closed (%s %s)", self.client_id, code, reason)
+
+    # --- hub callbacks ----------------------------------------------------------
+
+    def deliver(self, frame: bytes) -> None:
+        self.conn.write_frame(frame)
+
+    def sync_overflow(self, channel: str) -> None:
+        self.disconnect(DISCONNECT_INSUFFICIENT_STATE)
+
+    # --- heartbeat callbacks ------------------------------------------------------
+
+    def send_ping(self, now: float) -> None:
+        if self._pong_deadline and now >= self._pong_deadline:
+            self.disconnect(DISCONNECT_NO_PONG)
+            return
+        if self._check_expiry(now):
+            return
+        self._pong_deadline = now + self.node.settings.pong_timeout_s
+        self.conn.send_text(PING_FRAME)
+
+    def check_pong(self, now: float) -> None:
+        if self._pong_deadline and now >= self._pong_deadline:
+            self.disconnect(DISCONNECT_NO_PONG)
+
+    def _on_pong(self) -> None:
+        if not self._pong_deadline:
+            # An answer to no ping: the client does not follow the protocol.
+            self.disconnect(DISCONNECT_BAD_REQUEST)
+            return
+        self._pong_deadline = 0.0
+
+    def _check_expiry(self, now: float) -> bool:
+        """Close an expired connection; end expired subscriptions. Uses wall
+        time (token claims are unix seconds)."""
+        identity = self._identity
+        if identity is None:
+            return False
+        wall = time.time()
+        expires_at = identity.credentials.expires_at
+        if expires_at is not None and wall > expires_at + self.node.settings.expired_close_delay_s:
+            self.disconnect(DISCONNECT_EXPIRED)
+            return True
+        for channel, sub in list(self.subs.items()):
+            if sub.expires_at is not None and wall > sub.expires_at:
+                self.server_unsubscribe(channel, *UNSUBSCRIBE_EXPIRED)
+        return False
+
+    # --- public API (node, handlers) --------------------------------------------
+
+    @property
+    def user(self) -> str | None:
+        return None if self._identity is None else self._identity.credentials.user
+
+    def disconnect(self, disconnect: Disconnect) -> None:
+        """Close the connection with the protocol's code. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.node.metrics.disconnects.labels(str(disconnect.code)).inc()
+        if disconnect.code == DISCONNECT_SHUTDOWN.code:
+            log.debug("connection %s: shutdown", self.client_id)
+        else:
+            log.debug("connection %s: disconnect %s", self.client_id, disconnect.code)
+        self.conn.close(disconnect.code, disconnect.reason)
+
+    def server_unsubscribe(self, channel: str, code: int, reason: str) -> None:
+        """Remove a subscription from the server side (unsubscribe push)."""
+        identity = self._identity
+        sub = self.subs.pop(channel, None)
+        if sub is None or identity is None:
+            return
+        self.conn.send_text(encode_unsubscribe_push(channel, code, reason))
+        self.node.spawn(self._cleanup(identity, [(channel, sub)]), "server-unsubscribe")
+
+    # --- command loop -------------------------------------------------------------
+
+    def _take_token(self) -> bool:
+        rate = self.node.settings.commands_per_second
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        burst = self.node.settings.command_burst
+        self._tokens = min(float(burst), self._tokens + (now - self._last_refill) * rate)
+        self._last_refill = now
+        self._tokens -= 1.0
+        if self._tokens >= 0:
+            return True
+        if self._tokens <= -burst:
+            # Refused a whole burst more and still sending: cut it off.
+            self.node.metrics.rate_limited.inc()
+            self.disconnect(DISCONNECT_TOO_MANY_REQUESTS)
+        return False
+
+    def _refuse(self, cmd: Command, error: ErrorReply, limit: str) -> None:
+        self.node.metrics.limit_refusals.labels(limit).inc()
+        self.node.metrics.commands.labels(cmd.method, str(error.code)).inc()
+        if cmd.id:
+            self.conn.send_text(encode_error(cmd.id, error))
+
+    async def _run_commands(self) -> None:
+        try:
+            while self._commands and not self._closed:
+                await self._run_command(self._commands.popleft())
+        finally:
+            self._runner = None
+
+    async def _run_command(self, cmd: Command) -> None:
+        metrics = self.node.metrics
+        method = cmd.method
+        started = time.perf_counter()
+        result = "ok"
+        try:
+            if self._identity is None and not isinstance(cmd.request, ConnectRequest):
+                raise SignalError(DISCONNECT_BAD_REQUEST)
+            await self._dispatch(cmd)
+        except SignalError as exc:
+            value = exc.value
+            result = str(value.code)
+            if isinstance(value, ErrorReply):
+                self._send(encode_error(cmd.id, value))
+            else:
+                self.disconnect(value)
+        except BrokerUnavailable as exc:
+            result = str(ERROR_INTERNAL.code)
+            log.warning("broker unavailable during %s: %s", method, exc)
+            self._send(encode_error(cmd.id, ERROR_INTERNAL))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            result = "exception"
+            log.exception("%s failed on connection %s", method, self.client_id)
+            self.disconnect(DISCONNECT_INTERNAL)
+        metrics.commands.labels(method, result).inc()
+        metrics.command_duration.labels(method).observe(time.perf_counter() - started)
+
+    def _send(self, message: bytes) -> None:
+        if not self._closed:
+            self.conn.send_text(message)
+
+    async def _dispatch(self, cmd: Command) -> None:
+        req = cmd.request
+        if isinstance(req, PublishRequest):
+            await self._publish(req)
+            self._send(encode_reply(cmd.id, "publish", {}))
+        elif isinstance(req, SubscribeRequest):
+            await self._subscribe(cmd.id, req)
+        elif isinstance(req, UnsubscribeRequest):
+            await self._unsubscribe(req.channel)
+            self._send(encode_reply(cmd.id, "unsubscribe", {}))
+        elif isinstance(req, RpcRequest):
+            self._send(encode_reply(cmd.id, "rpc", await self._rpc(req)))
+        elif isinstance(req, ConnectRequest):
+            await self._connect(cmd.id, req)
+        elif isinstance(req, PresenceRequest):
+            self._send(encode_reply(cmd.id, "presence", await self._presence(req.channel)))
+        elif isinstance(req, PresenceStatsRequest):
+            stats = await self._presence_stats(req.channel)
+            self._send(encode_reply(cmd.id, "presence_stats", stats))
+        elif isinstance(req, HistoryRequest):
+            self._send(encode_reply(cmd.id, "history", await self._history(req)))
+        elif isinstance(req, RefreshRequest):
+            self._send(encode_reply(cmd.id, "refresh", await self._refresh(req)))
+        elif isinstance(req, SubRefreshRequest):
+            self._send(encode_reply(cmd.id, "sub_refresh", await self._sub_refresh(req)))
+        elif isinstance(req, PingRequest):
+            self._send(encode_reply(cmd.id, "ping", {}))
+        elif isinstance(req, SendRequest):
+            # No asynchronous message handler on this server (disconnect.go).
+            raise SignalError(DISCONNECT_NOT_AVAILABLE)
+        elif isinstance(req, UnknownRequest):
+            raise SignalError(ERROR_METHOD_NOT_FOUND)
+        else:  # PongCommand is handled inline in on_text.
+            raise SignalError(DISCONNECT_BAD_REQUEST)
+
+    def _require_identity(self) -> _Identity:
+        if self._identity is None:
+            raise SignalError(DISCONNECT_BAD_REQUEST)
+        return self._identity
+
+    # --- connect, refresh ------------------------------------------------------------
+
+    async def _connect(self, cmd_id: int, req: ConnectRequest) -> None:
+        node = self.node
+        settings = node.settings
+        if self._identity is not None:
+            raise SignalError(DISCONNECT_BAD_REQUEST)  # connect twice
+        try:
+            credentials = await node.verifier.verify_connection(req.token)
+        except TokenExpired:
+            node.metrics.connection_attempts.labels("token_expired").inc()
+            raise SignalError(ERROR_TOKEN_EXPIRED) from None
+        except TokenError as exc:
+            node.metrics.connection_attempts.labels("invalid_token").inc()
+            log.info("invalid token from %s: %s", self.conn.remote_address, exc)
+            raise SignalError(DISCONNECT_INVALID_TOKEN) from None
+        if self._closed:
+            return
+        user = credentials.user
+        limit = settings.max_connections_per_user
+        if limit and node.user_connection_count(user) >= limit:
+            node.metrics.connection_attempts.labels("connection_limit").inc()
+            node.metrics.limit_refusals.labels("connections_per_user").inc()
+            raise SignalError(DISCONNECT_CONNECTION_LIMIT)
+        if node.draining:
+            raise SignalError(DISCONNECT_SHUTDOWN)
+
+        identity = _Identity(credentials, ClientInfo(user, self.client_id, _conn_info(credentials)))
+        self._identity = identity
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
+            self._stale_timer = None
+        node.session_connected(self, user)
+        node.metrics.connection_attempts.labels("ok").inc()
+
+        subs: dict[str, SubscribeResult] = {}
+        personal = node.policy.personal_channel(user)
+        if personal is not None:
+            recover = req.subs.get(personal) or SubscribeRequest(personal)
+            subs[personal] = await self._start_subscription(personal, recover, None)
+        expires, ttl = _ttl(credentials.expires_at)
+        result = ConnectResult(
+            client=self.client_id,
+            version=SERVER_VERSION,
+            ping_s=max(1, int(settings.ping_interval_s)),
+            pong=True,
+            expires=expires,
+            ttl_s=ttl,
+            subs=subs,
+        )
+        self._send(encode_reply(cmd_id, "connect", result))
+        for channel in subs:
+            self._go_live(channel, subs[channel])
+        node.heartbeat.add(self)
+        log.debug("connection %s authenticated as user %s", self.client_id, user)
+
+    async def _refresh(self, req: RefreshRequest) -> RefreshResult:
+        identity = self._require_identity()
+        try:
+            credentials = await self.node.verifier.verify_connection(req.token)
+        except TokenExpired:
+            raise SignalError(ERROR_TOKEN_EXPIRED) from None
+        except TokenError:
+            raise SignalError(DISCONNECT_INVALID_TOKEN) from None
+        if credentials.user != identity.credentials.user:
+            raise SignalError(DISCONNECT_INVALID_TOKEN)
+        identity.credentials = credentials
+        expires, ttl = _ttl(credentials.expires_at)
+        return RefreshResult(self.client_id, SERVER_VERSION, expires, ttl)
+
+    # --- subscriptions -------------------------------------------------------------------
+
+    async def _subscribe(self, cmd_id: int, req: SubscribeRequest) -> None:
+        identity = self._require_identity()
+        node = self.node
+        channel = req.channel
+        if channel in self.subs:
+            raise SignalError(ERROR_ALREADY_SUBSCRIBED)
+        if len(self.subs) >= node.settings.max_subscriptions_per_connection:
+            node.metrics.limit_refusals.labels("subscriptions").inc()
+            raise SignalError(ERROR_LIMIT_EXCEEDED)
+        options = node.channel_options(channel)
+        expires_at: float | None = None
+        user = identity.credentials.user
+        if req.token:
+            expires_at = await self._check_sub_token(req.token, user, channel)
+        elif options.token_required or not node.policy.can_subscribe(user, channel):
+            raise SignalError(ERROR_PERMISSION_DENIED)
+        result = await self._start_subscription(channel, req, expires_at)
+        self._send(encode_reply(cmd_id, "subscribe", result))
+        self._go_live(channel, result)
+
+    async def _check_sub_token(self, token: str, user: str, channel: str) -> float | None:
+        try:
+            grant = await self.node.verifier.verify_subscription(token, user=user, channel=channel)
+        except TokenExpired:
+            raise SignalError(ERROR_TOKEN_EXPIRED) from None
+        except TokenError:
+            raise SignalError(ERROR_PERMISSION_DENIED) from None
+        return grant.expires_at
+
+    async def _start_subscription(
+        self, channel: str, req: SubscribeRequest, expires_at: float | None
+    ) -> SubscribeResult:
+        """Register in the hub (syncing), recover or read the stream top, add
+        presence. The caller sends the reply, then calls :meth:`_go_live`."""
+        identity = self._require_identity()
+        node = self.node
+        options = node.channel_options(channel)
+        self.subs[channel] = sub = _Subscription(options, expires_at)
+        join_leave = options.join_leave and req.join_leave
+        try:
+            await node.add_subscriber(channel, self.client_id, self, join_leave=join_leave)
+        except BaseException:
+            self.subs.pop(channel, None)
+            raise
+        try:
+            result = await self._recover(channel, req, options)
+            if options.presence:
+                await node.presence.add_presence(channel, identity.info, node.settings.presence_ttl_s)
+                if options.join_leave:
+                    await node.broker.publish_join(channel, identity.info)
+        except BaseException:
+            self.subs.pop(channel, None)
+            await node.remove_subscriber(channel, self.client_id)
+            raise
+        if self._closed or self.subs.get(channel) is not sub:
+            # Closed meanwhile: on_closed cleaned what it saw; finish here.
+            await node.remove_subscriber(channel, self.client_id)
+        expires, ttl = _ttl(expires_at)
+        if expires:
+            result = _replace_expiry(result, ttl)
+        return result
+
+    async def _recover(
+        self, channel: str, req: SubscribeRequest, options: ChannelOptions
+    ) -> SubscribeResult:
+        if not options.recoverable:
+            return SubscribeResult()
+        broker = self.node.broker
+        if req.recover:
+            try:
+                page = await broker.history(
+                    channel,
+                    since=StreamPosition(req.offset, req.epoch),
+                    limit=-1,
+                    reverse=False,
+                    history=options.history,
+                )
+            except UnrecoverablePosition:
+                page = None
+            if page is not None:
+                pubs = list(page.publications)
+                recovered = (
+                    pubs[0].offset == req.offset + 1 and pubs[-1].offset == page.top.offset
+                    if pubs
+                    else page.top.offset == req.offset
+                )
+                if recovered:
+                    return SubscribeResult(
+                        recoverable=True,
+                        positioned=True,
+                        epoch=page.top.epoch,
+                        offset=req.offset,
+                        publications=pubs,
+                        recovered=True,
+                        was_recovering=True,
+                    )
+            if req.flag & FLAG_REJECT_UNRECOVERED:
+                raise SignalError(ERROR_UNRECOVERABLE_POSITION)
+        top = await broker.history(
+            channel, since=None, limit=0, reverse=False, history=options.history
+        )
+        return SubscribeResult(
+            recoverable=True,
+            positioned=True,
+            epoch=top.top.epoch,
+            offset=top.top.offset,
+            was_recovering=req.recover,
+        )
+
+    def _go_live(self, channel: str, result: SubscribeResult) -> None:
+        """After the subscribe reply: deliver what arrived while syncing and
+        was not in the reply, then switch to live fan-out."""
+        sub = self.subs.get(channel)
+        if sub is None or self._closed:
+            return
+        sub.syncing = False
+        buffered = self.node.hub.go_live(channel, self.client_id)
+        if not buffered:
+            return
+        last = result.offset
+        if result.publications:
+            last = result.publications[-1].offset
+        for pub in buffered:
+            if pub.offset == 0 or pub.offset > last:
+                self.conn.send_text(encode_pub_push(channel, pub))
+
+    async def _unsubscribe(self, channel: str) -> None:
+        identity = self._require_identity()
+        sub = self.subs.pop(channel, None)
+        if sub is not None:
+            await self._cleanup(identity, [(channel, sub)])
+
+    async def _cleanup(self, identity: _Identity, subs: list[tuple[str, _Subscription]]) -> None:
+        """Leave channels: hub, broker, presence, leave pushes."""
+        node = self.node
+        for channel, sub in subs:
+            try:
+                await node.remove_subscriber(channel, self.client_id)
+                if sub.options.presence:
+                    await node.presence.remove_presence(channel, self.client_id)
+                    if sub.options.join_leave:
+                        await node.broker.publish_leave(channel, identity.info)
+            except BrokerUnavailable as exc:
+                # Presence entries expire by themselves in the broker.
+                log.warning("cleanup of %s failed: %s", channel, exc)
+
+    async def _sub_refresh(self, req: SubRefreshRequest) -> SubRefreshResult:
+        identity = self._require_identity()
+        sub = self.subs.get(req.channel)
+        if sub is None:
+            raise SignalError(ERROR_PERMISSION_DENIED)
+        sub.expires_at = await self._check_sub_token(
+            req.token, identity.credentials.user, req.channel
+        )
+        expires, ttl = _ttl(sub.expires_at)
+        return SubRefreshResult(expires, ttl)
+
+    # --- publish, presence, history, rpc -------------------------------------------------
+
+    async def _publish(self, req: PublishRequest) -> None:
+        identity = self._require_identity()
+        node = self.node
+        options = node.channel_options(req.channel)
+        if not options.client_publish or not node.policy.can_publish(
+            identity.credentials.user, req.channel
+        ):
+            raise SignalError(ERROR_PERMISSION_DENIED)
+        if len(req.raw_data) > node.settings.max_publication_bytes:
+            node.metrics.limit_refusals.labels("publication_size").inc()
+            raise SignalError(ERROR_LIMIT_EXCEEDED)
+        await node.publish(req.channel, req.raw_data, info=identity.info)
+
+    def _check_read(self, channel: str) -> ChannelOptions:
+        """Presence and history are for those who may subscribe."""
+        identity = self._require_identity()
+        options = self.node.channel_options(channel)
+        if channel not in self.subs and (
+            options.token_required
+            or not self.node.policy.can_subscribe(identity.credentials.user, channel)
+        ):
+            raise SignalError(ERROR_PERMISSION_DENIED)
+        return options
+
+    async def _presence(self, channel: str) -> PresenceResult:
+        if not self._check_read(channel).presence:
+            raise SignalError(ERROR_NOT_AVAILABLE)
+        return PresenceResult(await self.node.presence.presence(channel))
+
+    async def _presence_stats(self, channel: str) -> PresenceStatsResult:
+        if not self._check_read(channel).presence:
+            raise SignalError(ERROR_NOT_AVAILABLE)
+        clients, users = await self.node.presence.presence_stats(channel)
+        return PresenceStatsResult(clients, users)
+
+    async def _history(self, req: HistoryRequest) -> HistoryResult:
+        options = self._check_read(req.channel)
+        if not options.recoverable:
+            raise SignalError(ERROR_NOT_AVAILABLE)
+        limit = req.limit
+        if limit < 0 or limit > options.history.size:
+            limit = options.history.size
+        try:
+            page = await self.node.broker.history(
+                req.channel,
+                since=req.since,
+                limit=limit,
+                reverse=req.reverse,
+                history=options.history,
+            )
+        except UnrecoverablePosition:
+            raise SignalError(ERROR_UNRECOVERABLE_POSITION) from None
+        pubs = list(page.publications)
+        since = req.since
+        if since is not None and not req.reverse and pubs and pubs[0].offset > since.offset + 1:
+            # The stream no longer holds what follows ``since``.
+            raise SignalError(ERROR_UNRECOVERABLE_POSITION)
+        return HistoryResult(pubs, page.top)
+
+    async def _rpc(self, req: RpcRequest) -> JSON:
+        identity = self._require_identity()
+        handler = self.node.rpc_handlers.get(req.method)
+        if handler is None:
+            raise SignalError(ERROR_METHOD_NOT_FOUND)
+        ctx = RpcContext(
+            identity.credentials.user, self.client_id, identity.info, identity.credentials, self.node
+        )
+        return await handler(ctx, req.data)
+
+
+def _conn_info(credentials: Credentials) -> bytes | None:
+    """The token's ``info`` (plus its display ``name``), as shown to others."""
+    info = dict(credentials.info or {})
+    if credentials.name is not None and "name" not in info:
+        info["name"] = credentials.name
+    return orjson.dumps(info) if info else None
+
+
+def _ttl(expires_at: float | None) -> tuple[bool, int]:
+    if expires_at is None:
+        return False, 0
+    return True, max(1, int(expires_at - time.time()))
+
+
+def _replace_expiry(result: SubscribeResult, ttl: int) -> SubscribeResult:
+    return replace(result, expires=True, ttl_s=ttl)
+

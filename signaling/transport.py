@@ -1,0 +1,937 @@
+"""WebSocket and plain-HTTP transport on one port, with no task per connection.
+
+websockets' sans-I/O :class:`~websockets.server.ServerProtocol` does the WebSocket
+protocol: handshake validation, framing, masking, size limits, the close handshake.
+This module is the asyncio glue around it: routing, timeouts, flow control, the
+slow-client policy and connection lifecycle. Nothing outside this module imports
+websockets.
+
+Why not ``websockets.asyncio.server.serve()``: it runs a handler task, a coroutine
+chain and a message assembler per connection (≈ 13 KB each, measured) where an
+``asyncio.Protocol`` costs ≈ 6 KB, and it cannot write one pre-serialized frame to
+many connections (docs/PERFORMANCE-NOTES: ≈ 2.5 µs saved per delivery).
+
+Lifecycle of one TCP connection:
+
+1. :class:`_HttpConnection` reads one HTTP request within ``open_timeout_s``.
+2. A request without ``Upgrade: websocket`` goes to ``TransportApp.handle_http``;
+   the response carries ``Connection: close`` and we half-close.
+3. An upgrade to ``websocket_path`` that websockets accepts gets ``101``; a
+   :class:`WebSocketConnection` then takes over the socket via
+   ``transport.set_protocol`` and the handshake object is dropped.
+4. ``connection_lost`` calls ``ConnectionHandler.on_closed`` exactly once.
+
+Closing: after a close frame is sent, or after websockets asks for EOF, the peer
+has ``close_timeout_s`` to finish (close frame, then TCP FIN) before we abort the
+socket. That bound is also what frees a slow client whose close frame sits
+behind megabytes of unread data.
+
+UTF-8: websockets validates text messages in its asyncio message assembler, not
+in the sans-I/O layer, so :class:`WebSocketConnection` validates each complete
+text message itself and fails the connection with 1007 on invalid UTF-8.
+
+Logging contract (logger ``signaling.transport``):
+
+* ERROR: an application callback raised (with traceback); the connection is
+  closed with 1011, other connections are unaffected.
+* INFO: once per server: listening, stopped accepting, connections aborted at
+  shutdown. Never per connection or per message.
+* DEBUG: per-connection events (opened, closed, rejected, timed out, slow).
+
+websockets logs "connection open/closed/rejected" at INFO for every connection;
+its protocol objects get a logger (``signaling.transport.websockets``) that
+demotes those lines to DEBUG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import http
+import logging
+import socket
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, cast
+
+from websockets.datastructures import Headers
+from websockets.exceptions import ProtocolError
+from websockets.extensions.base import ServerExtensionFactory
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.frames import Close, CloseCode, Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import OPEN, Event
+from websockets.server import ServerProtocol
+from websockets.typing import Origin
+
+__all__ = [
+    "ConnectionHandler",
+    "HttpResponse",
+    "Transport",
+    "TransportApp",
+    "TransportOptions",
+    "WebSocketConnection",
+    "encode_text_frame",
+    "start_transport",
+]
+
+_log = logging.getLogger("signaling.transport")
+
+# Listen backlog: the asyncio default (100) drops SYNs when thousands of
+# clients reconnect at once after a deploy.
+_LISTEN_BACKLOG: Final = 1024
+# asyncio's default high-water mark. The slow-client check only runs while the
+# transport is paused (see WebSocketConnection.write_frame), so the mark is
+# capped at send_buffer_max_bytes to keep that check exact.
+_WRITE_HIGH_WATER_BYTES: Final = 65536
+# Close-frame payload limit is 125 bytes (RFC 6455 5.5), 2 of them the code.
+_MAX_CLOSE_REASON_BYTES: Final = 123
+# After wait_closed() aborts the stragglers, connection_lost arrives within a
+# loop iteration or two; this only bounds a bug.
+_ABORT_GRACE_S: Final = 1.0
+
+
+# --- frames ------------------------------------------------------------------
+
+_FIN_TEXT: Final = 0x81  # FIN bit + opcode 0x1; RSV bits 0 since no extension applies
+_SHORT_HEADERS: Final = tuple(bytes((_FIN_TEXT, length)) for length in range(126))
+_HEADER_16: Final = struct.Struct("!BBH")
+_HEADER_64: Final = struct.Struct("!BBQ")
+
+
+def encode_text_frame(payload: bytes) -> bytes:
+    """Serialize one unmasked, unfragmented text frame (server → client).
+
+    Done once per publication; the same bytes go to every subscriber through
+    :meth:`WebSocketConnection.write_frame`. Server frames are never masked
+    (RFC 6455 5.1), which is what makes them shareable.
+
+    Args:
+        payload: UTF-8 text (not validated here: it comes from our own encoder).
+    """
+    length = len(payload)
+    if length < 126:
+        return _SHORT_HEADERS[length] + payload
+    if length < 65536:
+        return _HEADER_16.pack(_FIN_TEXT, 126, length) + payload
+    return _HEADER_64.pack(_FIN_TEXT, 127, length) + payload
+
+
+def _frame_payload(frame: bytes) -> bytes:
+    """Return the payload of a frame built by :func:`encode_text_frame`."""
+    length = frame[1] & 0x7F
+    return frame[2 if length < 126 else 4 if length == 126 else 10 :]
+
+
+# --- values and interfaces -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    """A plain HTTP response; the transport adds Content-Length, Date and Connection."""
+
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+
+
+class ConnectionHandler(Protocol):
+    """The application's per-connection object (the protocol session).
+
+    Callbacks run on the event loop and must not block. An exception raised by
+    any of them is logged at ERROR and closes this connection with 1011.
+    """
+
+    def on_text(self, data: bytes) -> None:
+        """One complete text message, UTF-8 validated, in arrival order."""
+
+    def on_binary(self, data: bytes) -> None:
+        """One complete binary message, in arrival order."""
+
+    def on_closed(self, code: int | None, reason: str) -> None:
+        """Called exactly once when the TCP connection is gone, whatever the cause.
+
+        ``code`` is the close code of whichever side started the closing
+        handshake (ours for our close, 1009 for an oversized message, ...);
+        ``None`` when the connection ended without a close frame (EOF, abort).
+        A peer close frame without a code reports 1005.
+        """
+
+
+class TransportApp(Protocol):
+    """What the server gives the transport. All methods are synchronous."""
+
+    def handle_http(
+        self, method: str, path: str, headers: Mapping[str, str]
+    ) -> HttpResponse | None:
+        """Answer a request that is not a WebSocket upgrade; ``None`` → 404.
+
+        ``path`` includes the query string. Requests with a body are refused by
+        the HTTP parser before this is called (the endpoints are GET-only).
+        """
+
+    def websocket_allowed(self) -> HttpResponse | None:
+        """Called before accepting an upgrade; a response (e.g. 503) rejects it."""
+
+    def websocket_opened(self, conn: WebSocketConnection) -> ConnectionHandler:
+        """Called after the 101 response is written; returns the connection's handler."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransportOptions:
+    """Transport settings; units are in the names."""
+
+    # Exact path of WebSocket upgrades; the query string is ignored.
+    websocket_path: str = "/connection/websocket"
+    # Largest incoming message, all fragments together; larger → close 1009.
+    max_message_bytes: int = 65536
+    # () accepts any Origin; otherwise exact matches, and no Origin at all is
+    # accepted too (mobile SDKs send none; CSWSH needs a browser, which sends one).
+    allowed_origins: tuple[str, ...] = ()
+    # permessage-deflate costs ≈ 35 KB per connection and one compression per
+    # recipient per message, so it is off unless asked for.
+    compression: bool = False
+    # Bytes allowed in a connection's user-space write buffer; more → close 3008.
+    send_buffer_max_bytes: int = 1 << 20
+    # Time to receive a complete HTTP request after the TCP accept.
+    open_timeout_s: float = 10.0
+    # Time the peer has to finish closing after our close frame or EOF.
+    close_timeout_s: float = 5.0
+    # Called once per connection closed as slow (metrics counter).
+    on_slow_client: Callable[[], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.websocket_path.startswith("/"):
+            raise ValueError("websocket_path must start with '/'")
+        if self.max_message_bytes <= 0 or self.send_buffer_max_bytes <= 0:
+            raise ValueError("max_message_bytes and send_buffer_max_bytes must be > 0")
+        if self.open_timeout_s <= 0 or self.close_timeout_s <= 0:
+            raise ValueError("open_timeout_s and close_timeout_s must be > 0")
+
+
+class _NoHandler:
+    """Stands in before websocket_opened() returns, or if it raised."""
+
+    __slots__ = ()
+
+    def on_text(self, data: bytes) -> None:
+        pass
+
+    def on_binary(self, data: bytes) -> None:
+        pass
+
+    def on_closed(self, code: int | None, reason: str) -> None:
+        pass
+
+
+_NO_HANDLER: Final[ConnectionHandler] = _NoHandler()
+
+
+class _DemotingLogger(logging.LoggerAdapter[logging.Logger]):
+    """Logs websockets' per-connection INFO lines at DEBUG (our logging contract)."""
+
+    def info(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self.debug(msg, *args, **kwargs)
+
+
+# One adapter shared by every ServerProtocol: no per-connection cost.
+_WEBSOCKETS_LOG: Final = _DemotingLogger(logging.getLogger("signaling.transport.websockets"))
+
+
+# --- the WebSocket connection --------------------------------------------------
+
+
+class WebSocketConnection(asyncio.Protocol):
+    """One open WebSocket. Created by the transport after a 101; handed to the app.
+
+    Every method is synchronous and never raises on a closed connection: sends
+    after close are dropped, so fan-out never has to check.
+
+    Attributes:
+        remote_address: ``ip:port`` of the peer (``[ip6]:port`` for IPv6).
+        path: request path including the query string.
+        headers: request headers, case-insensitive.
+    """
+
+    __slots__ = (
+        "_close_timer",
+        "_compressed",
+        "_fragment_opcode",
+        "_fragments",
+        "_handler",
+        "_local_close",
+        "_open",
+        "_paused",
+        "_protocol",
+        "_server",
+        "_transport",
+        "headers",
+        "path",
+        "remote_address",
+    )
+
+    remote_address: str
+    path: str
+    headers: Mapping[str, str]
+
+    def __init__(
+        self,
+        server: Transport,
+        transport: asyncio.Transport,
+        protocol: ServerProtocol,
+        request: Request,
+        remote_address: str,
+    ) -> None:
+        self.remote_address = remote_address
+        self.path = request.path
+        self.headers = request.headers
+        self._server = server
+        self._transport = transport
+        self._protocol = protocol
+        self._handler = _NO_HANDLER
+        # True while data frames may be sent: the protocol is OPEN and we have
+        # neither started closing nor aborted.
+        self._open = True
+        # True once this side decided to end the connection (close, abort,
+        # handler crash, invalid UTF-8): further messages are not delivered.
+        self._local_close = False
+        self._paused = False
+        self._compressed = bool(protocol.extensions)
+        self._fragments: list[bytes] | None = None
+        self._fragment_opcode = Opcode.TEXT
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # Public API
+
+    @property
+    def closed(self) -> bool:
+        """True once nothing more can be sent: closing handshake started, or socket gone."""
+        return not self._open
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes waiting in the transport's user-space write buffer."""
+        return self._transport.get_write_buffer_size()
+
+    def write_frame(self, frame: bytes) -> None:
+        """Write a frame made by :func:`encode_text_frame`; never awaits.
+
+        The same ``frame`` object is meant to go to many connections. On a
+        connection that negotiated permessage-deflate the shared bytes cannot
+        be used: the payload is cut out of the frame (its header is 2, 4 or 10
+        bytes) and re-sent through the protocol object, compressed. That path
+        costs one compression per recipient, which is why compression is off
+        by default.
+
+        If the write buffer then holds more than ``send_buffer_max_bytes``,
+        the connection is closed with 3008 "slow" and ``on_slow_client`` fires.
+        Dropped silently when the connection is closed.
+        """
+        if not self._open:
+            return
+        if self._compressed:
+            self.send_text(_frame_payload(frame))
+            return
+        self._transport.write(frame)
+        # The transport pauses us when its buffer passes the high-water mark,
+        # which is capped at send_buffer_max_bytes: while not paused the buffer
+        # is below the limit, so the common case costs one attribute test.
+        if self._paused:
+            self._check_slow()
+
+    def send_text(self, payload: bytes) -> None:
+        """Frame and write one text message for this connection only.
+
+        Goes through the protocol object, so it honours compression. Same
+        slow-client check as :meth:`write_frame`; dropped when closed.
+        """
+        if not self._open:
+            return
+        self._protocol.send_text(payload)
+        self._flush()
+        if self._paused:
+            self._check_slow()
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake; idempotent.
+
+        The peer has ``close_timeout_s`` to complete it, then the socket is
+        aborted, even if the close frame is still stuck behind unread data.
+
+        Args:
+            code: 1000-1003, 1007-1014 or 3000-4999 (Centrifuge disconnects).
+            reason: truncated to 123 UTF-8 bytes if longer.
+
+        Raises:
+            ValueError: if ``code`` cannot be sent in a close frame.
+        """
+        if not self._open:
+            return
+        reason = _truncate_reason(reason)
+        try:
+            Close(code, reason).check()
+        except ProtocolError:
+            raise ValueError(f"invalid close code {code}") from None
+        self._local_close = True
+        self._open = False
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("%s: closing %d %r", self.remote_address, code, reason)
+        self._protocol.send_close(code, reason)
+        self._flush()
+        self._arm_close_timer()
+
+    def abort(self) -> None:
+        """Drop the TCP connection now, without a closing handshake."""
+        self._open = False
+        self._local_close = True
+        self._transport.abort()
+
+    # Internals
+
+    def _attach(self, handler: ConnectionHandler, pending: list[Event]) -> None:
+        """Install the app's handler, then deliver frames that came with the request."""
+        self._handler = handler
+        if pending:
+            self._process(pending)
+            self._after_receive()
+
+    def _check_slow(self) -> None:
+        if self._transport.get_write_buffer_size() <= self._server._options.send_buffer_max_bytes:
+            return
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "%s: slow client, %d bytes buffered", self.remote_address, self.buffered_bytes
+            )
+        hook = self._server._options.on_slow_client
+        if hook is not None:
+            try:
+                hook()
+            except Exception:
+                _log.error("on_slow_client hook failed", exc_info=True)
+        self.close(3008, "slow")
+
+    def _flush(self) -> None:
+        """Write what the protocol produced; the empty bytes mean EOF."""
+        protocol = self._protocol
+        for data in protocol.data_to_send():
+            if data:
+                self._transport.write(data)
+            else:
+                self._write_eof()
+        if self._open and protocol.state is not OPEN:
+            self._open = False
+
+    def _write_eof(self) -> None:
+        # websockets asks for EOF once the closing handshake is done or failed
+        # (a server closes TCP first, RFC 6455 7.1.1). We half-close and wait
+        # for the peer's FIN, which makes asyncio close the socket
+        # (eof_received returns None); the close timer bounds the wait.
+        self._open = False
+        transport = self._transport
+        if transport.is_closing():
+            return
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError):
+            transport.abort()
+            return
+        self._arm_close_timer()
+
+    def _arm_close_timer(self) -> None:
+        if self._close_timer is None and not self._transport.is_closing():
+            self._close_timer = self._server._loop.call_later(
+                self._server._options.close_timeout_s, self._on_close_timeout
+            )
+
+    def _on_close_timeout(self) -> None:
+        self._close_timer = None
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("%s: close timed out, aborting", self.remote_address)
+        self._transport.abort()
+
+    def _after_receive(self) -> None:
+        if self._protocol.close_expected():
+            self._arm_close_timer()
+
+    def _process(self, events: list[Event]) -> None:
+        """Reassemble data frames into messages and deliver them in order.
+
+        websockets answers pings and close frames itself and enforces
+        max_message_bytes over all fragments, so only data frames matter here.
+        """
+        for event in events:
+            if self._local_close:
+                return
+            if not isinstance(event, Frame):
+                continue
+            opcode = event.opcode
+            data = event.data if isinstance(event.data, bytes) else bytes(event.data)
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                if event.fin:
+                    self._deliver(opcode, data)
+                else:
+                    self._fragment_opcode = opcode
+                    self._fragments = [data]
+            elif opcode is Opcode.CONT:
+                fragments = self._fragments
+                # websockets fails the connection on a stray continuation frame.
+                assert fragments is not None
+                fragments.append(data)
+                if event.fin:
+                    self._fragments = None
+                    self._deliver(self._fragment_opcode, b"".join(fragments))
+
+    def _deliver(self, opcode: Opcode, data: bytes) -> None:
+        if opcode is Opcode.TEXT:
+            try:
+                data.decode()
+            except UnicodeDecodeError as exc:
+                self._fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                return
+            try:
+                self._handler.on_text(data)
+            except Exception:
+                self._handler_failed("on_text")
+        else:
+            try:
+                self._handler.on_binary(data)
+            except Exception:
+                self._handler_failed("on_binary")
+
+    def _fail(self, code: int, reason: str) -> None:
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("%s: failing connection %d %s", self.remote_address, code, reason)
+        self._local_close = True
+        self._protocol.fail(code, reason)
+        self._flush()
+        self._open = False
+        self._arm_close_timer()
+
+    def _handler_failed(self, callback: str) -> None:
+        _log.error(
+            "connection handler %s failed (%s)", callback, self.remote_address, exc_info=True
+        )
+        self._local_close = True
+        if self._open:
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _close_status(self) -> tuple[int | None, str]:
+        protocol = self._protocol
+        sent, received = protocol.close_sent, protocol.close_rcvd
+        # Report the side that started the handshake: our code when we closed
+        # first (or failed), the peer's when it did (our echo is the same).
+        if sent is not None and (received is None or protocol.close_rcvd_then_sent is False):
+            return sent.code, sent.reason
+        if received is not None:
+            return received.code, received.reason
+        return None, ""
+
+    # asyncio.Protocol callbacks
+
+    def data_received(self, data: bytes) -> None:
+        protocol = self._protocol
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        # Automatic replies (pong, close echo, EOF) go out before the app runs,
+        # as websockets' own asyncio connection does.
+        self._flush()
+        if events:
+            self._process(events)
+        self._after_receive()
+
+    def eof_received(self) -> bool | None:
+        self._protocol.receive_eof()
+        self._flush()
+        # None: let asyncio close the socket. WebSocket never writes after the
+        # peer's EOF (and half-open TLS could not anyway).
+        return None
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._open = False
+        self._local_close = True
+        # Idempotent; moves the protocol to CLOSED so close codes are final.
+        self._protocol.receive_eof()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self._server._forget(self)
+        code, reason = self._close_status()
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "%s: closed code=%s reason=%r exc=%r", self.remote_address, code, reason, exc
+            )
+        handler, self._handler = self._handler, _NO_HANDLER
+        try:
+            handler.on_closed(code, reason)
+        except Exception:
+            _log.error(
+                "connection handler on_closed failed (%s)", self.remote_address, exc_info=True
+            )
+
+
+def _truncate_reason(reason: str) -> str:
+    encoded = reason.encode()
+    if len(encoded) <= _MAX_CLOSE_REASON_BYTES:
+        return reason
+    # errors="ignore" drops a multi-byte character cut in half.
+    return encoded[:_MAX_CLOSE_REASON_BYTES].decode(errors="ignore")
+
+
+# --- the HTTP phase ----------------------------------------------------------
+
+
+class _HttpConnection(asyncio.Protocol):
+    """Owns a socket from accept until its HTTP request is answered or upgraded."""
+
+    __slots__ = ("_protocol", "_remote_address", "_server", "_timer", "_transport")
+
+    _transport: asyncio.Transport
+    _remote_address: str
+    _timer: asyncio.TimerHandle
+
+    def __init__(self, server: Transport) -> None:
+        self._server = server
+        self._protocol = server._new_protocol()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._remote_address = _format_address(transport.get_extra_info("peername"))
+        server = self._server
+        self._timer = server._loop.call_later(server._options.open_timeout_s, self._on_open_timeout)
+        server._handshakes.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        protocol = self._protocol
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        for index, event in enumerate(events):
+            if isinstance(event, Request):
+                self._timer.cancel()
+                self._handle_request(event, events[index + 1 :])
+                return
+        # No request: websockets may have queued an error response (414, 431)
+        # or EOF for a malformed request.
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        self._protocol.receive_eof()
+        self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+        self._server._handshakes.discard(self)
+
+    def _on_open_timeout(self) -> None:
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("%s: no complete HTTP request in time, aborting", self._remote_address)
+        self._transport.abort()
+
+    def _flush(self) -> None:
+        transport = self._transport
+        for data in self._protocol.data_to_send():
+            if data:
+                transport.write(data)
+                continue
+            # EOF after a response. Half-close rather than close: closing with
+            # unread request bytes would send RST and could destroy the
+            # response in flight. The peer closes on seeing our FIN (or on
+            # Connection: close); close_timeout_s bounds a peer that doesn't.
+            self._timer.cancel()
+            if transport.is_closing():
+                return
+            try:
+                transport.write_eof()
+            except (OSError, RuntimeError):
+                transport.abort()
+                return
+            self._timer = self._server._loop.call_later(
+                self._server._options.close_timeout_s, transport.abort
+            )
+
+    def _handle_request(self, request: Request, pending: list[Event]) -> None:
+        server = self._server
+        protocol = self._protocol
+        if not _is_websocket_upgrade(request.headers):
+            response = server._answer_http(request)
+        elif request.path.partition("?")[0] != server._options.websocket_path:
+            response = _http_response(404, b"Not Found\n")
+        elif (rejection := server._websocket_rejection()) is not None:
+            response = rejection
+        else:
+            response = protocol.accept(request)
+            if response.status_code == 101:
+                protocol.send_response(response)
+                self._flush()
+                self._upgrade(request, pending)
+                return
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "%s: %s %s -> %d (%s)",
+                self._remote_address,
+                request.method,
+                request.path,
+                response.status_code,
+                protocol.handshake_exc,
+            )
+        protocol.send_response(response)
+        self._flush()
+
+    def _upgrade(self, request: Request, pending: list[Event]) -> None:
+        server = self._server
+        transport = self._transport
+        server._handshakes.discard(self)
+        conn = WebSocketConnection(server, transport, self._protocol, request, self._remote_address)
+        # From here on the transport calls conn; this object is dropped.
+        transport.set_protocol(conn)
+        limit = server._options.send_buffer_max_bytes
+        high = min(_WRITE_HIGH_WATER_BYTES, limit)
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        server._connections.add(conn)
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("%s: websocket opened %s", self._remote_address, request.path)
+        try:
+            handler = server._app.websocket_opened(conn)
+        except Exception:
+            _log.error("websocket_opened failed (%s)", self._remote_address, exc_info=True)
+            conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return
+        conn._attach(handler, pending)
+
+
+def _is_websocket_upgrade(headers: Headers) -> bool:
+    return any("websocket" in value.lower() for value in headers.get_all("Upgrade"))
+
+
+def _http_response(
+    status: int, body: bytes, content_type: str = "text/plain; charset=utf-8"
+) -> Response:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", content_type),
+        ]
+    )
+    return Response(status, phrase, headers, body)
+
+
+def _format_address(peername: object) -> str:
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return "unknown"
+
+
+# --- the server --------------------------------------------------------------
+
+
+class Transport:
+    """A listening WebSocket/HTTP server; create it with :func:`start_transport`."""
+
+    __slots__ = (
+        "_app",
+        "_connections",
+        "_extensions",
+        "_handshakes",
+        "_idle_waiter",
+        "_loop",
+        "_options",
+        "_origins",
+        "_server",
+        "_serving",
+    )
+
+    _server: asyncio.Server
+
+    def __init__(
+        self, app: TransportApp, options: TransportOptions, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._app = app
+        self._options = options
+        self._loop = loop
+        self._connections: set[WebSocketConnection] = set()
+        self._handshakes: set[_HttpConnection] = set()
+        self._serving = True
+        self._idle_waiter: asyncio.Future[None] | None = None
+        # Shared by all connections. No subprotocols are configured: the
+        # Centrifuge SDKs send none, and configuring one makes websockets
+        # answer 400 to clients that don't offer it.
+        self._extensions: list[ServerExtensionFactory] | None = None
+        if options.compression:
+            # websockets' own "modest" defaults (enable_server_permessage_deflate).
+            self._extensions = [
+                ServerPerMessageDeflateFactory(
+                    server_max_window_bits=12,
+                    client_max_window_bits=12,
+                    compress_settings={"memLevel": 5},
+                )
+            ]
+        # None in the list lets requests without Origin through.
+        self._origins: list[Origin | None] | None = None
+        if options.allowed_origins:
+            self._origins = [*map(Origin, options.allowed_origins), None]
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets (empty after :meth:`stop_accepting`)."""
+        return tuple(self._server.sockets)
+
+    @property
+    def port(self) -> int:
+        """The bound port of the first listening socket (useful with port 0)."""
+        sockets = self.sockets
+        if not sockets:
+            raise RuntimeError("transport is not listening")
+        return int(sockets[0].getsockname()[1])
+
+    @property
+    def connections(self) -> int:
+        """Open WebSocket connections, from the 101 until the socket is gone."""
+        return len(self._connections)
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; open connections stay open.
+
+        Handshakes already in progress are answered 503.
+        """
+        if not self._serving:
+            return
+        self._serving = False
+        self._server.close()
+        _log.info("stopped accepting connections (%d open)", len(self._connections))
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait until every WebSocket connection is closed.
+
+        After ``timeout`` seconds, abort the remaining connections (and
+        unfinished handshakes) and wait for their ``on_closed``. Does not start
+        closing by itself: close each connection first (e.g. 3001 shutdown).
+        """
+        if self._connections:
+            waiter = self._idle_waiter = self._loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(waiter)
+            except TimeoutError:
+                _log.info(
+                    "aborting %d connections still open after %.1f s",
+                    len(self._connections),
+                    timeout,
+                )
+                for conn in list(self._connections):
+                    conn.abort()
+                for pending in list(self._handshakes):
+                    pending.abort()
+                try:
+                    async with asyncio.timeout(_ABORT_GRACE_S):
+                        await asyncio.shield(waiter)
+                except TimeoutError:
+                    _log.error(
+                        "%d connections did not report connection_lost", len(self._connections)
+                    )
+            finally:
+                self._idle_waiter = None
+        if self._serving:
+            self.stop_accepting()
+        await self._server.wait_closed()
+
+    # Internals used by the connection classes.
+
+    def _new_connection(self) -> _HttpConnection:
+        return _HttpConnection(self)
+
+    def _new_protocol(self) -> ServerProtocol:
+        return ServerProtocol(
+            origins=self._origins,
+            extensions=self._extensions,
+            max_size=self._options.max_message_bytes,
+            logger=_WEBSOCKETS_LOG,
+        )
+
+    def _forget(self, conn: WebSocketConnection) -> None:
+        self._connections.discard(conn)
+        waiter = self._idle_waiter
+        if not self._connections and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _answer_http(self, request: Request) -> Response:
+        try:
+            answer = self._app.handle_http(request.method, request.path, request.headers)
+        except Exception:
+            _log.error("handle_http failed for %s %s", request.method, request.path, exc_info=True)
+            return _http_response(500, b"Internal Server Error\n")
+        if answer is None:
+            return _http_response(404, b"Not Found\n")
+        response = _http_response(answer.status, answer.body, answer.content_type)
+        if request.method == "HEAD":
+            response.body = b""  # Content-Length still describes the GET body
+        return response
+
+    def _websocket_rejection(self) -> Response | None:
+        if not self._serving:
+            # stop_accepting() raced with a handshake in progress.
+            return _http_response(503, b"Server is shutting down.\n")
+        try:
+            answer = self._app.websocket_allowed()
+        except Exception:
+            _log.error("websocket_allowed failed", exc_info=True)
+            return _http_response(500, b"Internal Server Error\n")
+        if answer is None:
+            return None
+        return _http_response(answer.status, answer.body, answer.content_type)
+
+
+async def start_transport(
+    app: TransportApp,
+    host: str,
+    port: int,
+    options: TransportOptions,
+    *,
+    reuse_port: bool = False,
+    sock: socket.socket | None = None,
+) -> Transport:
+    """Listen on ``host:port`` (or on ``sock``) and serve WebSocket and HTTP.
+
+    Args:
+        app: routes plain HTTP, admits upgrades and creates connection handlers.
+        host, port: bind address; port 0 picks a free port (see ``Transport.port``).
+            Ignored when ``sock`` is given.
+        options: see :class:`TransportOptions`.
+        reuse_port: set SO_REUSEPORT so several processes share the port.
+        sock: an already bound socket to serve on instead.
+
+    Raises:
+        OSError: if binding fails.
+    """
+    loop = asyncio.get_running_loop()
+    transport = Transport(app, options, loop)
+    if sock is not None:
+        server = await loop.create_server(
+            transport._new_connection, sock=sock, backlog=_LISTEN_BACKLOG
+        )
+    else:
+        server = await loop.create_server(
+            transport._new_connection, host, port, reuse_port=reuse_port, backlog=_LISTEN_BACKLOG
+        )
+    transport._server = server
+    _log.info(
+        "listening on %s",
+        ", ".join(_format_address(s.getsockname()) for s in server.sockets),
+    )
+    return transport

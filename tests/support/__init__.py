@@ -1,0 +1,1 @@
+"""Test support: real server and redis-server processes, SDK helpers (no mocks)."""
