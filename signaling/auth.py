@@ -31,6 +31,7 @@ import asyncio
 import json
 import logging
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -340,14 +341,15 @@ class _JwksCache:
         self._refetched_at: float | None = None  # monotonic, last unknown-kid refetch
         self._failed_at: float | None = None  # monotonic, last failure since a success
         self._inflight: asyncio.Task[None] | None = None
-        # Without a scheme and host only, the URL can go in logs (no query secrets).
+        # Logged without its query string, which could carry an API key.
         parts = urlsplit(url)
         self._log_url = f"{parts.scheme}://{parts.netloc}{parts.path}"
 
     async def get(self, kid: str) -> _VerifyKey | None:
         """The key for ``kid``, fetching first if the cache is empty, stale or lacks it."""
-        if self._inflight is not None:
-            # Someone is fetching already: wait for them rather than fetch again.
+        if kid not in self._keys and self._inflight is not None:
+            # A fetch is under way and may bring this kid: wait for it rather than fetch
+            # again. Known kids do not wait for an unknown-kid refetch.
             await asyncio.shield(self._inflight)
         if self._claim_fetch(known=kid in self._keys):
             if self._inflight is None:
@@ -409,8 +411,13 @@ def _download_jwks(url: str, allowed: tuple[str, ...]) -> dict[str, _VerifyKey]:
     request = urllib.request.Request(
         url, headers={"Accept": "application/json", "User-Agent": "digis-signal"}
     )
-    with urllib.request.urlopen(request, timeout=_JWKS_TIMEOUT_S) as response:
-        body = response.read(_JWKS_MAX_BYTES + 1)
+    try:
+        with urllib.request.urlopen(request, timeout=_JWKS_TIMEOUT_S) as response:
+            body = response.read(_JWKS_MAX_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        # HTTPError holds the open response; close it rather than leave it to the GC.
+        exc.close()
+        raise OSError(f"HTTP {exc.code}") from None
     if len(body) > _JWKS_MAX_BYTES:
         raise ValueError(f"document larger than {_JWKS_MAX_BYTES} bytes")
     return _parse_jwks(json.loads(body), allowed)

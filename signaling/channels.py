@@ -7,7 +7,7 @@ what the policy answers and never hard-codes a namespace.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from signaling.broker.base import HistoryOptions
@@ -20,7 +20,7 @@ class ChannelOptions:
     """How a channel behaves; returned by the policy for a channel name."""
 
     # History kept by the broker (size 0: none, no offsets, no recovery).
-    history: HistoryOptions = HistoryOptions()
+    history: HistoryOptions = field(default_factory=HistoryOptions)
     # Presence kept (presence, presence_stats) for subscribers.
     presence: bool = False
     # Join/leave pushes sent to subscribers that ask for them.

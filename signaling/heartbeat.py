@@ -15,7 +15,7 @@ import math
 import random
 from typing import Protocol
 
-__all__ = ["Heartbeat", "Beating"]
+__all__ = ["Beating", "Heartbeat"]
 
 TICK_S = 1.0
 

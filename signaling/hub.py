@@ -26,7 +26,7 @@ from signaling.protocol import (
     encode_pub_push,
 )
 
-__all__ = ["Hub", "Subscriber", "SYNC_BUFFER_MAX"]
+__all__ = ["SYNC_BUFFER_MAX", "Hub", "Subscriber"]
 
 # Publications buffered for one syncing subscriber before it is considered
 # hopelessly behind (it is then told to reconnect: insufficient state).

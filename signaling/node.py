@@ -158,10 +158,13 @@ class Node:
             self._release_lock(channel, lock)
 
     def _release_lock(self, channel: str, lock: asyncio.Lock) -> None:
-        if not lock.locked() and self._channel_locks.get(channel) is lock:
-            # Nobody waits on it (a waiter would hold or queue on it).
-            if not getattr(lock, "_waiters", None):
-                del self._channel_locks[channel]
+        # Drop the lock once nobody holds or waits for it.
+        if (
+            not lock.locked()
+            and self._channel_locks.get(channel) is lock
+            and not getattr(lock, "_waiters", None)
+        ):
+            del self._channel_locks[channel]
 
     # --- publishing -----------------------------------------------------------
 
@@ -209,7 +212,6 @@ class Node:
         for session in sessions:
             session.disconnect(disconnect)
         return len(sessions)
-
 
     # --- background work ----------------------------------------------------------
 

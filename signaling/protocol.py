@@ -19,7 +19,7 @@ commands carry; everything else handles the dataclasses below.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -403,7 +403,7 @@ def _parse_rpc(body: JSONObject) -> RpcRequest:
     return RpcRequest(_str(body, "method", max_len=128), body.get("data"))
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[JSONObject], Request]] = {
     "connect": _parse_connect,
     "subscribe": _parse_subscribe,
     "unsubscribe": lambda b: UnsubscribeRequest(_channel(b)),

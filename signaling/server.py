@@ -52,7 +52,9 @@ class App:
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    def handle_http(self, method: str, path: str, headers: Mapping[str, str]) -> HttpResponse | None:
+    def handle_http(
+        self, method: str, path: str, headers: Mapping[str, str]
+    ) -> HttpResponse | None:
         route = path.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return HttpResponse(405, b"method not allowed\n")

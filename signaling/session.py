@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, replace
+
 import orjson
 
 from signaling.auth import Credentials, TokenError, TokenExpired
@@ -26,7 +27,6 @@ from signaling.errors import (
     DISCONNECT_BAD_REQUEST,
     DISCONNECT_CONNECTION_LIMIT,
     DISCONNECT_EXPIRED,
-    DISCONNECT_INAPPROPRIATE_PROTOCOL,
     DISCONNECT_INSUFFICIENT_STATE,
     DISCONNECT_INTERNAL,
     DISCONNECT_INVALID_TOKEN,
@@ -36,7 +36,6 @@ from signaling.errors import (
     DISCONNECT_STALE,
     DISCONNECT_TOO_MANY_REQUESTS,
     ERROR_ALREADY_SUBSCRIBED,
-    ERROR_BAD_REQUEST,
     ERROR_INTERNAL,
     ERROR_LIMIT_EXCEEDED,
     ERROR_METHOD_NOT_FOUND,
@@ -49,6 +48,8 @@ from signaling.errors import (
     ErrorReply,
     SignalError,
 )
+from signaling.logs import Throttle
+from signaling.node import Node, RpcContext
 from signaling.protocol import (
     PING_FRAME,
     ClientInfo,
@@ -64,7 +65,6 @@ from signaling.protocol import (
     PresenceStatsRequest,
     PresenceStatsResult,
     ProtocolError,
-    Publication,
     PublishRequest,
     RefreshRequest,
     RefreshResult,
@@ -83,20 +83,23 @@ from signaling.protocol import (
     encode_reply,
     encode_unsubscribe_push,
 )
-from signaling.node import Node, RpcContext
 from signaling.transport import WebSocketConnection
 from signaling.values import JSON
 
-
-__all__ = ["ClientSession", "SERVER_VERSION"]
+__all__ = ["SERVER_VERSION", "ClientSession"]
 
 log = logging.getLogger("signaling.session")
+# Client mistakes are logged at INFO, but a flood of them cannot flood the log.
+refusals_log = Throttle(log)
 
 SERVER_VERSION = "digis-signal 0.1"
 # Commands queued behind a slow one before the client counts as flooding.
 MAX_QUEUED_COMMANDS = 256
 # Subscribe flag bit: reply 112 instead of recovered=false (client.proto).
 FLAG_REJECT_UNRECOVERED = 1 << 1
+# Close codes the transport sends by itself: 1007 invalid UTF-8, 1009 too
+# big, 1011 handler crash, 3008 slow client.
+TRANSPORT_CLOSE_CODES = frozenset({1007, 1009, 1011, 3008})
 # Unsubscribe push codes (centrifuge unsubscribe.go): >= 2500 resubscribes.
 UNSUBSCRIBE_EXPIRED = (2501, "subscription expired")
 
@@ -164,7 +167,7 @@ class ClientSession:
         try:
             commands = decode_frame(data)
         except ProtocolError as exc:
-            log.info("bad frame from %s: %s", self.conn.remote_address, exc)
+            refusals_log.log(logging.INFO, "bad frame from %s: %s", self.conn.remote_address, exc)
             self.disconnect(DISCONNECT_BAD_REQUEST)
             return
         for cmd in commands:
@@ -193,6 +196,9 @@ class ClientSession:
         if self._finalized:
             return
         self._finalized = True
+        if not self._closed and code in TRANSPORT_CLOSE_CODES:
+            # Closed by the transport itself (slow client, oversized or invalid frame).
+            self.node.metrics.disconnects.labels(str(code)).inc()
         self._closed = True
         if self._stale_timer is not None:
             self._stale_timer.cancel()
@@ -404,7 +410,9 @@ class ClientSession:
             raise SignalError(ERROR_TOKEN_EXPIRED) from None
         except TokenError as exc:
             node.metrics.connection_attempts.labels("invalid_token").inc()
-            log.info("invalid token from %s: %s", self.conn.remote_address, exc)
+            refusals_log.log(
+                logging.INFO, "invalid token from %s: %s", self.conn.remote_address, exc
+            )
             raise SignalError(DISCONNECT_INVALID_TOKEN) from None
         if self._closed:
             return
@@ -509,7 +517,9 @@ class ClientSession:
         try:
             result = await self._recover(channel, req, options)
             if options.presence:
-                await node.presence.add_presence(channel, identity.info, node.settings.presence_ttl_s)
+                await node.presence.add_presence(
+                    channel, identity.info, node.settings.presence_ttl_s
+                )
                 if options.join_leave:
                     await node.broker.publish_join(channel, identity.info)
         except BaseException:
@@ -686,7 +696,11 @@ class ClientSession:
         if handler is None:
             raise SignalError(ERROR_METHOD_NOT_FOUND)
         ctx = RpcContext(
-            identity.credentials.user, self.client_id, identity.info, identity.credentials, self.node
+            identity.credentials.user,
+            self.client_id,
+            identity.info,
+            identity.credentials,
+            self.node,
         )
         return await handler(ctx, req.data)
 
@@ -707,4 +721,3 @@ def _ttl(expires_at: float | None) -> tuple[bool, int]:
 
 def _replace_expiry(result: SubscribeResult, ttl: int) -> SubscribeResult:
     return replace(result, expires=True, ttl_s=ttl)
-

@@ -1,46 +1,29 @@
 """WebSocket and plain-HTTP transport on one port, with no task per connection.
 
-websockets' sans-I/O :class:`~websockets.server.ServerProtocol` does the WebSocket
-protocol: handshake validation, framing, masking, size limits, the close handshake.
-This module is the asyncio glue around it: routing, timeouts, flow control, the
-slow-client policy and connection lifecycle. Nothing outside this module imports
-websockets.
+websockets' sans-I/O ``ServerProtocol`` does the WebSocket protocol (handshake
+checks, framing, size limits, close handshake); this module is the asyncio glue:
+routing, timeouts, flow control, the slow-client policy and the lifecycle.
+Nothing else in the server imports websockets. ``serve()`` is not used because
+its task, coroutine chain and assembler per connection cost ≈ 13 KB against
+≈ 6 KB here, and it cannot write one pre-serialized frame to many connections
+(PERFORMANCE-NOTES).
 
-Why not ``websockets.asyncio.server.serve()``: it runs a handler task, a coroutine
-chain and a message assembler per connection (≈ 13 KB each, measured) where an
-``asyncio.Protocol`` costs ≈ 6 KB, and it cannot write one pre-serialized frame to
-many connections (docs/PERFORMANCE-NOTES: ≈ 2.5 µs saved per delivery).
+One TCP connection: :class:`_HttpConnection` reads one request within
+``open_timeout_s``. Without ``Upgrade: websocket`` it goes to
+``TransportApp.handle_http`` and is answered with ``Connection: close``. An
+upgrade that websockets accepts gets a 101, then a :class:`WebSocketConnection`
+takes the socket over (``transport.set_protocol``) until ``connection_lost``,
+which calls ``ConnectionHandler.on_closed`` exactly once. After our close frame
+or EOF the peer has ``close_timeout_s`` to finish, then the socket is aborted;
+that bound also frees a slow client whose close frame sits behind unread data.
 
-Lifecycle of one TCP connection:
+websockets checks UTF-8 in its asyncio message assembler, not in the sans-I/O
+layer, so complete text messages are validated here (invalid → close 1007).
 
-1. :class:`_HttpConnection` reads one HTTP request within ``open_timeout_s``.
-2. A request without ``Upgrade: websocket`` goes to ``TransportApp.handle_http``;
-   the response carries ``Connection: close`` and we half-close.
-3. An upgrade to ``websocket_path`` that websockets accepts gets ``101``; a
-   :class:`WebSocketConnection` then takes over the socket via
-   ``transport.set_protocol`` and the handshake object is dropped.
-4. ``connection_lost`` calls ``ConnectionHandler.on_closed`` exactly once.
-
-Closing: after a close frame is sent, or after websockets asks for EOF, the peer
-has ``close_timeout_s`` to finish (close frame, then TCP FIN) before we abort the
-socket. That bound is also what frees a slow client whose close frame sits
-behind megabytes of unread data.
-
-UTF-8: websockets validates text messages in its asyncio message assembler, not
-in the sans-I/O layer, so :class:`WebSocketConnection` validates each complete
-text message itself and fails the connection with 1007 on invalid UTF-8.
-
-Logging contract (logger ``signaling.transport``):
-
-* ERROR: an application callback raised (with traceback); the connection is
-  closed with 1011, other connections are unaffected.
-* INFO: once per server: listening, stopped accepting, connections aborted at
-  shutdown. Never per connection or per message.
-* DEBUG: per-connection events (opened, closed, rejected, timed out, slow).
-
-websockets logs "connection open/closed/rejected" at INFO for every connection;
-its protocol objects get a logger (``signaling.transport.websockets``) that
-demotes those lines to DEBUG.
+Logging (``signaling.transport``): ERROR when an application callback raises
+(with traceback; that connection closes with 1011); INFO only once per server
+(listening, stopped, aborted at shutdown); DEBUG per connection. websockets'
+per-connection INFO lines are demoted to DEBUG (``signaling.transport.websockets``).
 """
 
 from __future__ import annotations
@@ -51,7 +34,7 @@ import http
 import logging
 import socket
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, cast
 
@@ -251,7 +234,8 @@ class WebSocketConnection(asyncio.Protocol):
     Attributes:
         remote_address: ``ip:port`` of the peer (``[ip6]:port`` for IPv6).
         path: request path including the query string.
-        headers: request headers, case-insensitive.
+        headers: request headers, case-insensitive; a repeated field reads as
+            its values joined with ", ".
     """
 
     __slots__ = (
@@ -285,7 +269,7 @@ class WebSocketConnection(asyncio.Protocol):
     ) -> None:
         self.remote_address = remote_address
         self.path = request.path
-        self.headers = request.headers
+        self.headers = _HeaderView(request.headers)
         self._server = server
         self._transport = transport
         self._protocol = protocol
@@ -394,7 +378,8 @@ class WebSocketConnection(asyncio.Protocol):
         self._handler = handler
         if pending:
             self._process(pending)
-            self._after_receive()
+            if self._protocol.close_expected():
+                self._arm_close_timer()
 
     def _check_slow(self) -> None:
         if self._transport.get_write_buffer_size() <= self._server._options.send_buffer_max_bytes:
@@ -424,19 +409,10 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _write_eof(self) -> None:
         # websockets asks for EOF once the closing handshake is done or failed
-        # (a server closes TCP first, RFC 6455 7.1.1). We half-close and wait
-        # for the peer's FIN, which makes asyncio close the socket
-        # (eof_received returns None); the close timer bounds the wait.
+        # (the server closes TCP first, RFC 6455 7.1.1).
         self._open = False
-        transport = self._transport
-        if transport.is_closing():
-            return
-        try:
-            transport.write_eof()
-        except (OSError, RuntimeError):
-            transport.abort()
-            return
-        self._arm_close_timer()
+        if _half_close(self._transport):
+            self._arm_close_timer()
 
     def _arm_close_timer(self) -> None:
         if self._close_timer is None and not self._transport.is_closing():
@@ -449,10 +425,6 @@ class WebSocketConnection(asyncio.Protocol):
         if _log.isEnabledFor(logging.DEBUG):
             _log.debug("%s: close timed out, aborting", self.remote_address)
         self._transport.abort()
-
-    def _after_receive(self) -> None:
-        if self._protocol.close_expected():
-            self._arm_close_timer()
 
     def _process(self, events: list[Event]) -> None:
         """Reassemble data frames into messages and deliver them in order.
@@ -538,7 +510,8 @@ class WebSocketConnection(asyncio.Protocol):
         self._flush()
         if events:
             self._process(events)
-        self._after_receive()
+        if protocol.close_expected():
+            self._arm_close_timer()
 
     def eof_received(self) -> bool | None:
         self._protocol.receive_eof()
@@ -574,6 +547,24 @@ class WebSocketConnection(asyncio.Protocol):
             _log.error(
                 "connection handler on_closed failed (%s)", self.remote_address, exc_info=True
             )
+
+
+def _half_close(transport: asyncio.Transport) -> bool:
+    """Send FIN after the buffered data; False if the socket is already going.
+
+    Half-close rather than close: closing with unread input sends RST, which
+    can destroy the response or close frame in flight. The peer answers our
+    FIN with its own and asyncio then closes the socket (eof_received returns
+    None); the caller's timer aborts a peer that never does.
+    """
+    if transport.is_closing():
+        return False
+    try:
+        transport.write_eof()
+    except (OSError, RuntimeError):  # uvloop raises RuntimeError on a closed handle
+        transport.abort()
+        return False
+    return True
 
 
 def _truncate_reason(reason: str) -> str:
@@ -643,21 +634,11 @@ class _HttpConnection(asyncio.Protocol):
             if data:
                 transport.write(data)
                 continue
-            # EOF after a response. Half-close rather than close: closing with
-            # unread request bytes would send RST and could destroy the
-            # response in flight. The peer closes on seeing our FIN (or on
-            # Connection: close); close_timeout_s bounds a peer that doesn't.
             self._timer.cancel()
-            if transport.is_closing():
-                return
-            try:
-                transport.write_eof()
-            except (OSError, RuntimeError):
-                transport.abort()
-                return
-            self._timer = self._server._loop.call_later(
-                self._server._options.close_timeout_s, transport.abort
-            )
+            if _half_close(transport):
+                self._timer = self._server._loop.call_later(
+                    self._server._options.close_timeout_s, transport.abort
+                )
 
     def _handle_request(self, request: Request, pending: list[Event]) -> None:
         server = self._server
@@ -707,6 +688,32 @@ class _HttpConnection(asyncio.Protocol):
             conn.close(CloseCode.INTERNAL_ERROR, "internal error")
             return
         conn._attach(handler, pending)
+
+
+class _HeaderView(Mapping[str, str]):
+    """Read-only, case-insensitive request headers.
+
+    A repeated field reads as its values joined with ", " (RFC 9110 5.3).
+    websockets' ``Headers`` raises ``MultipleValuesError`` there instead, a
+    ``LookupError`` that ``Mapping.get`` does not catch.
+    """
+
+    __slots__ = ("_headers",)
+
+    def __init__(self, headers: Headers) -> None:
+        self._headers = headers
+
+    def __getitem__(self, key: str) -> str:
+        values = self._headers.get_all(key)
+        if not values:
+            raise KeyError(key)
+        return values[0] if len(values) == 1 else ", ".join(values)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._headers)  # lower-case names, each once
+
+    def __len__(self) -> int:
+        return len(self._headers)
 
 
 def _is_websocket_upgrade(headers: Headers) -> bool:
@@ -817,39 +824,40 @@ class Transport:
         _log.info("stopped accepting connections (%d open)", len(self._connections))
 
     async def wait_closed(self, timeout: float) -> None:
-        """Wait until every WebSocket connection is closed.
+        """Stop accepting if not done yet; wait until every WebSocket is closed.
 
-        After ``timeout`` seconds, abort the remaining connections (and
-        unfinished handshakes) and wait for their ``on_closed``. Does not start
-        closing by itself: close each connection first (e.g. 3001 shutdown).
+        After ``timeout`` seconds, abort the remaining connections and wait for
+        their ``on_closed``. Then abort whatever HTTP exchange or handshake is
+        still in flight. Does not start closing handshakes: close each
+        connection first (e.g. 3001 shutdown).
         """
+        self.stop_accepting()
         if self._connections:
             waiter = self._idle_waiter = self._loop.create_future()
             try:
                 async with asyncio.timeout(timeout):
                     await asyncio.shield(waiter)
             except TimeoutError:
-                _log.info(
-                    "aborting %d connections still open after %.1f s",
-                    len(self._connections),
-                    timeout,
-                )
+                count = len(self._connections)
+                _log.info("aborting %d connections still open after %.1f s", count, timeout)
                 for conn in list(self._connections):
                     conn.abort()
-                for pending in list(self._handshakes):
-                    pending.abort()
                 try:
                     async with asyncio.timeout(_ABORT_GRACE_S):
                         await asyncio.shield(waiter)
                 except TimeoutError:
-                    _log.error(
-                        "%d connections did not report connection_lost", len(self._connections)
-                    )
+                    _log.error("%d connections never reported connection_lost", count)
             finally:
                 self._idle_waiter = None
-        if self._serving:
-            self.stop_accepting()
-        await self._server.wait_closed()
+        for pending in list(self._handshakes):
+            pending.abort()
+        # From Python 3.12 on, Server.wait_closed() also waits for every
+        # accepted socket; bounded in case one is stuck.
+        try:
+            async with asyncio.timeout(_ABORT_GRACE_S):
+                await self._server.wait_closed()
+        except TimeoutError:
+            _log.error("listening server did not close")
 
     # Internals used by the connection classes.
 
@@ -872,7 +880,9 @@ class Transport:
 
     def _answer_http(self, request: Request) -> Response:
         try:
-            answer = self._app.handle_http(request.method, request.path, request.headers)
+            answer = self._app.handle_http(
+                request.method, request.path, _HeaderView(request.headers)
+            )
         except Exception:
             _log.error("handle_http failed for %s %s", request.method, request.path, exc_info=True)
             return _http_response(500, b"Internal Server Error\n")
@@ -921,13 +931,12 @@ async def start_transport(
     """
     loop = asyncio.get_running_loop()
     transport = Transport(app, options, loop)
+    factory = transport._new_connection
     if sock is not None:
-        server = await loop.create_server(
-            transport._new_connection, sock=sock, backlog=_LISTEN_BACKLOG
-        )
+        server = await loop.create_server(factory, sock=sock, backlog=_LISTEN_BACKLOG)
     else:
         server = await loop.create_server(
-            transport._new_connection, host, port, reuse_port=reuse_port, backlog=_LISTEN_BACKLOG
+            factory, host, port, reuse_port=reuse_port, backlog=_LISTEN_BACKLOG
         )
     transport._server = server
     _log.info(

@@ -1,0 +1,540 @@
+"""Raw WebSocket frames against a real server process: every refusal gets the
+protocol's error or disconnect code, and the server and other clients carry on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from support.processes import ServerProcess
+
+TIMEOUT = 5.0
+
+
+class Raw:
+    """A raw protocol client: sends commands, reads replies and pushes."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.next_id = 1
+        self.inbox: list[dict[str, Any]] = []
+
+    @classmethod
+    async def open(cls, server: ServerProcess, **kwargs: Any) -> Raw:
+        ws = await connect(server.ws_url, open_timeout=TIMEOUT, **kwargs)
+        return cls(ws)
+
+    async def send(self, *commands: dict[str, Any]) -> list[int]:
+        ids = []
+        lines = []
+        for cmd in commands:
+            cmd = dict(cmd)
+            if "id" not in cmd:
+                cmd["id"] = self.next_id
+                self.next_id += 1
+            ids.append(cmd["id"])
+            lines.append(orjson.dumps(cmd))
+        await self.ws.send(b"\n".join(lines).decode())
+        return ids
+
+    async def _fill(self) -> None:
+        frame = await asyncio.wait_for(self.ws.recv(), TIMEOUT)
+        assert isinstance(frame, str)
+        for line in frame.strip().split("\n"):
+            msg = orjson.loads(line)
+            if msg == {}:
+                await self.ws.send("{}")  # answer the server's ping
+                continue
+            self.inbox.append(msg)
+
+    async def reply(self, cmd_id: int) -> dict[str, Any]:
+        while True:
+            for msg in self.inbox:
+                if msg.get("id") == cmd_id:
+                    self.inbox.remove(msg)
+                    return msg
+            await self._fill()
+
+    async def push(self, kind: str = "pub") -> dict[str, Any]:
+        while True:
+            for msg in self.inbox:
+                if "push" in msg and kind in msg["push"]:
+                    self.inbox.remove(msg)
+                    return msg["push"]
+            await self._fill()
+
+    async def call(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        (cmd_id,) = await self.send({method: body})
+        return await self.reply(cmd_id)
+
+    async def closed_with(self) -> tuple[int | None, str]:
+        try:
+            while True:
+                await asyncio.wait_for(self.ws.recv(), TIMEOUT)
+        except ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            return (rcvd.code, rcvd.reason) if rcvd else (None, "")
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def connected(server: ServerProcess, user: str, **claims: Any) -> Raw:
+    client = await Raw.open(server)
+    reply = await client.call("connect", {"token": server.token(user, **claims)})
+    assert "connect" in reply, reply
+    return client
+
+
+@pytest.fixture
+async def srv(server_factory: Any) -> ServerProcess:
+    return await server_factory(
+        {"SIGNAL_COMMANDS_PER_SECOND": "1000", "SIGNAL_COMMAND_BURST": "1000"}, name="raw"
+    )
+
+
+# --- connect and auth ----------------------------------------------------------------
+
+
+async def test_connect_reply_and_personal_channel(srv: ServerProcess) -> None:
+    client = await Raw.open(srv)
+    reply = await client.call("connect", {"token": srv.token("alice")})
+    result = reply["connect"]
+    assert result["client"] and result["ping"] == 25 and result["pong"] is True
+    assert result["expires"] is True and 3500 < result["ttl"] <= 3600
+    sub = result["subs"]["user:#alice"]
+    assert sub["recoverable"] is True and sub["positioned"] is True and sub["epoch"]
+    await client.close()
+
+
+async def test_connect_and_subscribe_batched_in_one_frame(srv: ServerProcess) -> None:
+    client = await Raw.open(srv)
+    ids = await client.send(
+        {"connect": {"token": srv.token("bob"), "name": "js"}},
+        {"subscribe": {"channel": "room:c1", "flag": 1}},
+        {"subscribe": {"channel": "room:c2"}},
+    )
+    replies = [await client.reply(i) for i in ids]
+    assert "connect" in replies[0]
+    assert replies[1]["subscribe"]["recoverable"] is True
+    assert "subscribe" in replies[2]
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", "garbage", "a.b.c", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."],
+    ids=["empty", "garbage", "three-parts", "alg-none"],
+)
+async def test_invalid_token_closes_with_3500(srv: ServerProcess, token: str) -> None:
+    client = await Raw.open(srv)
+    await client.send({"connect": {"token": token}})
+    assert await client.closed_with() == (3500, "invalid token")
+
+
+async def test_wrong_secret_closes_with_3500(srv: ServerProcess) -> None:
+    import jwt
+
+    client = await Raw.open(srv)
+    token = jwt.encode({"sub": "eve", "exp": int(time.time()) + 60}, "w" * 40, algorithm="HS256")
+    await client.send({"connect": {"token": token}})
+    assert (await client.closed_with())[0] == 3500
+
+
+async def test_expired_token_gets_error_109_to_refresh(srv: ServerProcess) -> None:
+    client = await Raw.open(srv)
+    reply = await client.call("connect", {"token": srv.token("alice", ttl_s=-60)})
+    assert reply["error"]["code"] == 109
+    # The connection is still usable for a connect with a fresh token.
+    reply = await client.call("connect", {"token": srv.token("alice")})
+    assert "connect" in reply
+    await client.close()
+
+
+async def test_command_before_connect_is_bad_request(srv: ServerProcess) -> None:
+    client = await Raw.open(srv)
+    await client.send({"subscribe": {"channel": "room:x"}})
+    assert await client.closed_with() == (3501, "bad request")
+
+
+async def test_connect_twice_is_bad_request(srv: ServerProcess) -> None:
+    client = await connected(srv, "alice")
+    await client.send({"connect": {"token": srv.token("alice")}})
+    assert (await client.closed_with())[0] == 3501
+
+
+async def test_refresh_extends_and_rejects_other_user(srv: ServerProcess) -> None:
+    client = await connected(srv, "alice")
+    reply = await client.call("refresh", {"token": srv.token("alice", ttl_s=7200)})
+    assert reply["refresh"]["expires"] is True and reply["refresh"]["ttl"] > 3600
+    await client.send({"refresh": {"token": srv.token("mallory")}})
+    assert (await client.closed_with())[0] == 3500
+
+
+async def test_stale_connection_closed_with_3502(server_factory: Any) -> None:
+    srv = await server_factory({"SIGNAL_CONNECT_TIMEOUT_S": "0.5"}, name="stale")
+    client = await Raw.open(srv)
+    assert await client.closed_with() == (3502, "stale")
+
+
+async def test_connection_limit_per_user(server_factory: Any) -> None:
+    srv = await server_factory({"SIGNAL_MAX_CONNECTIONS_PER_USER": "2"}, name="limit")
+    first = await connected(srv, "alice")
+    second = await connected(srv, "alice")
+    third = await Raw.open(srv)
+    await third.send({"connect": {"token": srv.token("alice")}})
+    assert (await third.closed_with())[0] == 3504
+    other = await connected(srv, "bob")  # other users are unaffected
+    for c in (first, second, other):
+        await c.close()
+
+
+# --- malformed input -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ['{"id": 1, "connect": ', "[1,2,3]", '{"id": -1, "rpc": {}}', '{"id": 1, "publish": 5}', "\n\n"],
+    ids=["truncated-json", "array", "negative-id", "body-not-object", "blank-lines"],
+)
+async def test_malformed_frames_close_with_3501(srv: ServerProcess, frame: str) -> None:
+    client = await connected(srv, "alice")
+    await client.ws.send(frame)
+    assert (await client.closed_with())[0] == 3501
+    # The server carries on.
+    other = await connected(srv, "bob")
+    assert "rpc" in await other.call("rpc", {"method": "server.info"})
+    await other.close()
+
+
+async def test_binary_frame_is_bad_request(srv: ServerProcess) -> None:
+    client = await connected(srv, "alice")
+    await client.ws.send(b"\x00\x01")
+    assert (await client.closed_with())[0] == 3501
+
+
+async def test_unknown_command_gets_104_and_connection_stays(srv: ServerProcess) -> None:
+    client = await connected(srv, "alice")
+    reply = await client.call("teleport", {"to": "mars"})
+    assert reply["error"] == {"code": 104, "message": "method not found"}
+    reply = await client.call("rpc", {"method": "no.such.method"})
+    assert reply["error"]["code"] == 104
+    assert "rpc" in await client.call("rpc", {"method": "server.info"})
+    await client.close()
+
+
+async def test_send_command_without_handler_is_3508(srv: ServerProcess) -> None:
+    client = await connected(srv, "alice")
+    await client.ws.send('{"send": {"data": {"x": 1}}}')
+    assert (await client.closed_with())[0] == 3508
+
+
+async def test_unsolicited_pong_is_bad_request(srv: ServerProcess) -> None:
+    client = await connected(srv, "alice")
+    await client.ws.send("{}")
+    assert (await client.closed_with())[0] == 3501
+
+
+async def test_oversized_frame_closes_with_1009(server_factory: Any) -> None:
+    srv = await server_factory(
+        {"SIGNAL_MAX_FRAME_BYTES": "4096", "SIGNAL_MAX_PUBLICATION_BYTES": "2048"}, name="size"
+    )
+    client = await connected(srv, "alice")
+    big = {"publish": {"channel": "room:x", "data": {"text": "x" * 5000}}, "id": 9}
+    await client.ws.send(orjson.dumps(big).decode())
+    assert (await client.closed_with())[0] == 1009
+
+
+async def test_oversized_publication_gets_106(server_factory: Any) -> None:
+    srv = await server_factory(
+        {"SIGNAL_MAX_FRAME_BYTES": "65536", "SIGNAL_MAX_PUBLICATION_BYTES": "1024"}, name="pub"
+    )
+    client = await connected(srv, "alice")
+    reply = await client.call("publish", {"channel": "room:x", "data": {"t": "x" * 2000}})
+    assert reply["error"]["code"] == 106
+    reply = await client.call("publish", {"channel": "room:x", "data": {"t": "ok"}})
+    assert reply == {"id": reply["id"], "publish": {}}
+    await client.close()
+
+
+# --- channels and permissions ----------------------------------------------------------
+
+
+async def test_channel_permissions(srv: ServerProcess) -> None:
+    client = await connected(srv, "alice")
+
+    async def code(method: str, body: dict[str, Any]) -> int | None:
+        reply = await client.call(method, body)
+        return reply["error"]["code"] if "error" in reply else None
+
+    assert await code("subscribe", {"channel": "chat:x"}) == 102
+    assert await code("subscribe", {"channel": "room:"}) == 102
+    assert await code("subscribe", {"channel": "user:#bob"}) == 103
+    assert await code("subscribe", {"channel": "dm:#bob,carol"}) == 103
+    assert await code("subscribe", {"channel": "private:vip"}) == 103
+    assert await code("subscribe", {"channel": "dm:#alice,bob"}) is None
+    assert await code("subscribe", {"channel": "dm:#alice,bob"}) == 105
+    assert await code("publish", {"channel": "user:#alice", "data": {}}) == 103
+    assert await code("publish", {"channel": "user:#bob", "data": {}}) == 103
+    assert await code("publish", {"channel": "dm:#bob,carol", "data": {}}) == 103
+    assert await code("history", {"channel": "dm:#bob,carol", "limit": 10}) == 103
+    assert await code("presence", {"channel": "dm:#bob,carol"}) == 103
+    assert await code("presence", {"channel": "user:#alice"}) == 108
+    await client.close()
+
+
+async def test_subscription_limit(server_factory: Any) -> None:
+    srv = await server_factory({"SIGNAL_MAX_SUBSCRIPTIONS": "3"}, name="subs")
+    client = await connected(srv, "alice")  # user:#alice is one
+    assert "subscribe" in await client.call("subscribe", {"channel": "room:a"})
+    assert "subscribe" in await client.call("subscribe", {"channel": "room:b"})
+    reply = await client.call("subscribe", {"channel": "room:c"})
+    assert reply["error"]["code"] == 106
+    await client.close()
+
+
+async def test_private_channel_needs_subscription_token(srv: ServerProcess) -> None:
+    import jwt
+
+    client = await connected(srv, "alice")
+    good = jwt.encode(
+        {"sub": "alice", "channel": "private:vip", "exp": int(time.time()) + 60},
+        srv.secret,
+        algorithm="HS256",
+    )
+    stolen = jwt.encode(
+        {"sub": "bob", "channel": "private:vip", "exp": int(time.time()) + 60},
+        srv.secret,
+        algorithm="HS256",
+    )
+    reply = await client.call("subscribe", {"channel": "private:vip", "token": stolen})
+    assert reply["error"]["code"] == 103
+    reply = await client.call("subscribe", {"channel": "private:vip", "token": good})
+    assert reply["subscribe"]["expires"] is True
+    await client.close()
+
+
+async def test_sender_identity_comes_from_token(srv: ServerProcess) -> None:
+    alice = await connected(srv, "alice", name="Alice")
+    bob = await connected(srv, "bob")
+    await bob.call("subscribe", {"channel": "room:c"})
+    spoof = {"text": "hi", "info": {"user": "admin"}, "user": "admin"}
+    reply = await alice.call(
+        "publish", {"channel": "room:c", "data": spoof, "info": {"user": "admin"}}
+    )
+    assert "publish" in reply
+    push = await bob.push("pub")
+    pub = push["pub"]
+    assert push["channel"] == "room:c"
+    assert pub["info"]["user"] == "alice"
+    assert pub["info"]["conn_info"] == {"name": "Alice"}
+    assert pub["data"] == spoof  # data is opaque; identity is only in info
+    assert pub["offset"] == 1
+    await alice.close()
+    await bob.close()
+
+
+async def test_history_since_and_unrecoverable(srv: ServerProcess) -> None:
+    client = await connected(srv, "alice")
+    sub = (await client.call("subscribe", {"channel": "room:h"}))["subscribe"]
+    for i in range(5):
+        await client.call("publish", {"channel": "room:h", "data": {"n": i}})
+    hist = (await client.call("history", {"channel": "room:h", "limit": 2}))["history"]
+    assert [p["data"]["n"] for p in hist["publications"]] == [0, 1]
+    assert hist["offset"] == 5 and hist["epoch"] == sub["epoch"]
+    body = {"channel": "room:h", "limit": 10, "since": {"offset": 3, "epoch": sub["epoch"]}}
+    hist = (await client.call("history", body))["history"]
+    assert [p["offset"] for p in hist["publications"]] == [4, 5]
+    body = {"channel": "room:h", "limit": 2, "reverse": True}
+    hist = (await client.call("history", body))["history"]
+    assert [p["offset"] for p in hist["publications"]] == [5, 4]
+    body = {"channel": "room:h", "limit": 10, "since": {"offset": 3, "epoch": "other"}}
+    assert (await client.call("history", body))["error"]["code"] == 112
+    await client.close()
+
+
+async def test_recover_on_resubscribe(srv: ServerProcess) -> None:
+    reader = await connected(srv, "alice")
+    sub = (await reader.call("subscribe", {"channel": "room:r"}))["subscribe"]
+    await reader.close()
+    writer = await connected(srv, "bob")
+    for i in range(3):
+        await writer.call("publish", {"channel": "room:r", "data": {"n": i}})
+    reader = await connected(srv, "alice")
+    offset = sub.get("offset", 0)  # zero values are omitted on the wire
+    body = {"channel": "room:r", "recover": True, "offset": offset, "epoch": sub["epoch"]}
+    result = (await reader.call("subscribe", body))["subscribe"]
+    assert result["recovered"] is True and result["was_recovering"] is True
+    assert [p["data"]["n"] for p in result["publications"]] == [0, 1, 2]
+    body = {"channel": "room:s", "recover": True, "offset": 7, "epoch": "gone"}
+    result = (await reader.call("subscribe", body))["subscribe"]
+    assert result.get("recovered") is not True and result["was_recovering"] is True
+    body = {"channel": "room:t", "recover": True, "offset": 7, "epoch": "gone", "flag": 2}
+    assert (await reader.call("subscribe", body))["error"]["code"] == 112
+    await reader.close()
+    await writer.close()
+
+
+async def test_join_and_leave_pushes(srv: ServerProcess) -> None:
+    watcher = await connected(srv, "alice")
+    await watcher.call("subscribe", {"channel": "room:j", "join_leave": True})
+    guest = await connected(srv, "bob")
+    await guest.call("subscribe", {"channel": "room:j"})
+    join = await watcher.push("join")
+    assert join["channel"] == "room:j" and join["join"]["info"]["user"] == "bob"
+    stats = (await watcher.call("presence_stats", {"channel": "room:j"}))["presence_stats"]
+    assert stats == {"num_clients": 2, "num_users": 2}
+    await guest.close()
+    leave = await watcher.push("leave")
+    assert leave["leave"]["info"]["user"] == "bob"
+    await watcher.close()
+
+
+# --- limits: rate and slow clients -------------------------------------------------------
+
+
+async def test_rate_limit_errors_then_disconnect(server_factory: Any) -> None:
+    srv = await server_factory(
+        {"SIGNAL_COMMANDS_PER_SECOND": "5", "SIGNAL_COMMAND_BURST": "5"}, name="rate"
+    )
+    client = await connected(srv, "alice")  # connect took one token
+    ids = await client.send(*[{"rpc": {"method": "server.info"}} for _ in range(8)])
+    replies = [await client.reply(i) for i in ids]
+    codes = [r["error"]["code"] if "error" in r else 0 for r in replies]
+    assert codes.count(111) >= 3 and codes.count(0) >= 3
+    assert all(r["error"]["temporary"] for r in replies if "error" in r)
+    # Keep hammering: a whole burst beyond the limit ends the connection.
+    await client.send(*[{"rpc": {"method": "server.info"}} for _ in range(20)])
+    assert (await client.closed_with())[0] == 3013
+    status, body = await srv.aget("/metrics")
+    assert metric_value(body, "signal_rate_limit_disconnects_total") == 1
+
+
+async def test_slow_client_closed_with_3008(server_factory: Any) -> None:
+    srv = await server_factory(
+        {"SIGNAL_SEND_BUFFER_MAX_BYTES": "65536", "SIGNAL_COMMANDS_PER_SECOND": "0"},
+        name="slow",
+    )
+    # A client that subscribes and then never reads: raw socket with a tiny buffer.
+    slow = await Raw.open(srv, max_queue=1)
+    sock = slow.ws.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await slow.call("connect", {"token": srv.token("slowpoke")})
+    await slow.call("subscribe", {"channel": "room:flood"})
+    slow.ws.transport.pause_reading()
+
+    fast = await connected(srv, "reader")
+    await fast.call("subscribe", {"channel": "room:flood"})
+    publisher = await connected(srv, "writer")
+    payload = {"text": "y" * 15000}
+    # Kernel socket buffers on loopback absorb a few MB before the server's own
+    # buffer starts to grow: publish until the server gives up on the client.
+    body = b""
+    for i in range(1000):
+        reply = await publisher.call("publish", {"channel": "room:flood", "data": payload})
+        assert "publish" in reply, reply
+        await fast.push("pub")  # the reading client keeps up and stays connected
+        if i % 20 == 19:
+            _, body = await srv.aget("/metrics")
+            if metric_value(body, "signal_slow_client_disconnects_total") >= 1:
+                break
+    assert metric_value(body, "signal_slow_client_disconnects_total") == 1
+    # The close frame is stuck behind unread data: the socket goes after the
+    # transport's close timeout, and the disconnect is counted then.
+    deadline = time.monotonic() + 10
+    while metric_value(body, "signal_disconnects_total", code="3008") < 1:
+        assert time.monotonic() < deadline, "slow client never fully closed"
+        await asyncio.sleep(0.2)
+        _, body = await srv.aget("/metrics")
+    assert metric_value(body, "websocket_active_connections") == 2
+    assert "rpc" in await fast.call("rpc", {"method": "server.info"})
+    slow.ws.transport.abort()
+    await fast.close()
+    await publisher.close()
+
+
+# --- heartbeats --------------------------------------------------------------------------
+
+
+async def test_client_that_never_pongs_is_closed_with_3012(server_factory: Any) -> None:
+    srv = await server_factory(
+        {"SIGNAL_PING_INTERVAL_S": "1", "SIGNAL_PONG_TIMEOUT_S": "0.5"}, name="pong"
+    )
+    client = await Raw.open(srv)
+    await client.send({"connect": {"token": srv.token("alice")}})
+    frames = []
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            frames.append(await asyncio.wait_for(client.ws.recv(), TIMEOUT))
+    assert "{}" in frames  # it was pinged
+    assert info.value.rcvd is not None and info.value.rcvd.code == 3012
+
+
+async def test_client_that_pongs_stays(server_factory: Any) -> None:
+    srv = await server_factory(
+        {"SIGNAL_PING_INTERVAL_S": "1", "SIGNAL_PONG_TIMEOUT_S": "0.5"}, name="pong-ok"
+    )
+    client = await connected(srv, "alice")
+    deadline = time.monotonic() + 3.5
+    while time.monotonic() < deadline:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(client._fill(), 0.5)  # answers pings
+    assert "rpc" in await client.call("rpc", {"method": "server.info"})
+    await client.close()
+
+
+# --- operations: metrics, health, shutdown ----------------------------------------------------
+
+
+def metric_value(body: bytes, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def test_metrics_count_active_connections(srv: ServerProcess) -> None:
+    clients = [await connected(srv, f"user{i}") for i in range(5)]
+    _, body = await srv.aget("/metrics")
+    assert metric_value(body, "websocket_active_connections") == 5
+    assert metric_value(body, "signal_connection_attempts_total", result="ok") == 5
+    for c in clients[:3]:
+        await c.close()
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        _, body = await srv.aget("/metrics")
+        if metric_value(body, "websocket_active_connections") == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert metric_value(body, "websocket_active_connections") == 2
+    assert metric_value(body, "signal_commands_total", method="connect", result="ok") == 5
+    for c in clients[3:]:
+        await c.close()
+
+
+async def test_health_endpoints(srv: ServerProcess) -> None:
+    assert await srv.aget("/healthz") == (200, b"ok\n")
+    assert await srv.aget("/readyz") == (200, b"ready\n")
+    status, _ = await srv.aget("/nope")
+    assert status == 404
+
+
+async def test_graceful_shutdown_closes_with_3001_and_exits_0(server_factory: Any) -> None:
+    srv = await server_factory({"SIGNAL_DRAIN_S": "0.5"}, name="drain")
+    clients = [await connected(srv, f"u{i}") for i in range(20)]
+    srv.signal(15)
+    codes = await asyncio.gather(*(c.closed_with() for c in clients))
+    assert {code for code, _ in codes} == {3001}
+    assert await srv.await_exit(10) == 0
+    assert "draining 20 connections" in srv.log_text()

@@ -1,0 +1,376 @@
+"""Hub bookkeeping and fan-out with plain fake subscribers (no network)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import orjson
+import pytest
+
+from signaling.hub import SYNC_BUFFER_MAX, Hub
+from signaling.protocol import ClientInfo, Publication
+
+INFO = ClientInfo(user="42", client="c-joiner")
+
+
+class FakeSub:
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self.frames: list[bytes] = []
+        self.overflows: list[str] = []
+        self.on_deliver: Callable[[], object] | None = None
+        self.on_overflow: Callable[[], object] | None = None
+
+    def deliver(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        if self.on_deliver is not None:
+            self.on_deliver()
+
+    def sync_overflow(self, channel: str) -> None:
+        self.overflows.append(channel)
+        if self.on_overflow is not None:
+            self.on_overflow()
+
+
+class CountingEncoder:
+    """A frame encoder that wraps the payload and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[bytes] = []
+
+    def __call__(self, payload: bytes) -> bytes:
+        self.calls.append(payload)
+        return b"FRAME:" + payload
+
+
+def _payload(frame: bytes) -> object:
+    assert frame.startswith(b"FRAME:")
+    return orjson.loads(frame[len(b"FRAME:") :])
+
+
+def _pub(n: int, offset: int | None = None) -> Publication:
+    return Publication(data=orjson.dumps({"n": n}), offset=n if offset is None else offset)
+
+
+@pytest.fixture
+def encoder() -> CountingEncoder:
+    return CountingEncoder()
+
+
+@pytest.fixture
+def hub(encoder: CountingEncoder) -> Hub:
+    return Hub(encoder)
+
+
+def _live(hub: Hub, channel: str, client_id: str, *, join_leave: bool = False) -> FakeSub:
+    sub = FakeSub(client_id)
+    hub.add(channel, client_id, sub, join_leave=join_leave)
+    assert hub.go_live(channel, client_id) == []
+    return sub
+
+
+# --- bookkeeping ------------------------------------------------------------
+
+
+def test_first_and_last_subscriber_booleans(hub: Hub) -> None:
+    assert hub.add("room:1", "a", FakeSub(), join_leave=False) is True
+    assert hub.add("room:1", "b", FakeSub(), join_leave=False) is False
+    assert hub.add("room:2", "a", FakeSub(), join_leave=False) is True
+    assert hub.has_channel("room:1")
+    assert sorted(hub.channels()) == ["room:1", "room:2"]
+    assert hub.num_subscribers("room:1") == 2
+
+    hub.go_live("room:1", "a")  # one live, one syncing: both count
+    assert hub.num_subscribers("room:1") == 2
+
+    assert hub.remove("room:1", "a") is False
+    assert hub.num_subscribers("room:1") == 1
+    assert hub.remove("room:1", "b") is True
+    assert not hub.has_channel("room:1")
+    assert hub.num_subscribers("room:1") == 0
+    assert hub.channels() == ["room:2"]
+
+    # Removing again, or from an unknown channel, is not "last".
+    assert hub.remove("room:1", "b") is False
+    assert hub.remove("nope", "a") is False
+    # The channel is "first" again after it emptied.
+    assert hub.add("room:1", "c", FakeSub(), join_leave=False) is True
+
+
+def test_remove_unknown_client_keeps_channel(hub: Hub) -> None:
+    _live(hub, "room:1", "a")
+    assert hub.remove("room:1", "zzz") is False
+    assert hub.has_channel("room:1")
+
+
+def test_remove_syncing_subscriber_last(hub: Hub) -> None:
+    hub.add("room:1", "a", FakeSub(), join_leave=True)
+    assert hub.remove("room:1", "a") is True
+    assert not hub.has_channel("room:1")
+    assert hub.go_live("room:1", "a") == []
+
+
+def test_go_live_unknown_is_empty(hub: Hub) -> None:
+    assert hub.go_live("nope", "a") == []
+    _live(hub, "room:1", "a")
+    # Already live: nothing more to return, and it stays live.
+    assert hub.go_live("room:1", "a") == []
+    hub.on_publication("room:1", _pub(1), "ep")
+    assert hub.num_subscribers("room:1") == 1
+
+
+# --- fan-out ----------------------------------------------------------------
+
+
+def test_fan_out_encodes_once_and_shares_bytes(encoder: CountingEncoder) -> None:
+    delivered: list[int] = []
+    hub = Hub(encoder, on_delivered=delivered.append)
+    subs = [_live(hub, "room:1", f"c{i}") for i in range(100)]
+
+    hub.on_publication("room:1", _pub(1), "ep")
+
+    assert len(encoder.calls) == 1
+    first = subs[0].frames[0]
+    assert all(len(s.frames) == 1 for s in subs)
+    assert all(s.frames[0] is first for s in subs)
+    assert _payload(first) == {
+        "push": {"channel": "room:1", "pub": {"data": {"n": 1}, "offset": 1}}
+    }
+    assert delivered == [100]
+
+
+def test_publication_to_other_channel_or_unknown_channel(
+    hub: Hub, encoder: CountingEncoder
+) -> None:
+    a = _live(hub, "room:1", "a")
+    b = _live(hub, "room:2", "b")
+    hub.on_publication("room:2", _pub(1), "ep")
+    hub.on_publication("room:unknown", _pub(1), "ep")
+    assert a.frames == []
+    assert len(b.frames) == 1
+    assert len(encoder.calls) == 1
+
+
+def test_no_encoding_without_live_subscribers(hub: Hub, encoder: CountingEncoder) -> None:
+    hub.add("room:1", "a", FakeSub(), join_leave=False)  # syncing only
+    hub.on_publication("room:1", _pub(1), "ep")
+    assert encoder.calls == []
+
+
+def test_removed_subscriber_gets_nothing(hub: Hub) -> None:
+    a = _live(hub, "room:1", "a")
+    b = _live(hub, "room:1", "b")
+    hub.on_publication("room:1", _pub(1), "ep")
+    hub.remove("room:1", "a")
+    hub.on_publication("room:1", _pub(2), "ep")
+    assert len(a.frames) == 1
+    assert [_payload(f)["push"]["pub"]["offset"] for f in b.frames] == [1, 2]  # type: ignore[index]
+
+
+def test_syncing_subscriber_gets_buffer_not_live(hub: Hub) -> None:
+    live = _live(hub, "room:1", "live")
+    syncing = FakeSub()
+    hub.add("room:1", "s", syncing, join_leave=False)
+
+    pubs = [_pub(i) for i in range(1, 6)]
+    for p in pubs:
+        hub.on_publication("room:1", p, "ep")
+
+    assert syncing.frames == []
+    assert len(live.frames) == 5
+    buffered = hub.go_live("room:1", "s")
+    assert buffered == pubs
+    assert all(b is p for b, p in zip(buffered, pubs, strict=True))
+
+    # Live from now on, and the buffer is not returned twice.
+    hub.on_publication("room:1", _pub(6), "ep")
+    assert len(syncing.frames) == 1
+    assert _payload(syncing.frames[0])["push"]["pub"]["offset"] == 6  # type: ignore[index]
+    assert hub.go_live("room:1", "s") == []
+
+
+def test_each_syncing_subscriber_has_its_own_buffer(hub: Hub) -> None:
+    hub.add("room:1", "s1", FakeSub(), join_leave=False)
+    hub.on_publication("room:1", _pub(1), "ep")
+    hub.add("room:1", "s2", FakeSub(), join_leave=False)
+    hub.on_publication("room:1", _pub(2), "ep")
+    assert [p.offset for p in hub.go_live("room:1", "s2")] == [2]
+    assert [p.offset for p in hub.go_live("room:1", "s1")] == [1, 2]
+
+
+def test_sync_buffer_overflow_calls_sync_overflow(hub: Hub) -> None:
+    sub = FakeSub()
+    hub.add("room:1", "s", sub, join_leave=False)
+    for i in range(1, SYNC_BUFFER_MAX + 1):
+        hub.on_publication("room:1", _pub(i), "ep")
+    assert sub.overflows == []
+    hub.on_publication("room:1", _pub(SYNC_BUFFER_MAX + 1), "ep")
+    assert sub.overflows == ["room:1"]
+    # The buffer stays bounded.
+    assert len(hub.go_live("room:1", "s")) == SYNC_BUFFER_MAX
+
+
+def test_sync_overflow_that_removes_the_subscriber_is_safe(hub: Hub) -> None:
+    # A connection told it is hopelessly behind closes itself; if that
+    # unsubscribes it from the hub synchronously, the fan-out must go on.
+    live = _live(hub, "room:1", "live")
+    subs = []
+    for name in ("s1", "s2", "s3"):
+        sub = FakeSub(name)
+        hub.add("room:1", name, sub, join_leave=False)
+        subs.append(sub)
+    subs[0].on_overflow = lambda: hub.remove("room:1", "s1")
+    for i in range(1, SYNC_BUFFER_MAX + 1):
+        hub.on_publication("room:1", _pub(i), "ep")
+
+    hub.on_publication("room:1", _pub(SYNC_BUFFER_MAX + 1), "ep")
+
+    assert subs[0].overflows == ["room:1"]
+    assert subs[1].overflows == ["room:1"]
+    assert subs[2].overflows == ["room:1"]
+    assert len(live.frames) == SYNC_BUFFER_MAX + 1
+    assert hub.num_subscribers("room:1") == 3
+
+
+def test_deliver_removing_another_subscriber_does_not_break_fan_out(hub: Hub) -> None:
+    subs = [_live(hub, "room:1", f"c{i}") for i in range(10)]
+    # c2's delivery closes c5 and c7 (slow clients), mid-iteration.
+    subs[2].on_deliver = lambda: (hub.remove("room:1", "c5"), hub.remove("room:1", "c7"))
+
+    hub.on_publication("room:1", _pub(1), "ep")
+
+    for i, sub in enumerate(subs):
+        if i not in (5, 7):
+            assert len(sub.frames) == 1, i
+    assert hub.num_subscribers("room:1") == 8
+
+    subs[2].on_deliver = None
+    hub.on_publication("room:1", _pub(2), "ep")
+    assert len(subs[5].frames) <= 1
+    assert len(subs[7].frames) <= 1
+    for i, sub in enumerate(subs):
+        if i not in (5, 7):
+            assert len(sub.frames) == 2, i
+
+
+def test_deliver_removing_itself_does_not_break_fan_out(hub: Hub) -> None:
+    subs = [_live(hub, "room:1", f"c{i}") for i in range(5)]
+    subs[0].on_deliver = lambda: hub.remove("room:1", "c0")
+    hub.on_publication("room:1", _pub(1), "ep")
+    assert all(len(s.frames) == 1 for s in subs)
+    hub.on_publication("room:1", _pub(2), "ep")
+    assert len(subs[0].frames) == 1
+    assert all(len(s.frames) == 2 for s in subs[1:])
+
+
+def test_subscriber_added_after_snapshot_receives_next_publication(hub: Hub) -> None:
+    a = _live(hub, "room:1", "a")
+    hub.on_publication("room:1", _pub(1), "ep")
+    b = _live(hub, "room:1", "b")
+    hub.on_publication("room:1", _pub(2), "ep")
+    assert len(a.frames) == 2
+    assert len(b.frames) == 1
+
+
+# --- join / leave -----------------------------------------------------------
+
+
+def test_join_leave_only_to_live_join_leave_subscribers(
+    encoder: CountingEncoder,
+) -> None:
+    delivered: list[int] = []
+    hub = Hub(encoder, on_delivered=delivered.append)
+    jl1 = _live(hub, "room:1", "jl1", join_leave=True)
+    jl2 = _live(hub, "room:1", "jl2", join_leave=True)
+    plain = _live(hub, "room:1", "plain", join_leave=False)
+    syncing = FakeSub()
+    hub.add("room:1", "syncing", syncing, join_leave=True)
+
+    hub.on_join("room:1", INFO)
+    hub.on_leave("room:1", INFO)
+
+    assert plain.frames == []
+    assert syncing.frames == []
+    assert len(encoder.calls) == 2
+    for sub in (jl1, jl2):
+        assert [_payload(f) for f in sub.frames] == [
+            {"push": {"channel": "room:1", "join": {"info": {"user": "42", "client": "c-joiner"}}}},
+            {
+                "push": {
+                    "channel": "room:1",
+                    "leave": {"info": {"user": "42", "client": "c-joiner"}},
+                }
+            },
+        ]
+    assert jl1.frames[0] is jl2.frames[0]
+    assert delivered == [2, 2]
+
+    # Once live, the syncing subscriber that asked for join/leave gets them.
+    hub.go_live("room:1", "syncing")
+    hub.on_join("room:1", INFO)
+    assert len(syncing.frames) == 1
+    assert plain.frames == []
+
+
+def test_join_leave_stop_after_remove_and_unknown_channel(
+    hub: Hub, encoder: CountingEncoder
+) -> None:
+    jl = _live(hub, "room:1", "jl", join_leave=True)
+    _live(hub, "room:1", "other")
+    hub.remove("room:1", "jl")
+    hub.on_join("room:1", INFO)
+    hub.on_leave("room:unknown", INFO)
+    assert jl.frames == []
+    assert encoder.calls == []
+
+
+def test_removed_while_syncing_does_not_get_join_leave_later(hub: Hub) -> None:
+    _live(hub, "room:1", "keep")
+    sub = FakeSub()
+    hub.add("room:1", "s", sub, join_leave=True)
+    hub.remove("room:1", "s")
+    assert hub.go_live("room:1", "s") == []
+    hub.on_join("room:1", INFO)
+    assert sub.frames == []
+
+
+# --- counters and positions -------------------------------------------------
+
+
+def test_on_delivered_counts_recipients(encoder: CountingEncoder) -> None:
+    delivered: list[int] = []
+    hub = Hub(encoder, on_delivered=delivered.append)
+    for i in range(3):
+        _live(hub, "room:1", f"a{i}")
+    _live(hub, "room:2", "b")
+    hub.add("room:2", "syncing", FakeSub(), join_leave=False)
+
+    hub.on_publication("room:1", _pub(1), "ep")
+    hub.on_publication("room:2", _pub(1), "ep")
+    hub.remove("room:1", "a0")
+    hub.on_publication("room:1", _pub(2), "ep")
+    assert delivered == [3, 1, 2]
+
+
+def test_position_tracking(hub: Hub) -> None:
+    assert hub.position("room:1") is None
+    hub.add("room:1", "s", FakeSub(), join_leave=False)  # syncing counts as local
+    assert hub.position("room:1") == (0, "")
+
+    hub.on_publication("room:1", _pub(1), "ep1")
+    assert hub.position("room:1") == (1, "ep1")
+    hub.on_publication("room:1", _pub(2), "ep1")
+    assert hub.position("room:1") == (2, "ep1")
+    # Publications without offset (no history) leave the position alone.
+    hub.on_publication("room:1", _pub(99, offset=0), "")
+    assert hub.position("room:1") == (2, "ep1")
+    # A new epoch is followed.
+    hub.on_publication("room:1", _pub(1), "ep2")
+    assert hub.position("room:1") == (1, "ep2")
+
+    # Publications for channels without local subscribers are not tracked.
+    hub.on_publication("room:2", _pub(5), "x")
+    assert hub.position("room:2") is None
+
+    hub.remove("room:1", "s")
+    assert hub.position("room:1") is None
