@@ -44,7 +44,8 @@ def _valid_id(value: str) -> bool:
 
 def _dm_members(channel: str) -> tuple[str, str] | None:
     members = channel[len("dm:#") :].split(",")
-    if len(members) != 2 or not all(_valid_id(m) for m in members) or members[0] == members[1]:
+    # One conversation, one channel: members must be in sorted order.
+    if len(members) != 2 or not all(_valid_id(m) for m in members) or members[0] >= members[1]:
         return None
     return members[0], members[1]
 

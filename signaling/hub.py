@@ -146,7 +146,8 @@ class Hub:
         if pub.offset:
             ch.last_offset = pub.offset
             ch.epoch = epoch
-        for client_id, buffered in ch.syncing.items():
+        # A copy: an overflowing subscriber may be removed right away.
+        for client_id, buffered in list(ch.syncing.items()):
             if len(buffered) >= SYNC_BUFFER_MAX:
                 ch.syncing_subs[client_id].sync_overflow(channel)
             else:

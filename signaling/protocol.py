@@ -385,7 +385,12 @@ def _parse_publish(body: JSONObject) -> PublishRequest:
     data = body.get("data")
     if "data" not in body:
         raise ProtocolError("data required")
-    return PublishRequest(_channel(body), data, orjson.dumps(data))
+    try:
+        raw = orjson.dumps(data)
+    except orjson.JSONEncodeError as exc:
+        # orjson reads deeper nesting (1024) than it writes (254).
+        raise ProtocolError("data nested too deeply") from exc
+    return PublishRequest(_channel(body), data, raw)
 
 
 def _parse_history(body: JSONObject) -> HistoryRequest:
@@ -639,4 +644,6 @@ def encode_unsubscribe_push(channel: str, code: int, reason: str) -> bytes:
 
 def join_messages(messages: Sequence[bytes]) -> bytes:
     """Several replies or pushes in one frame, newline-delimited."""
-    return messages[0] if len(messages) == 1 else b"\n".join(messages)
+    if len(messages) == 1:
+        return messages[0]
+    return b"\n".join(messages)

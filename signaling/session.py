@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -442,7 +443,8 @@ class ClientSession:
         result = ConnectResult(
             client=self.client_id,
             version=SERVER_VERSION,
-            ping_s=max(1, int(settings.ping_interval_s)),
+            # The heartbeat pings on whole-second ticks: advertise the ceiling.
+            ping_s=max(1, math.ceil(settings.ping_interval_s)),
             pong=True,
             expires=expires,
             ttl_s=ttl,

@@ -99,6 +99,8 @@ class MemoryBroker:
     ) -> StreamPosition:
         handler = self._require_handler()
         if not history.enabled:
+            if pub.offset:
+                pub = Publication(pub.data, pub.info, 0, pub.tags, pub.time_ms)
             handler.on_publication(channel, pub, "")
             return StreamPosition(0, "")
         now = self._clock()
