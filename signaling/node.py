@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from signaling.auth import Credentials, TokenVerifier
-from signaling.broker.base import Broker, PresenceStore
+from signaling.broker.base import Broker, BrokerUnavailable, PresenceStore
 from signaling.channels import ChannelOptions, ChannelPolicy
 from signaling.config import Settings
 from signaling.errors import ERROR_UNKNOWN_CHANNEL, Disconnect, SignalError
@@ -27,6 +27,8 @@ from signaling.heartbeat import Heartbeat
 from signaling.hub import Hub, Subscriber
 from signaling.metrics import Metrics
 from signaling.protocol import ClientInfo, Publication, StreamPosition
+from signaling.state.base import StateStore
+from signaling.users import UserPresence
 from signaling.values import JSON
 
 if TYPE_CHECKING:
@@ -70,6 +72,7 @@ class Node:
         settings: Settings,
         broker: Broker,
         presence: PresenceStore,
+        store: StateStore,
         policy: ChannelPolicy,
         verifier: TokenVerifier,
         metrics: Metrics,
@@ -77,12 +80,15 @@ class Node:
         name: str | None = None,
     ) -> None:
         self.settings = settings
+        self.name = name or uuid.uuid4().hex[:12]
         self.broker = broker
         self.presence = presence
+        # Shared domain state (calls, moderation...) and users' online state.
+        self.store = store
+        self.user_presence = UserPresence(store, self.name)
         self.policy = policy
         self.verifier = verifier
         self.metrics = metrics
-        self.name = name or uuid.uuid4().hex[:12]
         self.hub = Hub(frame_encoder, on_delivered=metrics.deliveries.inc)
         self.heartbeat = Heartbeat(settings.ping_interval_s, settings.pong_timeout_s)
         self.rpc_handlers: dict[str, RpcHandler] = {}
@@ -103,6 +109,16 @@ class Node:
     async def start(self) -> None:
         await self.broker.start()
         self.heartbeat.start()
+        self.spawn(self._refresh_user_presence(), "user-presence-refresh")
+
+    async def _refresh_user_presence(self) -> None:
+        interval = self.user_presence.ttl_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.user_presence.refresh(list(self._users))
+            except BrokerUnavailable as exc:
+                log.warning("refreshing user presence failed: %s", exc)
 
     async def close(self) -> None:
         self.heartbeat.stop()
@@ -195,6 +211,8 @@ class Node:
     def session_connected(self, session: ClientSession, user: str) -> None:
         sessions = self._users.setdefault(user, set())
         sessions.add(session)
+        if len(sessions) == 1:
+            self.spawn(self.user_presence.went_online(user), "user-online")
         self._fire(self.on_connect, ConnectionEvent(user, session.client_id, len(sessions)))
 
     def session_closed(self, session: ClientSession, user: str) -> None:
@@ -204,6 +222,7 @@ class Node:
         sessions.discard(session)
         if not sessions:
             del self._users[user]
+            self.spawn(self.user_presence.went_offline(user), "user-offline")
         self._fire(self.on_disconnect, ConnectionEvent(user, session.client_id, len(sessions)))
 
     def disconnect_user(self, user: str, disconnect: Disconnect) -> int:

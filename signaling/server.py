@@ -27,6 +27,7 @@ from signaling.errors import DISCONNECT_SHUTDOWN
 from signaling.metrics import CONTENT_TYPE, Metrics, watch_loop_lag
 from signaling.node import Node
 from signaling.session import ClientSession
+from signaling.state.memory import MemoryStateStore
 from signaling.transport import (
     ConnectionHandler,
     HttpResponse,
@@ -91,11 +92,14 @@ def load_app(module_name: str) -> ModuleType:
 
 def build_node(settings: Settings, app_module: ModuleType, metrics: Metrics) -> Node:
     broker = MemoryBroker()
+    store = MemoryStateStore()
+    broker.on_sweep(store.sweep)
     policy: ChannelPolicy = app_module.channel_policy(settings)
     node = Node(
         settings,
         broker=broker,
         presence=broker,
+        store=store,
         policy=policy,
         verifier=TokenVerifier(settings),
         metrics=metrics,

@@ -54,6 +54,7 @@ class MemoryBroker:
         self._streams: dict[str, _Stream] = {}
         self._presence: dict[str, dict[str, ClientInfo]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._sweep_hooks: list[Callable[[], None]] = []
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -76,8 +77,14 @@ class MemoryBroker:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self.sweep()
 
+    def on_sweep(self, hook: Callable[[], None]) -> None:
+        """Also run ``hook`` on every periodic sweep (the state store's)."""
+        self._sweep_hooks.append(hook)
+
     def sweep(self) -> None:
         """Drop expired publications and streams idle past their TTL."""
+        for hook in self._sweep_hooks:
+            hook()
         now = self._clock()
         for channel in [c for c, s in self._streams.items() if s.expires_at <= now]:
             del self._streams[channel]

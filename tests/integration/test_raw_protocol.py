@@ -12,10 +12,9 @@ from typing import Any
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.processes import ServerProcess
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
-
-from support.processes import ServerProcess
 
 TIMEOUT = 5.0
 

@@ -1,0 +1,89 @@
+"""The state-store interface: a few atomic primitives over keys.
+
+Handlers keep shared state through it (call state machines, busy flags,
+bans, rate windows, scheduled timers) and it is implemented twice: in memory
+(:mod:`signaling.state.memory`, one process) and on Redis
+(:mod:`signaling.state.redis`, every instance). Every method is atomic on its
+own and touches **one key**, so the Redis implementation also works on a
+Redis Cluster; handlers compose multi-key work from single-key claims and
+undo on failure.
+
+Values are strings; hashes map strings to strings. ``ttl_s`` None means the
+key never expires; a positive value (re)sets its expiry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Protocol
+
+__all__ = ["StateStore"]
+
+
+class StateStore(Protocol):
+    # --- strings ------------------------------------------------------------
+
+    async def get(self, key: str) -> str | None: ...
+
+    async def set(self, key: str, value: str, ttl_s: float | None = None) -> None: ...
+
+    async def set_if_absent(self, key: str, value: str, ttl_s: float | None = None) -> bool:
+        """Set only if ``key`` does not exist; True if it was set (a claim)."""
+
+    async def delete(self, key: str) -> bool:
+        """True if the key existed."""
+
+    async def delete_if_equals(self, key: str, value: str) -> bool:
+        """Delete ``key`` only while it still holds ``value`` (release a claim
+        without releasing someone else's)."""
+
+    async def incr(self, key: str, ttl_s: float) -> int:
+        """Increment a counter; its expiry is set when it is created, so
+        ``incr`` counts events in a fixed window of ``ttl_s``."""
+
+    # --- hashes -----------------------------------------------------------------
+
+    async def hgetall(self, key: str) -> dict[str, str]:
+        """The hash, or {} if the key does not exist."""
+
+    async def hset(
+        self, key: str, values: Mapping[str, str], ttl_s: float | None = None
+    ) -> None: ...
+
+    async def hcas(
+        self,
+        key: str,
+        field: str,
+        expected: Collection[str],
+        values: Mapping[str, str],
+        ttl_s: float | None = None,
+    ) -> dict[str, str] | None:
+        """Compare and set: if the hash exists and ``field`` holds one of
+        ``expected``, set ``values`` and return the whole updated hash;
+        otherwise change nothing and return None. Exactly one of two racing
+        transitions from the same state wins."""
+
+    # --- sorted sets (timers, membership) --------------------------------------
+
+    async def zadd(
+        self, key: str, member: str, score: float, ttl_s: float | None = None
+    ) -> None: ...
+
+    async def zrem(self, key: str, member: str) -> bool: ...
+
+    async def zrange_by_score(
+        self, key: str, min_score: float, max_score: float, limit: int = 100
+    ) -> list[tuple[str, float]]:
+        """Members with min_score <= score <= max_score, lowest first."""
+
+    async def zpop_due(
+        self, key: str, max_score: float, limit: int = 100
+    ) -> list[tuple[str, float]]:
+        """Remove and return members with score <= max_score, lowest first:
+        an atomic claim, so each due timer is taken by one instance only."""
+
+    # --- event log ---------------------------------------------------------------
+
+    async def xadd(self, stream: str, fields: Mapping[str, str], maxlen: int) -> str:
+        """Append an entry to a stream (approximately bounded to ``maxlen``);
+        returns its id. Consumers read the stream with their own client."""

@@ -1,0 +1,73 @@
+"""Which users are online, across every instance.
+
+Each node records, per user with a connection on it, a member of the sorted
+set ``online:{<user>}`` whose score is when that record expires (wall clock,
+unix seconds). Nodes refresh their members periodically; a member of a node
+that died simply ages out. A user is online while any member is unexpired.
+When a user's last connection on a node closes, the node removes its member
+and stamps ``seen:{<user>}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from signaling.state.base import StateStore
+
+__all__ = ["UserPresence", "UserStatus"]
+
+log = logging.getLogger("signaling.users")
+
+
+def online_key(user: str) -> str:
+    # Hash tag: one user's keys share a Redis Cluster slot.
+    return f"online:{{{user}}}"
+
+
+def seen_key(user: str) -> str:
+    return f"seen:{{{user}}}"
+
+
+@dataclass(frozen=True, slots=True)
+class UserStatus:
+    online: bool
+    # Unix seconds the user was last seen going offline (None: unknown).
+    last_seen: float | None
+
+
+class UserPresence:
+    def __init__(self, store: StateStore, node_name: str, ttl_s: float = 30.0) -> None:
+        self._store = store
+        self._node = node_name
+        self.ttl_s = ttl_s
+
+    async def went_online(self, user: str) -> None:
+        await self._store.zadd(online_key(user), self._node, time.time() + self.ttl_s, self.ttl_s)
+
+    async def went_offline(self, user: str) -> None:
+        await self._store.zrem(online_key(user), self._node)
+        await self._store.set(seen_key(user), f"{time.time():.3f}", 30 * 86400)
+
+    async def refresh(self, users: list[str]) -> None:
+        """Extend this node's records of ``users`` (call every ttl/3)."""
+        expires = time.time() + self.ttl_s
+        # Bounded concurrency: the Redis store pipelines these per loop turn.
+        for start in range(0, len(users), 500):
+            batch = users[start : start + 500]
+            await asyncio.gather(
+                *(self._store.zadd(online_key(u), self._node, expires, self.ttl_s) for u in batch)
+            )
+
+    async def status(self, user: str) -> UserStatus:
+        now = time.time()
+        live = await self._store.zrange_by_score(online_key(user), now, float("inf"), limit=1)
+        if live:
+            return UserStatus(True, None)
+        seen = await self._store.get(seen_key(user))
+        return UserStatus(False, float(seen) if seen else None)
+
+    async def is_online(self, user: str) -> bool:
+        return (await self.status(user)).online
