@@ -73,9 +73,11 @@ class Hub:
         self,
         frame_encoder: Callable[[bytes], bytes],
         on_delivered: Callable[[int], None] | None = None,
+        on_control: Callable[[bytes], None] | None = None,
     ) -> None:
         self._encode_frame = frame_encoder
         self._on_delivered = on_delivered
+        self._on_control = on_control
         self._channels: dict[str, _Channel] = {}
 
     # --- bookkeeping -------------------------------------------------------
@@ -167,6 +169,10 @@ class Hub:
         ch = self._channels.get(channel)
         if ch is not None and ch.join_leave:
             self._broadcast(tuple(ch.join_leave.values()), encode_leave_push(channel, info))
+
+    def on_control(self, message: bytes) -> None:
+        if self._on_control is not None:
+            self._on_control(message)
 
     def _broadcast(self, subs: tuple[Subscriber, ...], payload: bytes) -> None:
         frame = self._encode_frame(payload)

@@ -18,8 +18,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import orjson
+
 from signaling.auth import Credentials, TokenVerifier
-from signaling.broker.base import Broker, BrokerUnavailable, PresenceStore
+from signaling.broker.base import Broker, BrokerUnavailable, HistoryOptions, PresenceStore
 from signaling.channels import ChannelOptions, ChannelPolicy
 from signaling.config import Settings
 from signaling.errors import ERROR_UNKNOWN_CHANNEL, Disconnect, SignalError
@@ -29,12 +31,22 @@ from signaling.metrics import Metrics
 from signaling.protocol import ClientInfo, Publication, StreamPosition
 from signaling.state.base import StateStore
 from signaling.users import UserPresence
-from signaling.values import JSON
+from signaling.values import JSON, JSONObject
 
 if TYPE_CHECKING:
     from signaling.session import ClientSession
 
-__all__ = ["ConnectionEvent", "Node", "RpcContext", "RpcHandler"]
+__all__ = [
+    "ConnectionEvent",
+    "Node",
+    "PublishContext",
+    "PublishDecision",
+    "PublishHook",
+    "RpcContext",
+    "RpcHandler",
+    "SubscribeContext",
+    "SubscribeHook",
+]
 
 log = logging.getLogger("signaling.node")
 
@@ -66,6 +78,52 @@ class ConnectionEvent:
 ConnectionHook = Callable[[ConnectionEvent], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class PublishContext:
+    """A client's publication, before the broker sees it."""
+
+    user: str
+    client: str
+    info: ClientInfo
+    channel: str
+    data: JSON
+    raw: bytes
+    options: ChannelOptions
+
+
+@dataclass(frozen=True, slots=True)
+class PublishDecision:
+    """What a publish hook decides (None from a hook: carry on unchanged)."""
+
+    # Acknowledge without publishing (e.g. a retried message already sent).
+    skip: bool = False
+    # Publish this raw JSON instead of the client's (e.g. normalized).
+    raw: bytes | None = None
+    # False: deliver live only, never kept in history (e.g. typing).
+    history: bool = True
+    tags: dict[str, str] | None = None
+
+
+# Raise SignalError to refuse; return a decision to alter or skip.
+PublishHook = Callable[[PublishContext], Awaitable[PublishDecision | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeContext:
+    user: str
+    client: str
+    channel: str
+    options: ChannelOptions
+
+
+# Raise SignalError to refuse the subscription.
+SubscribeHook = Callable[[SubscribeContext], Awaitable[None]]
+
+# Control messages between nodes (broker.publish_control).
+_CONTROL_UNSUBSCRIBE = "unsubscribe"
+_CONTROL_DISCONNECT = "disconnect"
+
+
 class Node:
     def __init__(
         self,
@@ -89,9 +147,13 @@ class Node:
         self.policy = policy
         self.verifier = verifier
         self.metrics = metrics
-        self.hub = Hub(frame_encoder, on_delivered=metrics.deliveries.inc)
+        self.hub = Hub(
+            frame_encoder, on_delivered=metrics.deliveries.inc, on_control=self._on_control
+        )
         self.heartbeat = Heartbeat(settings.ping_interval_s, settings.pong_timeout_s)
         self.rpc_handlers: dict[str, RpcHandler] = {}
+        self.publish_hooks: list[PublishHook] = []
+        self.subscribe_hooks: list[SubscribeHook] = []
         self.on_connect: list[ConnectionHook] = []
         self.on_disconnect: list[ConnectionHook] = []
         self.draining = False
@@ -191,12 +253,15 @@ class Node:
         *,
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
+        history: bool = True,
     ) -> StreamPosition:
         """Publish raw JSON ``data`` to ``channel`` on every instance; returns
-        once the broker accepted it. Raises BrokerUnavailable."""
+        once the broker accepted it. ``history=False`` delivers live only
+        (no offset). Raises BrokerUnavailable."""
         options = self.channel_options(channel)
         pub = Publication(data, info, 0, tags, int(time.time() * 1000))
-        position = await self.broker.publish(channel, pub, options.history)
+        kept = options.history if history else HistoryOptions()
+        position = await self.broker.publish(channel, pub, kept)
         self.metrics.publications.inc()
         return position
 
@@ -231,6 +296,35 @@ class Node:
         for session in sessions:
             session.disconnect(disconnect)
         return len(sessions)
+
+    async def disconnect_user_everywhere(self, user: str, disconnect: Disconnect) -> None:
+        """Close every connection of ``user`` on every node."""
+        message: JSONObject = {"op": _CONTROL_DISCONNECT, "user": user}
+        message |= {"code": disconnect.code, "reason": disconnect.reason}
+        await self.broker.publish_control(orjson.dumps(message))
+
+    async def unsubscribe_user_everywhere(
+        self, user: str, channel: str, code: int, reason: str
+    ) -> None:
+        """End ``user``'s subscriptions to ``channel`` on every node, with the
+        protocol's unsubscribe push (code < 2500: the client stays out)."""
+        message: JSONObject = {"op": _CONTROL_UNSUBSCRIBE, "user": user, "channel": channel}
+        message |= {"code": code, "reason": reason}
+        await self.broker.publish_control(orjson.dumps(message))
+
+    def _on_control(self, raw: bytes) -> None:
+        try:
+            message = orjson.loads(raw)
+            op, user = message["op"], message["user"]
+            code, reason = int(message["code"]), str(message["reason"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("ignored a malformed control message")
+            return
+        if op == _CONTROL_DISCONNECT:
+            self.disconnect_user(user, Disconnect(code, reason))
+        elif op == _CONTROL_UNSUBSCRIBE:
+            for session in self.user_sessions(user):
+                session.server_unsubscribe(str(message.get("channel", "")), code, reason)
 
     # --- background work ----------------------------------------------------------
 

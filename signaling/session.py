@@ -50,7 +50,7 @@ from signaling.errors import (
     SignalError,
 )
 from signaling.logs import Throttle
-from signaling.node import Node, RpcContext
+from signaling.node import Node, PublishContext, RpcContext, SubscribeContext
 from signaling.protocol import (
     PING_FRAME,
     ClientInfo,
@@ -488,6 +488,10 @@ class ClientSession:
             expires_at = await self._check_sub_token(req.token, user, channel)
         elif options.token_required or not node.policy.can_subscribe(user, channel):
             raise SignalError(ERROR_PERMISSION_DENIED)
+        if node.subscribe_hooks:
+            ctx = SubscribeContext(user, self.client_id, channel, options)
+            for hook in node.subscribe_hooks:
+                await hook(ctx)
         result = await self._start_subscription(channel, req, expires_at)
         self._send(encode_reply(cmd_id, "subscribe", result))
         self._go_live(channel, result)
@@ -644,7 +648,27 @@ class ClientSession:
         if len(req.raw_data) > node.settings.max_publication_bytes:
             node.metrics.limit_refusals.labels("publication_size").inc()
             raise SignalError(ERROR_LIMIT_EXCEEDED)
-        await node.publish(req.channel, req.raw_data, info=identity.info)
+        raw, history, tags = req.raw_data, True, None
+        if node.publish_hooks:
+            ctx = PublishContext(
+                identity.credentials.user,
+                self.client_id,
+                identity.info,
+                req.channel,
+                req.data,
+                req.raw_data,
+                options,
+            )
+            for hook in node.publish_hooks:
+                decision = await hook(ctx)
+                if decision is None:
+                    continue
+                if decision.skip:
+                    return
+                raw = decision.raw if decision.raw is not None else raw
+                history = history and decision.history
+                tags = decision.tags or tags
+        await node.publish(req.channel, raw, info=identity.info, tags=tags, history=history)
 
     def _check_read(self, channel: str) -> ChannelOptions:
         """Presence and history are for those who may subscribe."""

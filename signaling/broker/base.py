@@ -74,6 +74,9 @@ class BrokerHandler(Protocol):
 
     def on_leave(self, channel: str, info: ClientInfo) -> None: ...
 
+    def on_control(self, message: bytes) -> None:
+        """A node-to-node message (e.g. "unsubscribe user U from C")."""
+
 
 class Broker(Protocol):
     def bind(self, handler: BrokerHandler) -> None:
@@ -101,6 +104,9 @@ class Broker(Protocol):
     async def publish_join(self, channel: str, info: ClientInfo) -> None: ...
 
     async def publish_leave(self, channel: str, info: ClientInfo) -> None: ...
+
+    async def publish_control(self, message: bytes) -> None:
+        """Deliver ``message`` to every node's handler, this one included."""
 
     async def history(
         self,

@@ -127,6 +127,9 @@ class MemoryBroker:
     async def publish_leave(self, channel: str, info: ClientInfo) -> None:
         self._require_handler().on_leave(channel, info)
 
+    async def publish_control(self, message: bytes) -> None:
+        self._require_handler().on_control(message)
+
     # --- history -----------------------------------------------------------
 
     async def history(
