@@ -184,6 +184,25 @@ class Settings:
     history_ttl_s: float = 86400.0  # channel history lifetime, seconds > 0; default 1 day
     presence_ttl_s: float = 60.0  # presence entry lifetime without refresh, seconds; default 60
 
+    # --- calls (handlers/calls) ----------------------------------------------------
+    call_ring_timeout_s: float = 30.0  # unanswered invite -> missed, seconds > 0; default 30
+    call_max_duration_s: float = 14400.0  # accepted call is ended after, seconds; default 4 h
+    # Warnings before the maximum duration, seconds before it; default 600,300,60.
+    call_warnings_s: tuple[float, ...] = (600.0, 300.0, 60.0)
+    call_tick_s: float = 60.0  # billing tick period of an accepted call, seconds; default 60
+    call_grace_s: float = 20.0  # participant offline this long ends the call, s; default 20
+    call_invites_per_minute: int = 3  # call.invite per caller per minute, >= 1; default 3
+    agora_token_ttl_s: float = 3600.0  # Agora RTC token lifetime, seconds 60-86400; default 1 h
+    call_events_stream: str = "signal:call-events"  # billing stream key; default as shown
+    call_events_maxlen: int = 1000000  # entries kept in the billing stream (approx); def 1e6
+
+    # --- chat and presence (handlers/chat, handlers/presence) ------------------------
+    chat_max_text: int = 2000  # characters in a chat message's text, >= 1; default 2000
+    chat_dedupe_window_s: float = 600.0  # client_msg_id remembered, seconds > 0; default 10 min
+    typing_per_second: float = 2.0  # typing events per user per second, > 0; default 2
+    viewer_count_interval_s: float = 5.0  # live-room viewer count period, seconds; default 5
+    offline_grace_s: float = 10.0  # last connection closed -> offline after, seconds; def 10
+
     # --- lifecycle and logging -----------------------------------------------------
     drain_s: float = 5.0  # graceful-shutdown drain window, seconds 0-300; default 5
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR (stored upper case); default INFO
@@ -228,6 +247,20 @@ ENV_NAMES: dict[str, str] = {
     "history_size": "SIGNAL_HISTORY_SIZE",
     "history_ttl_s": "SIGNAL_HISTORY_TTL_S",
     "presence_ttl_s": "SIGNAL_PRESENCE_TTL_S",
+    "call_ring_timeout_s": "SIGNAL_CALL_RING_TIMEOUT_S",
+    "call_max_duration_s": "SIGNAL_CALL_MAX_DURATION_S",
+    "call_warnings_s": "SIGNAL_CALL_WARNINGS_S",
+    "call_tick_s": "SIGNAL_CALL_TICK_S",
+    "call_grace_s": "SIGNAL_CALL_GRACE_S",
+    "call_invites_per_minute": "SIGNAL_CALL_INVITES_PER_MINUTE",
+    "agora_token_ttl_s": "SIGNAL_AGORA_TOKEN_TTL_S",
+    "call_events_stream": "SIGNAL_CALL_EVENTS_STREAM",
+    "call_events_maxlen": "SIGNAL_CALL_EVENTS_MAXLEN",
+    "chat_max_text": "SIGNAL_CHAT_MAX_TEXT",
+    "chat_dedupe_window_s": "SIGNAL_CHAT_DEDUPE_WINDOW_S",
+    "typing_per_second": "SIGNAL_TYPING_PER_SECOND",
+    "viewer_count_interval_s": "SIGNAL_VIEWER_COUNT_INTERVAL_S",
+    "offline_grace_s": "SIGNAL_OFFLINE_GRACE_S",
     "drain_s": "SIGNAL_DRAIN_S",
     "log_level": "SIGNAL_LOG_LEVEL",
     "log_json": "SIGNAL_LOG_JSON",
@@ -246,11 +279,15 @@ _INT_FIELDS = frozenset(
         "max_publication_bytes",
         "max_subscriptions_per_connection",
         "history_size",
+        "call_invites_per_minute",
+        "call_events_maxlen",
+        "chat_max_text",
     }
 )
-_FLOAT_FIELDS = frozenset(name for name in ENV_NAMES if name.endswith("_s")) | {
-    "commands_per_second"
-}
+_FLOAT_TUPLE_FIELDS = frozenset({"call_warnings_s"})
+_FLOAT_FIELDS = frozenset(
+    name for name in ENV_NAMES if name.endswith("_s") and name not in _FLOAT_TUPLE_FIELDS
+) | {"commands_per_second", "typing_per_second"}
 _TUPLE_FIELDS = frozenset({"jwt_algorithms", "allowed_origins"})
 
 
@@ -304,7 +341,7 @@ def describe(settings: Settings) -> dict[str, str]:
         elif field.name == "allowed_origins" and not value:
             text = "*"
         elif isinstance(value, tuple):
-            text = ",".join(value) or "-"
+            text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "-"
         else:
             text = str(value)
         summary[field.name] = text
@@ -333,6 +370,11 @@ def _parse_text(name: str, text: str) -> object:
         return float(text)
     if name in _TUPLE_FIELDS:
         return tuple(part.strip() for part in text.split(",") if part.strip())
+    if name in _FLOAT_TUPLE_FIELDS:
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        if not all(_FLOAT_RE.fullmatch(p) for p in parts):
+            raise ConfigError(env_name, f"expected comma-separated seconds, got {text!r}")
+        return tuple(float(p) for p in parts)
     return text
 
 
@@ -347,6 +389,10 @@ def _coerce_override(name: str, value: object) -> object:
         "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
         "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
         "tuple": lambda v: isinstance(v, list | tuple) and all(isinstance(i, str) for i in v),
+        "floats": lambda v: (
+            isinstance(v, list | tuple)
+            and all(isinstance(i, int | float) and not isinstance(i, bool) for i in v)
+        ),
         "str": lambda v: isinstance(v, str),
     }
     kind = _kind(name)
@@ -355,7 +401,7 @@ def _coerce_override(name: str, value: object) -> object:
     if isinstance(value, str) and kind == "secret":
         return Secret(value)
     if isinstance(value, list | tuple):
-        return tuple(value)
+        return tuple(float(v) for v in value) if kind == "floats" else tuple(value)
     if kind == "float" and isinstance(value, int):
         return float(value)
     return value
@@ -372,11 +418,13 @@ def _kind(name: str) -> str:
         return "float"
     if name in _TUPLE_FIELDS:
         return "tuple"
+    if name in _FLOAT_TUPLE_FIELDS:
+        return "floats"
     return "str"
 
 
 def _typed_fields() -> frozenset[str]:
-    return _BOOL_FIELDS | _INT_FIELDS | _FLOAT_FIELDS | _TUPLE_FIELDS
+    return _BOOL_FIELDS | _INT_FIELDS | _FLOAT_FIELDS | _TUPLE_FIELDS | _FLOAT_TUPLE_FIELDS
 
 
 def _resolve_public_key(value: Secret) -> Secret:
@@ -451,10 +499,33 @@ def _validate(s: Settings) -> None:
     _check_range(s, "history_size", 0)
     _check(s.history_ttl_s > 0, "history_ttl_s", "must be > 0")
     _check(s.presence_ttl_s > 0, "presence_ttl_s", "must be > 0")
+    _validate_domain(s)
     _check_range(s, "drain_s", 0.0, 300.0)
     level = s.log_level.upper()
     _check(level in _LOG_LEVELS, "log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
     object.__setattr__(s, "log_level", level)
+
+
+def _validate_domain(s: Settings) -> None:
+    """Calls and chat settings."""
+    _check(s.call_ring_timeout_s > 0, "call_ring_timeout_s", "must be > 0")
+    _check(s.call_max_duration_s > 0, "call_max_duration_s", "must be > 0")
+    _check(
+        all(0 < w < s.call_max_duration_s for w in s.call_warnings_s),
+        "call_warnings_s",
+        "each warning must be > 0 and shorter than the maximum call duration",
+    )
+    _check(s.call_tick_s > 0, "call_tick_s", "must be > 0")
+    _check(s.call_grace_s > 0, "call_grace_s", "must be > 0")
+    _check_range(s, "call_invites_per_minute", 1)
+    _check_range(s, "agora_token_ttl_s", 60.0, 86400.0)
+    _check(bool(s.call_events_stream), "call_events_stream", "must not be empty")
+    _check_range(s, "call_events_maxlen", 1000)
+    _check_range(s, "chat_max_text", 1)
+    _check(s.chat_dedupe_window_s > 0, "chat_dedupe_window_s", "must be > 0")
+    _check(s.typing_per_second > 0, "typing_per_second", "must be > 0")
+    _check(s.viewer_count_interval_s > 0, "viewer_count_interval_s", "must be > 0")
+    _check(s.offline_grace_s >= 0, "offline_grace_s", "must be >= 0")
 
 
 def _validate_redis(s: Settings) -> None:
