@@ -145,6 +145,8 @@ class Settings:
     # --- broker --------------------------------------------------------------------
     redis_url: str | None = None  # redis://, rediss:// or unix:// URL; default None = in memory
     redis_cluster: bool = False  # treat redis_url as a Redis Cluster node; default off
+    redis_pool_size: int = 16  # Redis connections per process (commands queue beyond), >= 2
+    redis_prefix: str = "sig:"  # prefix of every Redis key and channel; default "sig:"
 
     # --- authentication (JWT) ------------------------------------------------------
     jwt_secret: Secret | None = None  # HMAC secret for HS*, >= hash size in bytes; default None
@@ -220,6 +222,8 @@ ENV_NAMES: dict[str, str] = {
     "dev": "SIGNAL_DEV",
     "redis_url": "REDIS_URL",
     "redis_cluster": "SIGNAL_REDIS_CLUSTER",
+    "redis_pool_size": "SIGNAL_REDIS_POOL_SIZE",
+    "redis_prefix": "SIGNAL_REDIS_PREFIX",
     "jwt_secret": "SIGNAL_JWT_SECRET",
     "jwt_public_key": "SIGNAL_JWT_PUBLIC_KEY",
     "jwt_jwks_url": "SIGNAL_JWT_JWKS_URL",
@@ -279,6 +283,7 @@ _INT_FIELDS = frozenset(
         "max_publication_bytes",
         "max_subscriptions_per_connection",
         "history_size",
+        "redis_pool_size",
         "call_invites_per_minute",
         "call_events_maxlen",
         "chat_max_text",
@@ -537,6 +542,8 @@ def _validate_redis(s: Settings) -> None:
             "redis_url",
             f"must start with redis://, rediss:// or unix:// (got scheme {scheme!r})",
         )
+    _check_range(s, "redis_pool_size", 2, 1024)
+    _check(bool(s.redis_prefix), "redis_prefix", "must not be empty")
     _check(
         not s.redis_cluster or s.redis_url is not None,
         "redis_cluster",

@@ -39,8 +39,10 @@ class Subscriber(Protocol):
     def deliver(self, frame: bytes) -> None:
         """Write a pre-encoded WebSocket frame. Must not await or raise."""
 
-    def sync_overflow(self, channel: str) -> None:
-        """The connection fell too far behind while recovering ``channel``."""
+    def lost_position(self, channel: str) -> None:
+        """The connection's stream of ``channel`` may have a gap (it fell too
+        far behind while recovering, or the broker lost messages): make the
+        client recover."""
 
 
 @dataclass(slots=True)
@@ -74,10 +76,13 @@ class Hub:
         frame_encoder: Callable[[bytes], bytes],
         on_delivered: Callable[[int], None] | None = None,
         on_control: Callable[[bytes], None] | None = None,
+        on_reconnected: Callable[[], None] | None = None,
     ) -> None:
         self._encode_frame = frame_encoder
         self._on_delivered = on_delivered
         self._on_control = on_control
+        self._on_reconnected = on_reconnected
+        self.gaps = 0
         self._channels: dict[str, _Channel] = {}
 
     # --- bookkeeping -------------------------------------------------------
@@ -136,8 +141,32 @@ class Hub:
         return 0 if ch is None else len(ch.live) + len(ch.syncing_subs)
 
     def position(self, channel: str) -> tuple[int, str] | None:
+        """(last offset, epoch) seen for ``channel``; None if not known."""
         ch = self._channels.get(channel)
-        return None if ch is None else (ch.last_offset, ch.epoch)
+        return None if ch is None or not ch.epoch else (ch.last_offset, ch.epoch)
+
+    def note_position(self, channel: str, offset: int, epoch: str) -> None:
+        """The stream top read by a subscriber: the channel's position when
+        no publication has been seen yet."""
+        ch = self._channels.get(channel)
+        if ch is not None and not ch.epoch and epoch:
+            ch.last_offset, ch.epoch = offset, epoch
+
+    def subscribers(self, channel: str) -> list[Subscriber]:
+        ch = self._channels.get(channel)
+        if ch is None:
+            return []
+        return [*ch.live.values(), *ch.syncing_subs.values()]
+
+    def lose_position(self, channel: str) -> None:
+        """Every local subscriber of ``channel`` must recover (a gap)."""
+        ch = self._channels.get(channel)
+        if ch is None:
+            return
+        self.gaps += 1
+        ch.epoch, ch.last_offset = "", 0
+        for sub in self.subscribers(channel):
+            sub.lost_position(channel)
 
     # --- deliveries from the broker ----------------------------------------
 
@@ -146,12 +175,19 @@ class Hub:
         if ch is None:
             return
         if pub.offset:
+            if ch.epoch and (epoch != ch.epoch or pub.offset > ch.last_offset + 1):
+                # Missed publications (broker pub/sub is at-most-once): this
+                # one is not delivered, so that recovery starts before the gap.
+                self.lose_position(channel)
+                return
+            if ch.epoch and pub.offset <= ch.last_offset:
+                return  # already delivered
             ch.last_offset = pub.offset
             ch.epoch = epoch
         # A copy: an overflowing subscriber may be removed right away.
         for client_id, buffered in list(ch.syncing.items()):
             if len(buffered) >= SYNC_BUFFER_MAX:
-                ch.syncing_subs[client_id].sync_overflow(channel)
+                ch.syncing_subs[client_id].lost_position(channel)
             else:
                 buffered.append(pub)
         subs = ch.live_snapshot()
@@ -173,6 +209,10 @@ class Hub:
     def on_control(self, message: bytes) -> None:
         if self._on_control is not None:
             self._on_control(message)
+
+    def on_broker_reconnected(self) -> None:
+        if self._on_reconnected is not None:
+            self._on_reconnected()
 
     def _broadcast(self, subs: tuple[Subscriber, ...], payload: bytes) -> None:
         frame = self._encode_frame(payload)

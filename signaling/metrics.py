@@ -8,6 +8,7 @@ result codes, limit names), never user input.
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,6 +22,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 __all__ = ["CONTENT_TYPE", "Metrics", "watch_loop_lag"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class PipelineStats(Protocol):
+    @property
+    def in_flight(self) -> int: ...
+
+    batches: int
+    commands: int
+
 
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -85,9 +95,32 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
             registry=r,
         )
+        self.broker_reconnects = Counter(
+            "signal_broker_reconnects",
+            "Broker connections re-established (deliveries may have been lost).",
+            registry=r,
+        )
         self.broker_ready = Gauge(
             "signal_broker_ready", "1 while the broker is reachable.", registry=r
         )
+
+    def watch_redis(self, executor: PipelineStats, pool_size: int) -> None:
+        """Expose the Redis connection pool and pipelining."""
+        Gauge(
+            "signal_redis_pool_size",
+            "Redis connections allowed per process.",
+            registry=self.registry,
+        ).set(pool_size)
+        Gauge(
+            "signal_redis_pipelines_in_flight",
+            "Redis pipelines awaiting their replies.",
+            registry=self.registry,
+        ).set_function(lambda: executor.in_flight)
+        Gauge(
+            "signal_redis_commands_per_pipeline",
+            "Average Redis commands sent per round trip since start.",
+            registry=self.registry,
+        ).set_function(lambda: executor.commands / max(1, executor.batches))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

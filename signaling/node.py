@@ -119,6 +119,17 @@ class SubscribeContext:
 # Raise SignalError to refuse the subscription.
 SubscribeHook = Callable[[SubscribeContext], Awaitable[None]]
 
+# How often each channel's position is compared with its stream.
+POSITION_CHECK_S = 15.0
+
+
+def _behind(position: tuple[int, str] | None, top: StreamPosition) -> bool:
+    if position is None:
+        return False
+    offset, epoch = position
+    return epoch != top.epoch or offset < top.offset
+
+
 # Control messages between nodes (broker.publish_control).
 _CONTROL_UNSUBSCRIBE = "unsubscribe"
 _CONTROL_DISCONNECT = "disconnect"
@@ -148,7 +159,10 @@ class Node:
         self.verifier = verifier
         self.metrics = metrics
         self.hub = Hub(
-            frame_encoder, on_delivered=metrics.deliveries.inc, on_control=self._on_control
+            frame_encoder,
+            on_delivered=metrics.deliveries.inc,
+            on_control=self._on_control,
+            on_reconnected=self._on_broker_reconnected,
         )
         self.heartbeat = Heartbeat(settings.ping_interval_s, settings.pong_timeout_s)
         self.rpc_handlers: dict[str, RpcHandler] = {}
@@ -172,6 +186,59 @@ class Node:
         await self.broker.start()
         self.heartbeat.start()
         self.spawn(self._refresh_user_presence(), "user-presence-refresh")
+        self.spawn(self._refresh_channel_presence(), "channel-presence-refresh")
+        self.spawn(self._check_positions_forever(), "position-checks")
+
+    def _on_broker_reconnected(self) -> None:
+        self.metrics.broker_reconnects.inc()
+        self.spawn(self.check_positions(), "position-check")
+
+    async def _check_positions_forever(self) -> None:
+        while True:
+            await asyncio.sleep(POSITION_CHECK_S)
+            try:
+                await self.check_positions()
+            except BrokerUnavailable as exc:
+                log.debug("position check skipped: %s", exc)
+
+    async def check_positions(self, confirm_delay_s: float = 1.0) -> None:
+        """Compare each channel's position on this node with its stream top;
+        where this node is behind (publications lost in transit), make the
+        channel's local subscribers recover. A channel behind is re-checked
+        after ``confirm_delay_s`` so that publications still in flight are
+        not mistaken for lost ones."""
+        hub = self.hub
+        channels = [c for c in hub.channels() if hub.position(c) is not None]
+        if not channels:
+            return
+        tops = await self.broker.positions(channels)
+        suspects = {c: top for c, top in tops.items() if _behind(hub.position(c), top)}
+        if not suspects:
+            return
+        await asyncio.sleep(confirm_delay_s)
+        for channel, top in suspects.items():
+            if _behind(hub.position(channel), top):
+                log.info("channel %s behind its stream; subscribers recover", channel)
+                hub.lose_position(channel)
+
+    async def _refresh_channel_presence(self) -> None:
+        """Re-add the presence entries of every local subscription before
+        they expire in the broker (they expire on their own if we die)."""
+        ttl = self.settings.presence_ttl_s
+        while True:
+            await asyncio.sleep(ttl / 3)
+            entries = [
+                (channel, info)
+                for session in list(self.sessions)
+                for channel, info in session.presence_entries()
+            ]
+            for start in range(0, len(entries), 500):
+                batch = entries[start : start + 500]
+                try:
+                    await asyncio.gather(*(self.presence.add_presence(c, i, ttl) for c, i in batch))
+                except BrokerUnavailable as exc:
+                    log.warning("refreshing presence failed: %s", exc)
+                    break
 
     async def _refresh_user_presence(self) -> None:
         interval = self.user_presence.ttl_s / 3

@@ -65,6 +65,7 @@ __all__ = [
     "encode_reply",
     "encode_unsubscribe_push",
     "join_messages",
+    "publication_body",
     "publication_object",
 ]
 
@@ -114,13 +115,20 @@ class ClientInfo:
 @dataclass(frozen=True, slots=True)
 class Publication:
     """One message in a channel. ``data`` is raw JSON bytes, encoded once by
-    the publisher; ``offset`` is 0 on channels without history."""
+    the publisher; ``offset`` is 0 on channels without history.
+
+    ``body``, when set, is the publication's JSON object already encoded
+    without its offset (as it crossed the broker): it is then authoritative
+    and the other fields but ``offset`` may be empty. Encoding splices the
+    offset in, so a publication from another instance is never re-encoded.
+    """
 
     data: bytes
     info: ClientInfo | None = None
     offset: int = 0
     tags: Mapping[str, str] | None = None
     time_ms: int = 0
+    body: bytes | None = None
 
 
 # --------------------------------------------------------------------------
@@ -530,6 +538,8 @@ def _info_object(info: ClientInfo) -> JSONObject:
 
 def publication_object(pub: Publication) -> JSONObject:
     """The JSON object of a Publication, with ``data`` embedded raw."""
+    if pub.body is not None:
+        return orjson.Fragment(_with_offset(pub.body, pub.offset))  # type: ignore[return-value]
     out: dict[str, object] = {"data": orjson.Fragment(pub.data)}
     if pub.info is not None:
         out["info"] = _info_object(pub.info)
@@ -540,6 +550,21 @@ def publication_object(pub: Publication) -> JSONObject:
     if pub.time_ms:
         out["time"] = pub.time_ms
     return out  # type: ignore[return-value]  # Fragment is JSON for orjson
+
+
+def publication_body(pub: Publication) -> bytes:
+    """The publication's JSON object without its offset, encoded once for
+    the broker (see :attr:`Publication.body`)."""
+    if pub.body is not None:
+        return pub.body
+    return orjson.dumps(
+        publication_object(Publication(pub.data, pub.info, 0, pub.tags, pub.time_ms))
+    )
+
+
+def _with_offset(body: bytes, offset: int) -> bytes:
+    # body is a non-empty JSON object ({"data":...}): splice the offset in front.
+    return body if not offset else b'{"offset":%d,%s' % (offset, body[1:])
 
 
 def _subscribe_object(res: SubscribeResult) -> JSONObject:
@@ -624,6 +649,11 @@ def encode_error(cmd_id: int, error: ErrorReply) -> bytes:
 
 def encode_pub_push(channel: str, pub: Publication) -> bytes:
     """The ``pub`` push of one publication: built once, sent to every subscriber."""
+    if pub.body is not None:
+        return b'{"push":{"channel":%s,"pub":%s}}' % (
+            orjson.dumps(channel),
+            _with_offset(pub.body, pub.offset),
+        )
     return orjson.dumps({"push": {"channel": channel, "pub": publication_object(pub)}})
 
 

@@ -20,14 +20,18 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 
 from signaling.auth import TokenVerifier
+from signaling.broker.base import Broker, PresenceStore
 from signaling.broker.memory import MemoryBroker
+from signaling.broker.redis import RedisBroker
 from signaling.channels import ChannelPolicy
 from signaling.config import Settings, describe
 from signaling.errors import DISCONNECT_SHUTDOWN
 from signaling.metrics import CONTENT_TYPE, Metrics, watch_loop_lag
 from signaling.node import Node
 from signaling.session import ClientSession
+from signaling.state.base import StateStore
 from signaling.state.memory import MemoryStateStore
+from signaling.state.redis import RedisStateStore
 from signaling.transport import (
     ConnectionHandler,
     HttpResponse,
@@ -90,15 +94,30 @@ def load_app(module_name: str) -> ModuleType:
     return module
 
 
+def build_broker(settings: Settings, metrics: Metrics) -> tuple[Broker, PresenceStore, StateStore]:
+    """The embedded broker, or Redis when ``REDIS_URL`` is set."""
+    if settings.redis_url is None:
+        memory = MemoryBroker()
+        memory_store = MemoryStateStore()
+        memory.on_sweep(memory_store.sweep)
+        return memory, memory, memory_store
+    redis = RedisBroker(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        pool_size=settings.redis_pool_size,
+        prefix=settings.redis_prefix,
+    )
+    metrics.watch_redis(redis.executor, settings.redis_pool_size)
+    return redis, redis, RedisStateStore(redis.executor, prefix=settings.redis_prefix)
+
+
 def build_node(settings: Settings, app_module: ModuleType, metrics: Metrics) -> Node:
-    broker = MemoryBroker()
-    store = MemoryStateStore()
-    broker.on_sweep(store.sweep)
+    broker, presence, store = build_broker(settings, metrics)
     policy: ChannelPolicy = app_module.channel_policy(settings)
     node = Node(
         settings,
         broker=broker,
-        presence=broker,
+        presence=presence,
         store=store,
         policy=policy,
         verifier=TokenVerifier(settings),

@@ -103,6 +103,7 @@ FLAG_REJECT_UNRECOVERED = 1 << 1
 TRANSPORT_CLOSE_CODES = frozenset({1007, 1009, 1011, 3008})
 # Unsubscribe push codes (centrifuge unsubscribe.go): >= 2500 resubscribes.
 UNSUBSCRIBE_EXPIRED = (2501, "subscription expired")
+UNSUBSCRIBE_INSUFFICIENT_STATE = (2500, "insufficient state")
 
 
 @dataclass(slots=True)
@@ -117,6 +118,8 @@ class _Identity:
 class _Subscription:
     options: ChannelOptions
     expires_at: float | None = None
+    # Made by the server at connect (the personal channel).
+    server_side: bool = False
     # Still recovering: not yet live in the hub.
     syncing: bool = True
 
@@ -224,8 +227,16 @@ class ClientSession:
     def deliver(self, frame: bytes) -> None:
         self.conn.write_frame(frame)
 
-    def sync_overflow(self, channel: str) -> None:
-        self.disconnect(DISCONNECT_INSUFFICIENT_STATE)
+    def lost_position(self, channel: str) -> None:
+        if self._closed:
+            return
+        sub = self.subs.get(channel)
+        if sub is None or sub.server_side:
+            # Server-side subscriptions are recovered through a reconnect.
+            self.disconnect(DISCONNECT_INSUFFICIENT_STATE)
+        else:
+            # The SDK resubscribes from its last position (code >= 2500).
+            self.server_unsubscribe(channel, *UNSUBSCRIBE_INSUFFICIENT_STATE)
 
     # --- heartbeat callbacks ------------------------------------------------------
 
@@ -282,6 +293,13 @@ class ClientSession:
         else:
             log.debug("connection %s: disconnect %s", self.client_id, disconnect.code)
         self.conn.close(disconnect.code, disconnect.reason)
+
+    def presence_entries(self) -> list[tuple[str, ClientInfo]]:
+        """(channel, info) of this connection's presence in its channels."""
+        identity = self._identity
+        if identity is None:
+            return []
+        return [(c, identity.info) for c, s in self.subs.items() if s.options.presence]
 
     def server_unsubscribe(self, channel: str, code: int, reason: str) -> None:
         """Remove a subscription from the server side (unsubscribe push)."""
@@ -439,6 +457,7 @@ class ClientSession:
         if personal is not None:
             recover = req.subs.get(personal) or SubscribeRequest(personal)
             subs[personal] = await self._start_subscription(personal, recover, None)
+            self.subs[personal].server_side = True
         expires, ttl = _ttl(credentials.expires_at)
         result = ConnectResult(
             client=self.client_id,
@@ -594,7 +613,11 @@ class ClientSession:
         if sub is None or self._closed:
             return
         sub.syncing = False
-        buffered = self.node.hub.go_live(channel, self.client_id)
+        hub = self.node.hub
+        if result.epoch:
+            top = result.publications[-1].offset if result.publications else result.offset
+            hub.note_position(channel, top, result.epoch)
+        buffered = hub.go_live(channel, self.client_id)
         if not buffered:
             return
         last = result.offset

@@ -77,6 +77,13 @@ class BrokerHandler(Protocol):
     def on_control(self, message: bytes) -> None:
         """A node-to-node message (e.g. "unsubscribe user U from C")."""
 
+    def on_broker_reconnected(self) -> None:
+        """Deliveries may have been lost while the broker was unreachable."""
+
+    def channels(self) -> list[str]:
+        """The channels this node needs delivered (to resubscribe after a
+        reconnect)."""
+
 
 class Broker(Protocol):
     def bind(self, handler: BrokerHandler) -> None:
@@ -120,6 +127,10 @@ class Broker(Protocol):
         """Publications after ``since`` (before it when ``reverse``), at most
         ``limit`` (0: none, only the top; < 0: all kept), and the stream top.
         Creates the stream's epoch if the channel has none yet."""
+
+    async def positions(self, channels: Sequence[str]) -> dict[str, StreamPosition]:
+        """Current stream tops of ``channels`` with history (for position
+        checks); channels that never had a stream may be left out."""
 
     async def close(self) -> None: ...
 

@@ -15,7 +15,7 @@ import asyncio
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from signaling.broker.base import (
@@ -162,6 +162,10 @@ class MemoryBroker:
         if limit > 0:
             pubs = pubs[:limit]
         return HistoryPage(pubs, top)
+
+    async def positions(self, channels: Sequence[str]) -> dict[str, StreamPosition]:
+        # Delivery is synchronous here: a local position never falls behind.
+        return {}
 
     def _stream(self, channel: str, history: HistoryOptions, now: float) -> _Stream:
         stream = self._streams.get(channel)

@@ -26,7 +26,7 @@ class FakeSub:
         if self.on_deliver is not None:
             self.on_deliver()
 
-    def sync_overflow(self, channel: str) -> None:
+    def lost_position(self, channel: str) -> None:
         self.overflows.append(channel)
         if self.on_overflow is not None:
             self.on_overflow()
@@ -198,7 +198,7 @@ def test_each_syncing_subscriber_has_its_own_buffer(hub: Hub) -> None:
     assert [p.offset for p in hub.go_live("room:1", "s1")] == [1, 2]
 
 
-def test_sync_buffer_overflow_calls_sync_overflow(hub: Hub) -> None:
+def test_sync_buffer_overflow_calls_lost_position(hub: Hub) -> None:
     sub = FakeSub()
     hub.add("room:1", "s", sub, join_leave=False)
     for i in range(1, SYNC_BUFFER_MAX + 1):
@@ -210,7 +210,7 @@ def test_sync_buffer_overflow_calls_sync_overflow(hub: Hub) -> None:
     assert len(hub.go_live("room:1", "s")) == SYNC_BUFFER_MAX
 
 
-def test_sync_overflow_that_removes_the_subscriber_is_safe(hub: Hub) -> None:
+def test_lost_position_that_removes_the_subscriber_is_safe(hub: Hub) -> None:
     # A connection told it is hopelessly behind closes itself; if that
     # unsubscribes it from the hub synchronously, the fan-out must go on.
     live = _live(hub, "room:1", "live")

@@ -1,0 +1,123 @@
+"""Lua scripts of the Redis broker (after centrifuge's stream engine).
+
+Every script touches the keys of ONE channel, all hash-tagged ``{channel}``,
+so they share a Redis Cluster slot — and the publication's shard channel has
+the same tag, so ``SPUBLISH`` from inside the script is allowed in a cluster.
+"""
+
+from __future__ import annotations
+
+from signaling.state.redis import LuaScript
+
+__all__ = [
+    "HISTORY",
+    "POSITIONS",
+    "PRESENCE_ADD",
+    "PRESENCE_GET",
+    "PRESENCE_REMOVE",
+    "PUBLISH",
+]
+
+# Append to the channel's stream and publish, atomically.
+# KEYS: stream, meta. ARGV: body, maxlen, stream_ttl_ms, pubsub channel,
+# meta_ttl_ms, epoch to use if the stream has none, publish command.
+# The offset is the stream entry id; the epoch changes whenever the meta hash
+# is lost (expiry, eviction, restart), which tells clients their position is
+# gone. A new epoch (offset 1) drops entries of an older one.
+PUBLISH = LuaScript(
+    """
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('HSET', KEYS[2], 'e', epoch)
+end
+local offset = redis.call('HINCRBY', KEYS[2], 's', 1)
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+if offset == 1 then
+  redis.call('DEL', KEYS[1])
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], offset, 'd', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call(ARGV[7], ARGV[4], 'p' .. offset .. ':' .. epoch .. ':' .. ARGV[1])
+return {offset, epoch}
+"""
+)
+
+# Read the stream top and a range of entries.
+# KEYS: stream, meta. ARGV: epoch to create if none, meta_ttl_ms, since offset
+# ('' = from the start/end), limit (-1 = all, 0 = none), reverse ('1'/'0').
+HISTORY = LuaScript(
+    """
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[2], 'e', epoch)
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+local top = tonumber(redis.call('HGET', KEYS[2], 's') or '0')
+local limit = tonumber(ARGV[4])
+if limit == 0 then
+  return {top, epoch, {}}
+end
+local entries
+if ARGV[5] == '1' then
+  local stop = '+'
+  if ARGV[3] ~= '' then stop = '(' .. ARGV[3] end
+  if limit > 0 then
+    entries = redis.call('XREVRANGE', KEYS[1], stop, '-', 'COUNT', limit)
+  else
+    entries = redis.call('XREVRANGE', KEYS[1], stop, '-')
+  end
+else
+  local start = '-'
+  if ARGV[3] ~= '' then start = '(' .. ARGV[3] end
+  if limit > 0 then
+    entries = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', limit)
+  else
+    entries = redis.call('XRANGE', KEYS[1], start, '+')
+  end
+end
+return {top, epoch, entries}
+"""
+)
+
+# The stream top without creating anything. KEYS: meta.
+POSITIONS = LuaScript(
+    """
+return redis.call('HMGET', KEYS[1], 's', 'e')
+"""
+)
+
+# KEYS: hash (client -> info), zset (client -> expiry). ARGV: client, info,
+# expires_at (unix s), ttl_ms.
+PRESENCE_ADD = LuaScript(
+    """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+)
+
+# KEYS: hash, zset. ARGV: client.
+PRESENCE_REMOVE = LuaScript(
+    """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+)
+
+# Drop expired entries (of crashed instances), then return the rest.
+# KEYS: hash, zset. ARGV: now (unix s).
+PRESENCE_GET = LuaScript(
+    """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+if #expired > 0 then
+  redis.call('HDEL', KEYS[1], unpack(expired))
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+)

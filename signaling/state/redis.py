@@ -1,0 +1,387 @@
+"""The state store on Redis: every instance sees the same state.
+
+Written against :class:`RedisExecutor`, a two-method seam (one command, one
+script) that the Redis broker implements with auto-pipelining over redis-py
+(standalone or cluster). This module never imports redis-py.
+
+Key layout and cluster safety:
+
+* Every key is ``prefix + key``. Callers put hash tags (``{call:42}``) in their
+  keys so that related keys share a cluster slot; prepending the prefix keeps
+  the tag, so the prefix itself must not contain ``{`` or ``}``.
+* Every method touches one key, and every script declares that key in
+  ``KEYS``, so all of it runs unchanged on Redis Cluster.
+
+Semantics follow :class:`~signaling.state.memory.MemoryStateStore` (the
+reference), with these Redis facts the memory store does not share:
+
+* One key holds one type. Using the same key as a string and as a hash makes
+  Redis answer WRONGTYPE (the executor raises); the memory store would keep
+  both. Give each structure its own key.
+* TTLs are whole milliseconds (``PX``/``PEXPIRE``): ``ttl_s`` is rounded, and a
+  TTL below 1 ms (or <= 0) becomes 1 ms, i.e. "expires at once".
+* ``xadd`` trims approximately (``MAXLEN ~``): Redis only drops whole stream
+  nodes (``stream-node-max-entries``, 100 by default), so a stream can hold up
+  to about ``maxlen + 100`` entries. Streams must have at least one field.
+* Where a write and its expiry must not be separated (``incr``, ``hcas``, and
+  ``hset``/``zadd`` with a TTL) a Lua script does both, so a key never
+  outlives a lost connection without its TTL.
+
+Errors: whatever the executor raises passes through unchanged (the Redis
+executor maps connection failures to
+:class:`~signaling.broker.base.BrokerUnavailable`). A bad argument raises
+:class:`ValueError` or :class:`TypeError` before anything is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = [
+    "DELETE_IF_EQUALS",
+    "HCAS",
+    "HSET_EXPIRE",
+    "INCR_WINDOW",
+    "SCRIPTS",
+    "ZADD_EXPIRE",
+    "ZPOP_DUE",
+    "LuaScript",
+    "RedisArg",
+    "RedisExecutor",
+    "RedisStateStore",
+]
+
+RedisArg = str | bytes | int | float
+
+
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    """A Lua script and its SHA1. Executors run it with EVALSHA and fall back
+    to EVAL on NOSCRIPT (empty script cache after a restart or failover, or a
+    cluster node that never saw the script)."""
+
+    source: str
+    sha1: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Frozen dataclass: the derived field is set through object.__setattr__.
+        object.__setattr__(self, "sha1", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+class RedisExecutor(Protocol):
+    """Runs Redis commands; implemented by the Redis broker.
+
+    Results are whatever the client returns (bytes or str, lists or dicts,
+    RESP2 or RESP3 shapes); :class:`RedisStateStore` normalises them.
+    """
+
+    async def execute(self, *args: RedisArg) -> Any:
+        """One command, e.g. ``execute("SET", key, value, "PX", 1000)``."""
+
+    async def run_script(
+        self, script: LuaScript, keys: Sequence[str], args: Sequence[RedisArg]
+    ) -> Any:
+        """EVALSHA ``script`` with ``keys``/``args``, EVAL on NOSCRIPT."""
+
+
+# --- scripts ------------------------------------------------------------------------------
+# Each touches KEYS[1] only. A Lua ``false`` return is a nil reply.
+
+DELETE_IF_EQUALS = LuaScript(
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+)
+"""ARGV: value. Delete the string key only while it holds ``value``; 1 or 0."""
+
+INCR_WINDOW = LuaScript(
+    """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return n
+"""
+)
+"""ARGV: ttl_ms. INCR; the window's expiry is set when the counter is created."""
+
+HCAS = LuaScript(
+    """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then
+  return false
+end
+local n = tonumber(ARGV[3])
+local matched = false
+for i = 4, 3 + n do
+  if ARGV[i] == current then
+    matched = true
+    break
+  end
+end
+if not matched then
+  return false
+end
+for i = 4 + n, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+"""ARGV: field, ttl_ms (0 = keep the expiry), n, n expected values, then
+field/value pairs. If the hash's ``field`` holds an expected value: set the
+pairs, apply the TTL, return HGETALL (flat); otherwise nil and no change."""
+
+HSET_EXPIRE = LuaScript(
+    """
+for i = 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return redis.call('PEXPIRE', KEYS[1], ARGV[1])
+"""
+)
+"""ARGV: ttl_ms, then field/value pairs. HSET and PEXPIRE together."""
+
+ZADD_EXPIRE = LuaScript(
+    """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+return redis.call('PEXPIRE', KEYS[1], ARGV[1])
+"""
+)
+"""ARGV: ttl_ms, score, member. ZADD and PEXPIRE together."""
+
+ZPOP_DUE = LuaScript(
+    """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1],
+                       'WITHSCORES', 'LIMIT', 0, ARGV[2])
+for i = 1, #due, 2 do
+  redis.call('ZREM', KEYS[1], due[i])
+end
+return due
+"""
+)
+"""ARGV: max_score, limit. Remove and return (flat member, score, ...) the
+lowest ``limit`` members with score <= max_score: one claimer gets each."""
+
+SCRIPTS: tuple[LuaScript, ...] = (
+    DELETE_IF_EQUALS,
+    INCR_WINDOW,
+    HCAS,
+    HSET_EXPIRE,
+    ZADD_EXPIRE,
+    ZPOP_DUE,
+)
+"""Every script this module runs (for SCRIPT LOAD at start-up, optional)."""
+
+
+# --- argument and reply conversion -------------------------------------------------------
+
+
+def _ttl_ms(ttl_s: float) -> int:
+    return max(1, round(ttl_s * 1000))
+
+
+def _score(score: float) -> str:
+    """A score as Redis parses it; infinities are "+inf"/"-inf"."""
+    value = float(score)
+    if math.isnan(value):
+        raise ValueError("a score cannot be NaN")
+    if math.isinf(value):
+        return "+inf" if value > 0 else "-inf"
+    return repr(value)
+
+
+def _text(raw: Any) -> str:
+    if isinstance(raw, bytes):
+        return raw.decode()
+    if isinstance(raw, str):
+        return raw
+    raise TypeError(f"unexpected Redis reply {raw!r}")
+
+
+def _hash(raw: Any) -> dict[str, str]:
+    """HGETALL reply: a dict (client callback, RESP3) or a flat list (script)."""
+    if not raw:
+        return {}
+    if isinstance(raw, dict):
+        return {_text(k): _text(v) for k, v in raw.items()}
+    items = list(raw)
+    return {_text(k): _text(v) for k, v in zip(items[::2], items[1::2], strict=True)}
+
+
+def _scored(raw: Any) -> list[tuple[str, float]]:
+    """WITHSCORES reply: flat [member, score, ...] (RESP2, scripts) or pairs (RESP3)."""
+    if not raw:
+        return []
+    items = list(raw)
+    if isinstance(items[0], list | tuple):
+        return [(_text(member), _float(score)) for member, score in items]
+    return [(_text(m), _float(s)) for m, s in zip(items[::2], items[1::2], strict=True)]
+
+
+def _float(raw: Any) -> float:
+    """A score: bytes/str ("1.5", "inf") on RESP2, a double on RESP3."""
+    return float(raw) if isinstance(raw, float | int) else float(_text(raw))
+
+
+def _pairs(values: Mapping[str, str]) -> list[RedisArg]:
+    out: list[RedisArg] = []
+    for name, value in values.items():
+        out += (name, value)
+    return out
+
+
+class RedisStateStore:
+    """:class:`~signaling.state.base.StateStore` on Redis through ``executor``.
+
+    Args:
+        executor: runs the commands and scripts (auto-pipelined by the broker).
+        prefix: prepended to every key and stream name; must not contain a hash
+            tag brace, since the callers' tags decide the cluster slot.
+
+    Raises:
+        ValueError: ``prefix`` contains ``{`` or ``}``.
+    """
+
+    def __init__(self, executor: RedisExecutor, prefix: str = "sig:") -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix {prefix!r} must not contain '{{' or '}}'")
+        self._exec = executor
+        self._prefix = prefix
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    def key(self, key: str) -> str:
+        """The Redis key for ``key`` (e.g. for consumers reading a stream)."""
+        return self._prefix + key
+
+    # --- strings ------------------------------------------------------------------------
+
+    async def get(self, key: str) -> str | None:
+        raw = await self._exec.execute("GET", self.key(key))
+        return None if raw is None else _text(raw)
+
+    async def set(self, key: str, value: str, ttl_s: float | None = None) -> None:
+        # A plain SET drops an old expiry, which is what ttl_s=None means.
+        if ttl_s is None:
+            await self._exec.execute("SET", self.key(key), value)
+        else:
+            await self._exec.execute("SET", self.key(key), value, "PX", _ttl_ms(ttl_s))
+
+    async def set_if_absent(self, key: str, value: str, ttl_s: float | None = None) -> bool:
+        args: list[RedisArg] = ["SET", self.key(key), value, "NX"]
+        if ttl_s is not None:
+            args += ("PX", _ttl_ms(ttl_s))
+        raw = await self._exec.execute(*args)
+        # "OK" on the wire, True through redis-py's SET callback; nil when the key exists.
+        return raw is not None and raw is not False
+
+    async def delete(self, key: str) -> bool:
+        return int(await self._exec.execute("DEL", self.key(key))) > 0
+
+    async def delete_if_equals(self, key: str, value: str) -> bool:
+        raw = await self._exec.run_script(DELETE_IF_EQUALS, [self.key(key)], [value])
+        return int(raw) > 0
+
+    async def incr(self, key: str, ttl_s: float) -> int:
+        return int(await self._exec.run_script(INCR_WINDOW, [self.key(key)], [_ttl_ms(ttl_s)]))
+
+    # --- hashes -----------------------------------------------------------------------------
+
+    async def hgetall(self, key: str) -> dict[str, str]:
+        return _hash(await self._exec.execute("HGETALL", self.key(key)))
+
+    async def hset(self, key: str, values: Mapping[str, str], ttl_s: float | None = None) -> None:
+        if ttl_s is not None:
+            await self._exec.run_script(
+                HSET_EXPIRE, [self.key(key)], [_ttl_ms(ttl_s), *_pairs(values)]
+            )
+        elif values:  # HSET needs at least one pair
+            await self._exec.execute("HSET", self.key(key), *_pairs(values))
+
+    async def hcas(
+        self,
+        key: str,
+        field: str,
+        expected: Collection[str],
+        values: Mapping[str, str],
+        ttl_s: float | None = None,
+    ) -> dict[str, str] | None:
+        """Compare-and-set on one hash field (see the protocol).
+
+        Raises:
+            TypeError: ``expected`` is a str (a str is a Collection[str] of its
+                characters; pass a tuple).
+        """
+        if isinstance(expected, str):
+            raise TypeError("hcas expected must be a collection of values, not a str")
+        wanted = list(expected)
+        ttl_ms = 0 if ttl_s is None else _ttl_ms(ttl_s)
+        args: list[RedisArg] = [field, ttl_ms, len(wanted), *wanted, *_pairs(values)]
+        raw = await self._exec.run_script(HCAS, [self.key(key)], args)
+        return None if raw is None else _hash(raw)
+
+    # --- sorted sets -----------------------------------------------------------------------
+
+    async def zadd(self, key: str, member: str, score: float, ttl_s: float | None = None) -> None:
+        if ttl_s is None:
+            await self._exec.execute("ZADD", self.key(key), _score(score), member)
+        else:
+            await self._exec.run_script(
+                ZADD_EXPIRE, [self.key(key)], [_ttl_ms(ttl_s), _score(score), member]
+            )
+
+    async def zrem(self, key: str, member: str) -> bool:
+        return int(await self._exec.execute("ZREM", self.key(key), member)) > 0
+
+    async def zrange_by_score(
+        self, key: str, min_score: float, max_score: float, limit: int = 100
+    ) -> list[tuple[str, float]]:
+        # LIMIT 0 -1 would mean "all"; the memory store returns nothing for limit <= 0.
+        raw = await self._exec.execute(
+            "ZRANGEBYSCORE",
+            self.key(key),
+            _score(min_score),
+            _score(max_score),
+            "WITHSCORES",
+            "LIMIT",
+            0,
+            max(0, limit),
+        )
+        return _scored(raw)
+
+    async def zpop_due(
+        self, key: str, max_score: float, limit: int = 100
+    ) -> list[tuple[str, float]]:
+        if limit <= 0:
+            return []
+        raw = await self._exec.run_script(ZPOP_DUE, [self.key(key)], [_score(max_score), limit])
+        return _scored(raw)
+
+    # --- streams -----------------------------------------------------------------------------
+
+    async def xadd(self, stream: str, fields: Mapping[str, str], maxlen: int) -> str:
+        """Append to the stream ``prefix + stream`` (approximately trimmed).
+
+        Raises:
+            ValueError: ``fields`` is empty (Redis streams need one field).
+        """
+        if not fields:
+            raise ValueError("a stream entry needs at least one field")
+        raw = await self._exec.execute(
+            "XADD", self.key(stream), "MAXLEN", "~", max(0, maxlen), "*", *_pairs(fields)
+        )
+        return _text(raw)
