@@ -354,8 +354,9 @@ def test_on_delivered_counts_recipients(encoder: CountingEncoder) -> None:
 
 def test_position_tracking(hub: Hub) -> None:
     assert hub.position("room:1") is None
-    hub.add("room:1", "s", FakeSub(), join_leave=False)  # syncing counts as local
-    assert hub.position("room:1") == (0, "")
+    sub = FakeSub()
+    hub.add("room:1", "s", sub, join_leave=False)  # syncing counts as local
+    assert hub.position("room:1") is None  # unknown until a top or a publication
 
     hub.on_publication("room:1", _pub(1), "ep1")
     assert hub.position("room:1") == (1, "ep1")
@@ -364,9 +365,10 @@ def test_position_tracking(hub: Hub) -> None:
     # Publications without offset (no history) leave the position alone.
     hub.on_publication("room:1", _pub(99, offset=0), "")
     assert hub.position("room:1") == (2, "ep1")
-    # A new epoch is followed.
-    hub.on_publication("room:1", _pub(1), "ep2")
-    assert hub.position("room:1") == (1, "ep2")
+    # A duplicate (offset already seen) is dropped.
+    hub.go_live("room:1", "s")
+    hub.on_publication("room:1", _pub(2), "ep1")
+    assert sub.frames == [] and hub.position("room:1") == (2, "ep1")
 
     # Publications for channels without local subscribers are not tracked.
     hub.on_publication("room:2", _pub(5), "x")
@@ -374,3 +376,28 @@ def test_position_tracking(hub: Hub) -> None:
 
     hub.remove("room:1", "s")
     assert hub.position("room:1") is None
+
+
+def test_note_position_only_when_unknown(hub: Hub) -> None:
+    hub.add("room:1", "s", FakeSub(), join_leave=False)
+    hub.note_position("room:1", 7, "ep")
+    assert hub.position("room:1") == (7, "ep")
+    hub.note_position("room:1", 3, "other")
+    assert hub.position("room:1") == (7, "ep")
+
+
+@pytest.mark.parametrize(
+    ("offset", "epoch"), [(9, "ep"), (8, "new-epoch")], ids=["offset-gap", "epoch-change"]
+)
+def test_gap_makes_subscribers_recover_and_is_not_delivered(
+    hub: Hub, offset: int, epoch: str
+) -> None:
+    live, syncing = FakeSub("live"), FakeSub("syncing")
+    hub.add("room:1", "a", live, join_leave=False)
+    hub.go_live("room:1", "a")
+    hub.add("room:1", "b", syncing, join_leave=False)
+    hub.note_position("room:1", 7, "ep")
+    hub.on_publication("room:1", _pub(offset), epoch)
+    assert live.frames == []
+    assert live.overflows == ["room:1"] and syncing.overflows == ["room:1"]
+    assert hub.position("room:1") is None and hub.gaps == 1
