@@ -21,7 +21,7 @@ from signaling.config import ConfigError, Secret, Settings, load_settings
 from signaling.logs import setup_logging
 from signaling.values import JSON
 
-__all__ = ["main"]
+__all__ = ["main", "run_single"]
 
 log = logging.getLogger("signaling.cli")
 
@@ -99,17 +99,23 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_json)
     if dev_secret is not None:
         _announce_dev_mode(dev_secret)
-    return _run(settings, args.app)
+    if settings.workers > 1:
+        from signaling.workers import run_workers
+
+        return run_workers(settings, args.app)
+    return run_single(settings, args.app)
 
 
-def _run(settings: Settings, app: str) -> int:
+def run_single(settings: Settings, app: str, *, reuse_port: bool = False) -> int:
+    """Run one server process until SIGTERM/SIGINT (also a worker's body)."""
+    setup_logging(settings.log_level, settings.log_json)
     from signaling.server import run_server  # imports the whole server
 
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.run(run_server(settings, app))
-    return uvloop.run(run_server(settings, app))
+        return asyncio.run(run_server(settings, app, reuse_port=reuse_port))
+    return uvloop.run(run_server(settings, app, reuse_port=reuse_port))
 
 
 def _announce_dev_mode(secret: str) -> None:

@@ -8,6 +8,8 @@ result codes, limit names), never user input.
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Callable
 from typing import Protocol
 
 from prometheus_client import (
@@ -18,6 +20,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["CONTENT_TYPE", "Metrics", "watch_loop_lag"]
 
@@ -32,6 +35,8 @@ class PipelineStats(Protocol):
     commands: int
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -40,7 +45,10 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.active_connections = Gauge(
-            "websocket_active_connections", "Open WebSocket connections.", registry=r
+            "websocket_active_connections",
+            "Open WebSocket connections.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.connection_attempts = Counter(
             "signal_connection_attempts",
@@ -101,28 +109,52 @@ class Metrics:
             registry=r,
         )
         self.broker_ready = Gauge(
-            "signal_broker_ready", "1 while the broker is reachable.", registry=r
+            "signal_broker_ready",
+            "1 while the broker is reachable (the lowest of all workers).",
+            registry=r,
+            multiprocess_mode="livemin",
         )
+        # Refreshed by watch_loop_lag: multiprocess mode has no callbacks.
+        self._gauge_updates: list[Callable[[], None]] = []
 
     def watch_redis(self, executor: PipelineStats, pool_size: int) -> None:
         """Expose the Redis connection pool and pipelining."""
+        r = self.registry
         Gauge(
             "signal_redis_pool_size",
-            "Redis connections allowed per process.",
-            registry=self.registry,
+            "Redis connections allowed (summed over workers).",
+            registry=r,
+            multiprocess_mode="livesum",
         ).set(pool_size)
-        Gauge(
+        in_flight = Gauge(
             "signal_redis_pipelines_in_flight",
             "Redis pipelines awaiting their replies.",
-            registry=self.registry,
-        ).set_function(lambda: executor.in_flight)
-        Gauge(
-            "signal_redis_commands_per_pipeline",
-            "Average Redis commands sent per round trip since start.",
-            registry=self.registry,
-        ).set_function(lambda: executor.commands / max(1, executor.batches))
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        batches = Counter("signal_redis_round_trips", "Redis pipelines sent.", registry=r)
+        commands = Counter("signal_redis_commands", "Redis commands sent.", registry=r)
+        last = [0, 0]
+
+        def update() -> None:
+            in_flight.set(executor.in_flight)
+            batches.inc(executor.batches - last[0])
+            commands.inc(executor.commands - last[1])
+            last[:] = [executor.batches, executor.commands]
+
+        self._gauge_updates.append(update)
+
+    def update_gauges(self) -> None:
+        for update in self._gauge_updates:
+            update()
 
     def render(self) -> bytes:
+        self.update_gauges()
+        if MULTIPROC_ENV in os.environ:
+            # Workers: report the whole server from every worker's files.
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
+            return generate_latest(registry)
         return generate_latest(self.registry)
 
 
@@ -133,3 +165,4 @@ async def watch_loop_lag(metrics: Metrics, interval_s: float = 0.5) -> None:
         start = loop.time()
         await asyncio.sleep(interval_s)
         metrics.loop_lag.observe(max(0.0, loop.time() - start - interval_s))
+        metrics.update_gauges()

@@ -143,6 +143,7 @@ async def run_server(
     settings: Settings,
     app_module_name: str = DEFAULT_APP,
     *,
+    reuse_port: bool = False,
     on_listening: Callable[[int], None] | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code."""
@@ -157,7 +158,9 @@ async def run_server(
         send_buffer_max_bytes=settings.send_buffer_max_bytes,
         on_slow_client=metrics.slow_clients.inc,
     )
-    transport = await start_transport(App(node), settings.host, settings.port, options)
+    transport = await start_transport(
+        App(node), settings.host, settings.port, options, reuse_port=reuse_port
+    )
     lag_watch = asyncio.create_task(watch_loop_lag(metrics), name="loop-lag")
     log.info(
         "digis-signal node %s listening on http://%s:%d (websocket /connection/websocket, "
