@@ -1,0 +1,93 @@
+"""Several worker processes behind one port, sharing Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from typing import Any
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from support.processes import REPO_ROOT, RedisProcess, ServerProcess
+
+
+def active_connections(body: bytes) -> float:
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == "websocket_active_connections":
+                return sample.value
+    raise AssertionError("websocket_active_connections missing")
+
+
+async def open_client(server: ServerProcess, user: str) -> ClientConnection:
+    ws = await connect(server.ws_url)
+    await ws.send(orjson.dumps({"id": 1, "connect": {"token": server.token(user)}}).decode())
+    reply = orjson.loads(await ws.recv())
+    assert "connect" in reply, reply
+    return ws
+
+
+async def test_workers_share_port_and_report_summed_connections(
+    server_factory: Any, redis_server: RedisProcess
+) -> None:
+    server = await server_factory(
+        {"REDIS_URL": redis_server.url, "WEB_CONCURRENCY": "3", "SIGNAL_DRAIN_S": "0.5"},
+        name="workers",
+    )
+    clients = [await open_client(server, f"u{i}") for i in range(30)]
+    # Each scrape lands on some worker; every one must report the whole server.
+    for _ in range(6):
+        _, body = await server.aget("/metrics")
+        assert active_connections(body) == 30
+    log = server.log_text()
+    assert log.count("worker 0 started") == 1 and "worker 2 started" in log
+
+    # A publication from a client on one worker reaches clients on the others.
+    for ws in clients:
+        await ws.send(orjson.dumps({"id": 2, "subscribe": {"channel": "room:w"}}).decode())
+        assert "subscribe" in orjson.loads(await ws.recv())
+    await clients[0].send(
+        orjson.dumps({"id": 3, "publish": {"channel": "room:w", "data": {"n": 1}}}).decode()
+    )
+    for ws in clients[1:]:
+        while True:
+            msg = orjson.loads((await asyncio.wait_for(ws.recv(), 5)).split("\n")[0])
+            if "push" in msg:
+                assert msg["push"]["pub"]["data"] == {"n": 1}
+                break
+
+    for ws in clients[:12]:
+        await ws.close()
+    for _ in range(50):
+        _, body = await server.aget("/metrics")
+        if active_connections(body) == 18:
+            break
+        await asyncio.sleep(0.1)
+    assert active_connections(body) == 18
+
+    # SIGTERM: every worker drains with 3001 and the supervisor exits 0.
+    server.signal(15)
+    for ws in clients[12:]:
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+        except ConnectionClosed as exc:
+            assert exc.rcvd is not None and exc.rcvd.code == 3001
+    assert await server.await_exit(30) == 0
+
+
+def test_workers_refused_on_embedded_broker() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "signaling", "serve", "--workers", "2", "--port", "0"],
+        cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", "SIGNAL_JWT_SECRET": "s" * 40},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "WEB_CONCURRENCY" in result.stderr and "REDIS_URL" in result.stderr
