@@ -23,7 +23,6 @@ periodic position check) and closed from the streams.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -31,7 +30,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from redis.asyncio.client import PubSub
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -44,7 +44,8 @@ from signaling.broker.base import (
     UnrecoverablePosition,
 )
 from signaling.broker.memory import new_epoch
-from signaling.broker.redis_exec import AutoPipeline, RedisClient, connect_client
+from signaling.broker.redis_exec import AutoPipeline, RedisClient, connect_client, node_client
+from signaling.broker.redis_pubsub import PubSubShard
 from signaling.broker.redis_scripts import (
     HISTORY,
     POSITIONS,
@@ -62,11 +63,6 @@ log = logging.getLogger("signaling.redis")
 # The epoch and offset counter outlive the stream itself (as in centrifuge),
 # so a client returning after its history expired learns it cannot recover.
 META_TTL_S = 30 * 86400
-SUBSCRIBE_TIMEOUT_S = 5.0
-# Channels per SUBSCRIBE command when resubscribing (centrifuge uses 512).
-SUBSCRIBE_BATCH = 512
-BACKOFF_MIN_S = 0.05
-BACKOFF_MAX_S = 5.0
 
 
 class RedisBroker:
@@ -88,16 +84,10 @@ class RedisBroker:
         self._publish_cmd = "SPUBLISH" if cluster else "PUBLISH"
         self._control_name = f"{prefix}control"
         self._handler: BrokerHandler | None = None
-        self._pubsub: PubSub | None = None
-        self._ready = False
+        self._url = url
+        self._shards: dict[str, PubSubShard] = {}
+        self._setup: asyncio.Task[None] | None = None
         self._closing = False
-        self._reader: asyncio.Task[None] | None = None
-        # Pending subscribe confirmations, by pub/sub channel name.
-        self._confirm: dict[str, asyncio.Future[None]] = {}
-        # Ordered (subscribe?, name) operations to send on the next flush.
-        self._ops: list[tuple[bool, str]] = []
-        self._ops_scheduled = False
-        self.reconnects = 0
 
     # --- names ------------------------------------------------------------------
 
@@ -123,167 +113,108 @@ class RedisBroker:
         self._handler = handler
 
     async def start(self) -> None:
-        """Start the pub/sub reader; returns at once even if Redis is down
-        (``is_ready`` tells, and the reader keeps retrying)."""
-        self._reader = asyncio.create_task(self._read_forever(), name="redis-pubsub")
+        """Start the pub/sub readers; returns even if Redis is down
+        (``is_ready`` tells, and the readers keep retrying)."""
+        if self._cluster:
+            self._setup = asyncio.create_task(self._discover_forever(), name="redis-cluster")
+        else:
+            assert isinstance(self.client, aioredis.Redis)
+            self._add_shard("redis", self.client, control=True)
         # Give a reachable Redis a moment so that a healthy start is ready.
-        for _ in range(40):
-            if self._ready:
+        for _ in range(60):
+            if self.is_ready():
                 break
             await asyncio.sleep(0.05)
 
+    async def _discover_forever(self) -> None:
+        """Cluster: learn the primaries, then run one pub/sub shard on each."""
+        assert isinstance(self.client, RedisCluster)
+        delay = 0.1
+        while not self._closing:
+            try:
+                await self.client.initialize()
+                primaries = self.client.get_primaries()
+                break
+            except Exception as exc:
+                log.warning("redis cluster unavailable: %s", exc)
+                await asyncio.sleep(random.uniform(0.05, delay))
+                delay = min(5.0, delay * 2)
+        else:
+            return
+        for index, node in enumerate(primaries):
+            client = node_client(self._url, node.host, int(node.port))
+            self._add_shard(node.name, client, control=index == 0)
+
+    def _add_shard(self, label: str, client: aioredis.Redis, *, control: bool) -> None:
+        def wanted() -> list[str]:
+            names = (self._ps_name(c) for c in self._require_handler().channels())
+            return [n for n in names if self._shard_for(n) is shard]
+
+        shard = PubSubShard(
+            client,
+            label=label,
+            sharded=self._cluster,
+            control=self._control_name if control else None,
+            wanted=wanted,
+            on_message=self._on_message,
+            on_reconnected=lambda: self._require_handler().on_broker_reconnected(),
+        )
+        self._shards[label] = shard
+        shard.start()
+
+    def _shard_for(self, name: str) -> PubSubShard | None:
+        if not self._cluster:
+            return self._shards.get("redis")
+        assert isinstance(self.client, RedisCluster)
+        try:
+            node = self.client.get_node_from_key(name)
+        except Exception:
+            return None
+        return None if node is None else self._shards.get(node.name)
+
     def is_ready(self) -> bool:
-        return self._ready
+        return bool(self._shards) and all(s.ready for s in self._shards.values())
+
+    @property
+    def reconnects(self) -> int:
+        return sum(s.reconnects for s in self._shards.values())
 
     async def close(self) -> None:
         self._closing = True
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        await self.executor.close()
+        if self._setup is not None:
+            self._setup.cancel()
+        for shard in self._shards.values():
+            if shard is not self._shards.get("redis"):
+                await shard.close()
+        standalone = self._shards.get("redis")
+        if standalone is not None:
+            await standalone.close()  # also closes the shared client
+        else:
+            await self.executor.close()
 
     # --- pub/sub ------------------------------------------------------------------
 
     async def subscribe(self, channel: str) -> None:
-        if not self._ready or self._pubsub is None:
-            raise BrokerUnavailable("redis pub/sub unavailable")
         name = self._ps_name(channel)
-        future = self._confirm.get(name)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._confirm[name] = future
-            self._queue_op(True, name)
-        try:
-            await asyncio.wait_for(asyncio.shield(future), SUBSCRIBE_TIMEOUT_S)
-        except TimeoutError:
-            self._confirm.pop(name, None)
-            raise BrokerUnavailable("redis subscribe not confirmed") from None
+        shard = self._shard_for(name)
+        if shard is None:
+            raise BrokerUnavailable("redis pub/sub unavailable")
+        await shard.subscribe(name)
 
     async def unsubscribe(self, channel: str) -> None:
-        if self._pubsub is not None and self._ready:
-            self._queue_op(False, self._ps_name(channel))
+        name = self._ps_name(channel)
+        shard = self._shard_for(name)
+        if shard is not None:
+            shard.unsubscribe(name)
 
-    def _queue_op(self, subscribe: bool, name: str) -> None:
-        self._ops.append((subscribe, name))
-        if not self._ops_scheduled:
-            self._ops_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_ops)
-
-    def _flush_ops(self) -> None:
-        """Send queued (un)subscribes, consecutive ones of a kind together."""
-        self._ops_scheduled = False
-        ops, self._ops = self._ops, []
-        groups: list[tuple[bool, list[str]]] = []
-        for subscribe, name in ops:
-            if groups and groups[-1][0] == subscribe:
-                groups[-1][1].append(name)
-            else:
-                groups.append((subscribe, [name]))
-        if groups:
-            asyncio.get_running_loop().create_task(self._send_ops(groups))
-
-    async def _send_ops(self, groups: list[tuple[bool, list[str]]]) -> None:
-        pubsub = self._pubsub
-        if pubsub is None:
-            return
-        try:
-            for subscribe, names in groups:
-                for start in range(0, len(names), SUBSCRIBE_BATCH):
-                    chunk = names[start : start + SUBSCRIBE_BATCH]
-                    if subscribe:
-                        await self._ps_subscribe(pubsub, chunk)
-                    else:
-                        await self._ps_unsubscribe(pubsub, chunk)
-        except (RedisError, OSError) as exc:
-            # The reader notices the broken connection and resubscribes all.
-            log.warning("redis (un)subscribe failed: %s", exc)
-
-    async def _ps_subscribe(self, pubsub: PubSub, names: list[str]) -> None:
-        if self._cluster:
-            await pubsub.ssubscribe(*names)
-        else:
-            await pubsub.subscribe(*names)
-
-    async def _ps_unsubscribe(self, pubsub: PubSub, names: list[str]) -> None:
-        if self._cluster:
-            await pubsub.sunsubscribe(*names)
-        else:
-            await pubsub.unsubscribe(*names)
-
-    async def _read_forever(self) -> None:
-        backoff = BACKOFF_MIN_S
-        first = True
-        while not self._closing:
-            try:
-                await self._open_pubsub()
-                if not first:
-                    self.reconnects += 1
-                    log.warning("redis pub/sub reconnected; checking channel positions")
-                    self._require_handler().on_broker_reconnected()
-                else:
-                    log.info("redis pub/sub connected")
-                first = False
-                backoff = BACKOFF_MIN_S
-                await self._read_messages()
-            except asyncio.CancelledError:
-                raise
-            except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
-                if self._ready or first:
-                    log.warning("redis unavailable: %s", exc)
-                self._lost()
-            # Full jitter: instances do not reconnect in lockstep.
-            await asyncio.sleep(random.uniform(BACKOFF_MIN_S, backoff))
-            backoff = min(BACKOFF_MAX_S, backoff * 2)
-        self._lost()
-
-    async def _open_pubsub(self) -> None:
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        self._pubsub = self.client.pubsub()
-        pubsub = self._pubsub
-        # The control channel is classic pub/sub even in a cluster: every
-        # node must see it.
-        await pubsub.subscribe(self._control_name)
-        names = [self._ps_name(c) for c in self._require_handler().channels()]
-        for start in range(0, len(names), SUBSCRIBE_BATCH):
-            chunk = names[start : start + SUBSCRIBE_BATCH]
-            await self._ps_subscribe(pubsub, chunk)
-        self._ready = True
-
-    def _lost(self) -> None:
-        self._ready = False
-        confirm, self._confirm = self._confirm, {}
-        for future in confirm.values():
-            if not future.done():
-                future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
-                future.exception()  # retrieved: nobody may be waiting any more
-
-    async def _read_messages(self) -> None:
-        pubsub = self._pubsub
-        assert pubsub is not None
+    def _on_message(self, name: str, data: bytes) -> None:
         handler = self._require_handler()
-        while True:
-            message = await pubsub.get_message(timeout=1.0)
-            if message is None:
-                continue
-            kind = message["type"]
-            name = _text(message["channel"])
-            if kind in ("message", "smessage"):
-                if name == self._control_name:
-                    handler.on_control(message["data"])
-                    continue
-                channel = self._channel_of(name)
-                if channel is not None:
-                    self._dispatch(handler, channel, message["data"])
-            elif kind in ("subscribe", "ssubscribe"):
-                future = self._confirm.pop(name, None)
-                if future is not None and not future.done():
-                    future.set_result(None)
+        if name == self._control_name:
+            handler.on_control(data)
+            return
+        channel = self._channel_of(name)
+        if channel is not None:
+            self._dispatch(handler, channel, data)
 
     def _dispatch(self, handler: BrokerHandler, channel: str, data: bytes) -> None:
         kind = data[:1]

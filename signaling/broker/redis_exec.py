@@ -21,6 +21,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -28,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from signaling.broker.base import BrokerUnavailable
 from signaling.state.redis import LuaScript, RedisArg
 
-__all__ = ["AutoPipeline", "RedisClient", "connect_client"]
+__all__ = ["AutoPipeline", "RedisClient", "connect_client", "node_client"]
 
 log = logging.getLogger("signaling.redis")
 
@@ -46,17 +49,35 @@ def connect_client(url: str, *, cluster: bool, pool_size: int) -> RedisClient:
     break blocking reads, but a connect timeout so that a dead Redis is
     noticed quickly.
     """
-    options: dict[str, Any] = {
-        "socket_keepalive": True,
-        "socket_connect_timeout": 2.0,
-        "health_check_interval": 15,
-    }
     if cluster:
-        return RedisCluster.from_url(url, max_connections=pool_size, **options)
+        return RedisCluster.from_url(url, max_connections=pool_size, **_OPTIONS)
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=pool_size, timeout=None, **options
+        url, max_connections=pool_size, timeout=None, **_OPTIONS, retry=_NO_RETRY
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def node_client(url: str, host: str, port: int) -> aioredis.Redis:
+    """A client of one cluster node (its pub/sub connection), with the
+    credentials and TLS settings of ``url``."""
+    kwargs: dict[str, Any] = dict(parse_url(url))
+    kwargs.update(host=host, port=port)
+    kwargs.pop("db", None)
+    # parse_url names the connection class (TLS or not); Redis() wants a flag.
+    kwargs["ssl"] = kwargs.pop("connection_class", None) is aioredis.SSLConnection
+    return aioredis.Redis(**kwargs, **_OPTIONS, retry=_NO_RETRY)
+
+
+# TCP keepalive; no read timeout (it would break blocking pub/sub reads) but
+# a connect timeout, so that a dead Redis is noticed quickly.
+_OPTIONS: dict[str, Any] = {
+    "socket_keepalive": True,
+    "socket_connect_timeout": 2.0,
+    "health_check_interval": 15,
+}
+# No silent retries: a retried publish script could publish twice, and a
+# pub/sub connection silently re-established would hide lost messages.
+_NO_RETRY = Retry(NoBackoff(), 0)
 
 
 class AutoPipeline:

@@ -1,0 +1,212 @@
+"""One Redis pub/sub connection and its reader: a shard of the broker's
+subscriptions (one per Redis node; one in all on a standalone Redis).
+
+SUBSCRIBE and UNSUBSCRIBE calls issued in one loop iteration go out as one
+command each (batched under churn); ``subscribe`` returns only once Redis
+confirmed it, so nothing published afterwards is missed. On a lost
+connection the reader reconnects with full-jitter backoff, resubscribes to
+what the hub needs now (not a copy of its own) and reports the reconnect,
+since messages may have been lost meanwhile. The reader never dies: any error
+is logged and retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+
+from signaling.broker.base import BrokerUnavailable
+
+__all__ = ["PubSubShard"]
+
+log = logging.getLogger("signaling.redis")
+
+SUBSCRIBE_TIMEOUT_S = 5.0
+# Channels per SUBSCRIBE command (centrifuge uses 512).
+SUBSCRIBE_BATCH = 512
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 5.0
+
+
+class PubSubShard:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        label: str,
+        sharded: bool,
+        control: str | None,
+        wanted: Callable[[], list[str]],
+        on_message: Callable[[str, bytes], None],
+        on_reconnected: Callable[[], None],
+    ) -> None:
+        self._client = client
+        self.label = label
+        # Sharded pub/sub (SSUBSCRIBE) for channels; classic for control.
+        self._sharded = sharded
+        self._control = control
+        self._wanted = wanted
+        self._on_message = on_message
+        self._on_reconnected = on_reconnected
+        self._pubsub: PubSub | None = None
+        self.ready = False
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._confirm: dict[str, asyncio.Future[None]] = {}
+        self._ops: list[tuple[bool, str]] = []
+        self._ops_scheduled = False
+        self.reconnects = 0
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._read_forever(), name=f"redis-pubsub-{self.label}")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self._close_pubsub()
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+
+    async def _close_pubsub(self) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._pubsub = None
+
+    # --- subscriptions ------------------------------------------------------------
+
+    async def subscribe(self, name: str) -> None:
+        if not self.ready or self._pubsub is None:
+            raise BrokerUnavailable(f"redis pub/sub unavailable ({self.label})")
+        future = self._confirm.get(name)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._confirm[name] = future
+            self._queue_op(True, name)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), SUBSCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            self._confirm.pop(name, None)
+            raise BrokerUnavailable("redis subscribe not confirmed") from None
+
+    def unsubscribe(self, name: str) -> None:
+        if self._pubsub is not None and self.ready:
+            self._queue_op(False, name)
+
+    def _queue_op(self, subscribe: bool, name: str) -> None:
+        self._ops.append((subscribe, name))
+        if not self._ops_scheduled:
+            self._ops_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_ops)
+
+    def _flush_ops(self) -> None:
+        """Send queued (un)subscribes in order, consecutive ones of a kind
+        in one command."""
+        self._ops_scheduled = False
+        ops, self._ops = self._ops, []
+        groups: list[tuple[bool, list[str]]] = []
+        for subscribe, name in ops:
+            if groups and groups[-1][0] == subscribe:
+                groups[-1][1].append(name)
+            else:
+                groups.append((subscribe, [name]))
+        if groups and self._pubsub is not None:
+            asyncio.get_running_loop().create_task(self._send_ops(self._pubsub, groups))
+
+    async def _send_ops(self, pubsub: PubSub, groups: list[tuple[bool, list[str]]]) -> None:
+        try:
+            for subscribe, names in groups:
+                for start in range(0, len(names), SUBSCRIBE_BATCH):
+                    chunk = names[start : start + SUBSCRIBE_BATCH]
+                    if subscribe:
+                        await self._subscribe_names(pubsub, chunk)
+                    elif self._sharded:
+                        await pubsub.sunsubscribe(*chunk)
+                    else:
+                        await pubsub.unsubscribe(*chunk)
+        except Exception as exc:
+            # The reader notices a broken connection and resubscribes all.
+            log.warning("redis (un)subscribe failed on %s: %s", self.label, exc)
+
+    async def _subscribe_names(self, pubsub: PubSub, names: list[str]) -> None:
+        if self._sharded:
+            await pubsub.ssubscribe(*names)
+        else:
+            await pubsub.subscribe(*names)
+
+    # --- reading -------------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        backoff = BACKOFF_MIN_S
+        connected_before = False
+        while not self._closing:
+            try:
+                await self._open()
+                if connected_before:
+                    self.reconnects += 1
+                    log.warning("redis pub/sub %s reconnected; checking positions", self.label)
+                    self._on_reconnected()
+                else:
+                    log.info("redis pub/sub %s connected", self.label)
+                connected_before = True
+                backoff = BACKOFF_MIN_S
+                await self._read()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.ready or not connected_before:
+                    log.warning("redis pub/sub %s unavailable: %s", self.label, exc)
+                self._lost()
+            # Full jitter: instances do not reconnect in lockstep.
+            await asyncio.sleep(random.uniform(BACKOFF_MIN_S, backoff))
+            backoff = min(BACKOFF_MAX_S, backoff * 2)
+        self._lost()
+
+    async def _open(self) -> None:
+        await self._close_pubsub()
+        pubsub = self._pubsub = self._client.pubsub()
+        if self._control is not None:
+            await pubsub.subscribe(self._control)
+        names = self._wanted()
+        for start in range(0, len(names), SUBSCRIBE_BATCH):
+            await self._subscribe_names(pubsub, names[start : start + SUBSCRIBE_BATCH])
+        if self._control is None and not names:
+            # Nothing to subscribe yet: prove the connection with a PING.
+            await pubsub.ping()
+        self.ready = True
+
+    def _lost(self) -> None:
+        self.ready = False
+        confirm, self._confirm = self._confirm, {}
+        for future in confirm.values():
+            if not future.done():
+                future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
+                future.exception()  # retrieved: a waiter may have timed out
+
+    async def _read(self) -> None:
+        pubsub = self._pubsub
+        assert pubsub is not None
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            kind = message["type"]
+            raw_name = message["channel"]
+            name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+            if kind in ("message", "smessage"):
+                self._on_message(name, message["data"])
+            elif kind in ("subscribe", "ssubscribe"):
+                future = self._confirm.pop(name, None)
+                if future is not None and not future.done():
+                    future.set_result(None)
