@@ -54,7 +54,8 @@ def connect_client(url: str, *, cluster: bool, pool_size: int) -> RedisClient:
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=pool_size, timeout=None, **_OPTIONS, retry=_NO_RETRY
     )
-    return aioredis.Redis(connection_pool=pool)
+    # from_pool: closing the client also closes the pool's connections.
+    return aioredis.Redis.from_pool(pool)
 
 
 def node_client(url: str, host: str, port: int) -> aioredis.Redis:

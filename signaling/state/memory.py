@@ -110,6 +110,8 @@ class MemoryStateStore:
         values: Mapping[str, str],
         ttl_s: float | None = None,
     ) -> dict[str, str] | None:
+        if isinstance(expected, str):
+            raise TypeError("expected must be a collection of values, not a string")
         if not self._alive(key):
             return None
         current = self._hashes.get(key)

@@ -1,0 +1,537 @@
+"""StateStore contract: the same tests against the memory store and real Redis.
+
+Backends:
+
+* ``memory`` - :class:`MemoryStateStore` on a fake clock (time is advanced, not slept).
+* ``redis`` - :class:`RedisStateStore` on a private ``redis-server``, RESP2, bytes replies.
+* ``redis-resp3`` - the same over RESP3 with ``decode_responses=True``: an executor
+  may use either, and the reply shapes differ (dicts, nested pairs, doubles, str).
+* ``redis-autopipeline`` - through the production executor
+  (:class:`signaling.broker.redis_exec.AutoPipeline`), where concurrent calls share
+  one pipeline and connection failures become ``BrokerUnavailable``.
+
+Redis TTLs are real and short (hundreds of ms), so every test stays under a second.
+Each test gets its own key prefix and, for Redis, its own server process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from support.processes import RedisProcess
+
+from signaling.broker.base import BrokerUnavailable
+from signaling.broker.redis_exec import AutoPipeline, connect_client
+from signaling.state.base import StateStore
+from signaling.state.memory import MemoryStateStore, StreamEntry
+from signaling.state.redis import INCR_WINDOW, LuaScript, RedisArg, RedisExecutor, RedisStateStore
+
+# Real-time unit for the Redis backend; TTLs are multiples of it.
+TTL_S = 0.2
+# Waiting this long after a write expires a TTL_S key (with margin for Redis's ms clock).
+PAST_TTL_S = TTL_S * 1.5
+
+REDIS_BACKENDS = ["redis", "redis-resp3", "redis-autopipeline"]
+BACKENDS = ["memory", *REDIS_BACKENDS]
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class DirectExecutor:
+    """A RedisExecutor without pipelining: one client call per command."""
+
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+
+    async def execute(self, *args: RedisArg) -> object:
+        return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+
+    async def run_script(
+        self, script: LuaScript, keys: Sequence[str], args: Sequence[RedisArg]
+    ) -> object:
+        n = len(keys)
+        try:
+            return await self.execute("EVALSHA", script.sha1, n, *keys, *args)
+        except NoScriptError:
+            return await self.execute("EVAL", script.source, n, *keys, *args)
+
+
+@dataclass
+class RedisHarness:
+    """A RedisStateStore on a private server, plus a raw client (bytes) to inspect it."""
+
+    store: RedisStateStore
+    executor: RedisExecutor
+    raw: Redis
+    server: RedisProcess
+    # What a call raises while Redis is down, through this executor.
+    down_error: type[Exception]
+
+    def key(self, key: str) -> str:
+        return self.store.prefix + key
+
+    async def stream(self, name: str) -> list[StreamEntry]:
+        entries = await self.raw.xrange(self.key(name)) or []
+        return [(_s(i), {_s(k): _s(v) for k, v in (f or {}).items()}) for i, f in entries]
+
+
+@dataclass
+class Harness:
+    """One backend: the store, a way to let time pass, the stream's entries."""
+
+    store: StateStore
+    clock: FakeClock | None = None  # memory
+    redis: RedisHarness | None = None
+
+    async def elapse(self, seconds: float) -> None:
+        if self.clock is not None:
+            self.clock.advance(seconds)
+        else:
+            await asyncio.sleep(seconds)
+
+    async def stream(self, name: str) -> list[StreamEntry]:
+        if self.redis is not None:
+            return await self.redis.stream(name)
+        assert isinstance(self.store, MemoryStateStore)
+        return self.store.read_stream(name)
+
+
+def _s(value: bytes | str | None) -> str:
+    assert value is not None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@asynccontextmanager
+async def _redis_harness(server: RedisProcess, backend: str) -> AsyncIterator[RedisHarness]:
+    executor: DirectExecutor | AutoPipeline
+    if backend == "redis-autopipeline":
+        executor = AutoPipeline(connect_client(server.url, cluster=False, pool_size=4))
+        down_error: type[Exception] = BrokerUnavailable
+    else:
+        resp3 = backend == "redis-resp3"
+        client = Redis.from_url(
+            server.url,
+            protocol=3 if resp3 else 2,
+            decode_responses=resp3,
+            retry=Retry(NoBackoff(), 0),  # a dead server fails the call at once
+            socket_connect_timeout=1.0,
+            socket_timeout=2.0,
+        )
+        executor = DirectExecutor(client)
+        down_error = RedisConnectionError
+    raw = Redis.from_url(server.url, retry=Retry(NoBackoff(), 0))
+    store = RedisStateStore(executor, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    try:
+        yield RedisHarness(store, executor, raw, server, down_error)
+    finally:
+        if isinstance(executor, AutoPipeline):
+            await executor.close()
+            # close() leaves an explicitly passed pool open (redis-py only auto-closes
+            # pools it created), so its connections would leak: close it here.
+            assert isinstance(executor.client, Redis)
+            await executor.client.connection_pool.disconnect()
+        else:
+            await executor.client.aclose()
+        await raw.aclose()
+
+
+@pytest.fixture(params=BACKENDS)
+async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """Each backend in turn."""
+    if request.param == "memory":
+        clock = FakeClock()
+        yield Harness(MemoryStateStore(clock=clock), clock=clock)
+        return
+    server: RedisProcess = request.getfixturevalue("redis_server")
+    async with _redis_harness(server, request.param) as r:
+        yield Harness(r.store, redis=r)
+
+
+@pytest.fixture(params=REDIS_BACKENDS)
+async def rh(
+    request: pytest.FixtureRequest, redis_server: RedisProcess
+) -> AsyncIterator[RedisHarness]:
+    """The Redis backends only."""
+    async with _redis_harness(redis_server, request.param) as r:
+        yield r
+
+
+# --- strings ----------------------------------------------------------------------------
+
+
+async def test_get_set_overwrite(h: Harness) -> None:
+    assert await h.store.get("k") is None
+    await h.store.set("k", "v1")
+    assert await h.store.get("k") == "v1"
+    await h.store.set("k", "v2")
+    assert await h.store.get("k") == "v2"
+
+
+async def test_set_ttl_expires(h: Harness) -> None:
+    await h.store.set("k", "v", ttl_s=TTL_S)
+    await h.elapse(TTL_S / 4)
+    assert await h.store.get("k") == "v"
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.get("k") is None
+
+
+async def test_set_without_ttl_clears_old_expiry(h: Harness) -> None:
+    await h.store.set("k", "v1", ttl_s=TTL_S)
+    await h.store.set("k", "v2")
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.get("k") == "v2"
+
+
+async def test_set_with_new_ttl_replaces_expiry(h: Harness) -> None:
+    await h.store.set("k", "v1")
+    await h.store.set("k", "v2", ttl_s=TTL_S)
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.get("k") is None
+
+
+async def test_set_if_absent_claims_once(h: Harness) -> None:
+    assert await h.store.set_if_absent("k", "a") is True
+    assert await h.store.set_if_absent("k", "b") is False
+    assert await h.store.get("k") == "a"
+    assert await h.store.delete("k") is True
+    assert await h.store.set_if_absent("k", "c") is True
+    assert await h.store.get("k") == "c"
+
+
+async def test_set_if_absent_after_expiry_succeeds(h: Harness) -> None:
+    assert await h.store.set_if_absent("k", "a", ttl_s=TTL_S) is True
+    assert await h.store.set_if_absent("k", "b", ttl_s=TTL_S) is False
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.set_if_absent("k", "c") is True
+    assert await h.store.get("k") == "c"
+
+
+async def test_set_if_absent_race_has_one_winner(h: Harness) -> None:
+    results = await asyncio.gather(
+        *(h.store.set_if_absent("{room:1}:busy", f"owner-{i}", ttl_s=5) for i in range(20))
+    )
+    assert results.count(True) == 1
+    winner = results.index(True)
+    assert await h.store.get("{room:1}:busy") == f"owner-{winner}"
+
+
+async def test_delete_reports_existence_for_every_type(h: Harness) -> None:
+    assert await h.store.delete("s") is False
+    await h.store.set("s", "v")
+    await h.store.hset("h", {"f": "v"})
+    await h.store.zadd("z", "m", 1.0)
+    assert [await h.store.delete(k) for k in ("s", "h", "z")] == [True, True, True]
+    assert await h.store.get("s") is None
+    assert await h.store.hgetall("h") == {}
+    assert await h.store.zrange_by_score("z", float("-inf"), float("inf")) == []
+
+
+async def test_delete_if_equals_only_deletes_own_value(h: Harness) -> None:
+    await h.store.set("lock", "mine")
+    assert await h.store.delete_if_equals("lock", "theirs") is False
+    assert await h.store.get("lock") == "mine"
+    assert await h.store.delete_if_equals("lock", "mine") is True
+    assert await h.store.get("lock") is None
+    assert await h.store.delete_if_equals("lock", "mine") is False
+
+
+async def test_delete_if_equals_after_someone_else_reclaimed(h: Harness) -> None:
+    await h.store.set_if_absent("lock", "A", ttl_s=TTL_S)
+    await h.elapse(PAST_TTL_S)  # A's claim lapses; B claims
+    assert await h.store.set_if_absent("lock", "B") is True
+    assert await h.store.delete_if_equals("lock", "A") is False
+    assert await h.store.get("lock") == "B"
+
+
+# --- counters ----------------------------------------------------------------------------
+
+
+async def test_incr_counts_in_a_fixed_window(h: Harness) -> None:
+    assert [await h.store.incr("rate", TTL_S) for _ in range(3)] == [1, 2, 3]
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.incr("rate", TTL_S) == 1
+
+
+async def test_incr_does_not_extend_the_window(h: Harness) -> None:
+    window = TTL_S * 2
+    assert await h.store.incr("rate", window) == 1
+    await h.elapse(window * 0.6)
+    assert await h.store.incr("rate", window) == 2
+    await h.elapse(window * 0.6)  # 1.2 windows after creation, 0.6 after the last incr
+    assert await h.store.incr("rate", window) == 1
+
+
+async def test_incr_concurrent_counts_every_event(h: Harness) -> None:
+    results = await asyncio.gather(*(h.store.incr("rate", 5) for _ in range(20)))
+    assert sorted(results) == list(range(1, 21))
+
+
+# --- hashes ---------------------------------------------------------------------------------
+
+
+async def test_hset_merges_and_hgetall(h: Harness) -> None:
+    assert await h.store.hgetall("call") == {}
+    await h.store.hset("call", {"state": "ringing", "from": "u1"})
+    await h.store.hset("call", {"state": "accepted", "to": "u2"})
+    await h.store.hset("call", {})  # no-op
+    assert await h.store.hgetall("call") == {"state": "accepted", "from": "u1", "to": "u2"}
+
+
+async def test_hset_ttl_expires_and_hset_without_ttl_keeps_it(h: Harness) -> None:
+    await h.store.hset("call", {"state": "ringing"}, ttl_s=TTL_S)
+    await h.store.hset("call", {"extra": "x"})  # does not clear the expiry
+    assert await h.store.hgetall("call") == {"state": "ringing", "extra": "x"}
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.hgetall("call") == {}
+
+
+async def test_hcas_missing_key_returns_none_and_creates_nothing(h: Harness) -> None:
+    assert await h.store.hcas("call", "state", ("ringing",), {"state": "accepted"}) is None
+    assert await h.store.hgetall("call") == {}
+
+
+async def test_hcas_transitions_only_from_expected(h: Harness) -> None:
+    await h.store.hset("call", {"state": "ringing", "from": "u1"})
+    assert await h.store.hcas("call", "state", ("accepted",), {"state": "ended"}) is None
+    assert await h.store.hcas("call", "missing", ("x",), {"state": "ended"}) is None
+    assert await h.store.hcas("call", "state", (), {"state": "ended"}) is None
+    assert await h.store.hgetall("call") == {"state": "ringing", "from": "u1"}
+
+    updated = await h.store.hcas(
+        "call", "state", ("ringing", "accepted"), {"state": "accepted", "to": "u2"}
+    )
+    assert updated == {"state": "accepted", "from": "u1", "to": "u2"}
+    assert await h.store.hcas("call", "state", {"ringing"}, {"state": "ended"}) is None
+    assert await h.store.hcas("call", "state", ["accepted"], {}) == updated
+
+
+async def test_hcas_race_has_one_winner(h: Harness) -> None:
+    await h.store.hset("{call:7}", {"state": "ringing"})
+    results = await asyncio.gather(
+        *(
+            h.store.hcas("{call:7}", "state", ("ringing",), {"state": "accepted", "by": f"u{i}"})
+            for i in range(20)
+        )
+    )
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    assert results.count(None) == 19
+    assert await h.store.hgetall("{call:7}") == winners[0]
+    assert winners[0]["state"] == "accepted"
+
+
+async def test_hcas_sets_ttl(h: Harness) -> None:
+    await h.store.hset("call", {"state": "ringing"})
+    assert await h.store.hcas("call", "state", ("ringing",), {"state": "accepted"}, ttl_s=TTL_S)
+    await h.elapse(TTL_S / 4)
+    assert await h.store.hgetall("call") == {"state": "accepted"}
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.hgetall("call") == {}
+
+
+async def test_hcas_on_expired_hash_returns_none(h: Harness) -> None:
+    await h.store.hset("call", {"state": "ringing"}, ttl_s=TTL_S)
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.hcas("call", "state", ("ringing",), {"state": "accepted"}) is None
+
+
+# --- sorted sets ------------------------------------------------------------------------------
+
+INF = float("inf")
+
+
+async def test_zset_orders_by_score_and_updates(h: Harness) -> None:
+    for member, score in [("c", 3.0), ("a", 1.0), ("b", 2.5), ("big", 1.7e12), ("tiny", 1e-3)]:
+        await h.store.zadd("z", member, score)
+    assert await h.store.zrange_by_score("z", -INF, INF) == [
+        ("tiny", 1e-3),
+        ("a", 1.0),
+        ("b", 2.5),
+        ("c", 3.0),
+        ("big", 1.7e12),
+    ]
+    await h.store.zadd("z", "a", 4.0)  # re-adding moves the member
+    assert await h.store.zrange_by_score("z", 1.0, 4.0) == [("b", 2.5), ("c", 3.0), ("a", 4.0)]
+    assert await h.store.zrange_by_score("z", 2.5, 3.0) == [("b", 2.5), ("c", 3.0)]  # inclusive
+    assert await h.store.zrange_by_score("z", -INF, INF, limit=2) == [("tiny", 1e-3), ("b", 2.5)]
+    assert await h.store.zrange_by_score("z", -INF, INF, limit=0) == []
+    assert await h.store.zrange_by_score("z", 5.0, 4.0) == []
+    assert await h.store.zrange_by_score("missing", -INF, INF) == []
+
+
+async def test_zrange_infinite_bounds_and_scores(h: Harness) -> None:
+    await h.store.zadd("z", "low", -INF)
+    await h.store.zadd("z", "neg", -5.0)
+    await h.store.zadd("z", "pos", 5.0)
+    await h.store.zadd("z", "high", INF)
+    everything = [("low", -INF), ("neg", -5.0), ("pos", 5.0), ("high", INF)]
+    assert await h.store.zrange_by_score("z", -INF, INF) == everything
+    assert await h.store.zrange_by_score("z", -INF, 0.0) == everything[:2]
+    assert await h.store.zrange_by_score("z", 0.0, INF) == everything[2:]
+
+
+async def test_zrem(h: Harness) -> None:
+    await h.store.zadd("z", "a", 1.0)
+    await h.store.zadd("z", "b", 2.0)
+    assert await h.store.zrem("z", "a") is True
+    assert await h.store.zrem("z", "a") is False
+    assert await h.store.zrem("missing", "a") is False
+    assert await h.store.zrange_by_score("z", -INF, INF) == [("b", 2.0)]
+    assert await h.store.zrem("z", "b") is True
+    assert await h.store.delete("z") is False  # the empty set is gone
+
+
+async def test_zadd_ttl_expires(h: Harness) -> None:
+    await h.store.zadd("z", "a", 1.0, ttl_s=TTL_S)
+    await h.store.zadd("z", "b", 2.0)  # keeps the expiry
+    assert len(await h.store.zrange_by_score("z", -INF, INF)) == 2
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.zrange_by_score("z", -INF, INF) == []
+
+
+async def test_zpop_due_takes_due_members_lowest_first(h: Harness) -> None:
+    for i in range(6):
+        await h.store.zadd("timers", f"t{i}", 100.0 + i)
+    assert await h.store.zpop_due("timers", 99.0) == []
+    assert await h.store.zpop_due("timers", 103.0, limit=2) == [("t0", 100.0), ("t1", 101.0)]
+    assert await h.store.zpop_due("timers", 103.0, limit=0) == []
+    assert await h.store.zpop_due("timers", 103.0) == [("t2", 102.0), ("t3", 103.0)]
+    assert await h.store.zpop_due("timers", 103.0) == []
+    assert await h.store.zrange_by_score("timers", -INF, INF) == [("t4", 104.0), ("t5", 105.0)]
+    assert await h.store.zpop_due("timers", INF) == [("t4", 104.0), ("t5", 105.0)]
+    assert await h.store.zpop_due("missing", INF) == []
+
+
+async def test_zpop_due_concurrent_claimers_take_each_member_once(h: Harness) -> None:
+    for i in range(60):
+        await h.store.zadd("{timers}", f"t{i}", float(i))
+
+    async def claimer() -> list[str]:
+        taken: list[str] = []
+        while batch := await h.store.zpop_due("{timers}", 49.0, limit=3):
+            taken += (member for member, _ in batch)
+            await asyncio.sleep(0)
+        return taken
+
+    claimed = await asyncio.gather(*(claimer() for _ in range(10)))
+    flat = [member for batch in claimed for member in batch]
+    assert len(flat) == len(set(flat)) == 50
+    assert set(flat) == {f"t{i}" for i in range(50)}
+    remaining = await h.store.zrange_by_score("{timers}", -INF, INF)
+    assert [m for m, _ in remaining] == [f"t{i}" for i in range(50, 60)]
+
+
+# --- streams ---------------------------------------------------------------------------------
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+async def test_xadd_ids_increase_and_entries_are_kept(h: Harness) -> None:
+    ids = [await h.store.xadd("log", {"n": str(i), "kind": "call"}, maxlen=100) for i in range(5)]
+    assert [_id(i) for i in ids] == sorted({_id(i) for i in ids})
+    assert await h.stream("log") == [(i, {"n": str(n), "kind": "call"}) for n, i in enumerate(ids)]
+
+
+async def test_xadd_maxlen_bounds_the_stream(h: Harness) -> None:
+    added = 250
+    maxlen = 10
+    ids = [await h.store.xadd("log", {"n": str(i)}, maxlen) for i in range(added)]
+    entries = await h.stream("log")
+    assert entries[-1] == (max(ids, key=_id), {"n": str(added - 1)})
+    if h.redis is None:
+        assert len(entries) == maxlen
+    else:
+        # MAXLEN ~ trims whole stream nodes (stream-node-max-entries = 100).
+        assert maxlen <= len(entries) <= maxlen + 100
+
+
+# --- Redis specifics ----------------------------------------------------------------------------
+
+
+async def test_redis_keys_are_prefixed_and_keep_hash_tags(rh: RedisHarness) -> None:
+    await rh.store.set("{call:9}:state", "v")
+    await rh.store.xadd("{call:9}:log", {"a": "b"}, 10)
+    assert rh.key("{call:9}:state") == rh.store.prefix + "{call:9}:state"
+    assert await rh.raw.get(rh.key("{call:9}:state")) == b"v"
+    assert await rh.raw.xlen(rh.key("{call:9}:log")) == 1
+    # The caller's tag still decides the cluster slot.
+    assert key_slot(rh.key("{call:9}:state").encode()) == key_slot(b"call:9")
+    with pytest.raises(ValueError):
+        RedisStateStore(rh.executor, prefix="sig{x}:")
+
+
+async def test_redis_ttls_are_set_on_the_key(rh: RedisHarness) -> None:
+    await rh.store.set("k", "v", ttl_s=TTL_S)
+    assert 0 < await rh.raw.pttl(rh.key("k")) <= TTL_S * 1000
+    await rh.store.set("k", "v")
+    assert await rh.raw.pttl(rh.key("k")) == -1
+    await rh.store.incr("n", 5)
+    await rh.store.hset("h", {"a": "b"}, ttl_s=5)
+    await rh.store.zadd("z", "m", 1.0, ttl_s=5)
+    await rh.store.hset("h2", {"state": "ringing"})
+    await rh.store.hcas("h2", "state", ("ringing",), {"state": "accepted"}, ttl_s=5)
+    for key in ("n", "h", "z", "h2"):
+        assert 4000 < await rh.raw.pttl(rh.key(key)) <= 5000, key
+
+
+async def test_redis_prefixes_isolate_stores(rh: RedisHarness) -> None:
+    other = RedisStateStore(rh.executor, prefix=rh.store.prefix + "other:")
+    await rh.store.set("k", "mine")
+    assert await other.get("k") is None
+    assert await other.set_if_absent("k", "theirs") is True
+    assert await rh.store.get("k") == "mine"
+
+
+async def test_redis_rejects_bad_arguments_before_sending(rh: RedisHarness) -> None:
+    with pytest.raises(TypeError):  # a str is a Collection[str] of its characters
+        await rh.store.hcas("call", "state", "ringing", {"state": "accepted"})
+    with pytest.raises(ValueError):  # Redis streams need a field
+        await rh.store.xadd("log", {}, 10)
+    with pytest.raises(ValueError):
+        await rh.store.zadd("z", "m", float("nan"))
+
+
+async def test_redis_down_raises_then_recovers(rh: RedisHarness) -> None:
+    """A dead Redis fails every call, commands and scripts alike. Through a plain
+    redis-py client that is redis.exceptions.ConnectionError ("Connection closed
+    by server." on the pooled connection, then "Error 111 connecting ..."), which
+    is not an OSError; the AutoPipeline maps it to BrokerUnavailable. After a
+    restart the same client reconnects, and the scripts run again through the
+    NOSCRIPT fallback (a restarted Redis has an empty script cache)."""
+    assert await rh.store.incr("n", 5) == 1  # the script is now cached on the server
+    rh.server.kill()
+    with pytest.raises(rh.down_error):
+        await rh.store.get("k")
+    with pytest.raises(rh.down_error):
+        await rh.store.incr("n", 5)
+    with pytest.raises(rh.down_error):
+        await rh.store.set_if_absent("k", "v")
+
+    rh.server.restart()
+    assert await rh.store.get("n") is None  # a restarted Redis is empty
+    assert await rh.raw.script_exists(INCR_WINDOW.sha1) == [False]
+    assert await rh.store.incr("n", 5) == 1
+    assert await rh.raw.script_exists(INCR_WINDOW.sha1) == [True]  # loaded by EVAL

@@ -1,0 +1,80 @@
+"""A 3-node Redis Cluster of private ``redis-server`` processes."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from support.processes import ProcessStartError, RedisProcess, free_port
+
+
+def _free_cluster_port() -> int:
+    """A port whose cluster-bus port (port + 10000) is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise ProcessStartError("no free port pair for a cluster node")
+
+
+class RedisClusterNode(RedisProcess):
+    @property
+    def argv(self) -> list[str]:
+        return [
+            *super().argv,
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", str(self.dir / "nodes.conf"),
+            "--cluster-node-timeout", "2000",
+        ]  # fmt: skip
+
+
+class RedisCluster:
+    def __init__(self, data_dir: Path, size: int = 3) -> None:
+        self.nodes = [
+            RedisClusterNode(data_dir, port=_free_cluster_port(), name=f"cluster{i}")
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 20.0) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise ProcessStartError("redis-cli not found (.ci/run installs redis-tools)")
+        addresses = [f"{n.host}:{n.port}" for n in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            info = subprocess.run(
+                [cli, "-p", str(self.nodes[0].port), "cluster", "info"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout
+            if "cluster_state:ok" in info:
+                return self
+            if time.monotonic() > deadline:
+                raise ProcessStartError(f"cluster did not become ok:\n{info}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop(grace=5.0)
