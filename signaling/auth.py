@@ -49,6 +49,7 @@ from .values import JSON, JSONObject
 __all__ = [
     "JWKS_REFETCH_MIN_S",
     "Credentials",
+    "KeysUnavailable",
     "SubscriptionGrant",
     "TokenError",
     "TokenExpired",
@@ -90,6 +91,11 @@ class SubscriptionGrant:
 
 class TokenError(Exception):
     """The token is not acceptable: malformed, bad signature, wrong alg/aud/iss, bad claims."""
+
+
+class KeysUnavailable(Exception):
+    """The token cannot be judged now: its keys are served by a JWKS that
+    could not be fetched. Temporary — not the client's fault."""
 
 
 class TokenExpired(TokenError):
@@ -245,6 +251,8 @@ class TokenVerifier:
                 return found
         if self._pem is not None:
             return self._pem
+        if self._jwks is not None and self._jwks.unavailable:
+            raise KeysUnavailable("JWKS could not be fetched")
         raise TokenError("no signing key for this token")
 
 
@@ -357,6 +365,11 @@ class _JwksCache:
             # shield: a cancelled verification must not cancel the fetch others await.
             await asyncio.shield(self._inflight)
         return self._keys.get(kid)
+
+    @property
+    def unavailable(self) -> bool:
+        """No keys at all, and the last fetch failed."""
+        return not self._keys and self._failed_at is not None
 
     async def aclose(self) -> None:
         task, self._inflight = self._inflight, None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import orjson
 
-from signaling.auth import Credentials, TokenError, TokenExpired
+from signaling.auth import Credentials, KeysUnavailable, TokenError, TokenExpired
 from signaling.broker.base import BrokerUnavailable, UnrecoverablePosition
 from signaling.channels import ChannelOptions
 from signaling.errors import (
@@ -427,6 +427,10 @@ class ClientSession:
         except TokenExpired:
             node.metrics.connection_attempts.labels("token_expired").inc()
             raise SignalError(ERROR_TOKEN_EXPIRED) from None
+        except KeysUnavailable:
+            # The issuer's keys are unreachable: temporary, the SDK retries.
+            node.metrics.connection_attempts.labels("keys_unavailable").inc()
+            raise SignalError(ERROR_INTERNAL) from None
         except TokenError as exc:
             node.metrics.connection_attempts.labels("invalid_token").inc()
             refusals_log.log(
