@@ -12,9 +12,10 @@ from typing import Any
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.processes import ServerProcess
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+
+from support.processes import ServerProcess
 
 TIMEOUT = 5.0
 
@@ -202,7 +203,13 @@ async def test_connection_limit_per_user(server_factory: Any) -> None:
 
 @pytest.mark.parametrize(
     "frame",
-    ['{"id": 1, "connect": ', "[1,2,3]", '{"id": -1, "rpc": {}}', '{"id": 1, "publish": 5}', "\n\n"],
+    [
+        '{"id": 1, "connect": ',
+        "[1,2,3]",
+        '{"id": -1, "rpc": {}}',
+        '{"id": 1, "publish": 5}',
+        "\n\n",
+    ],
     ids=["truncated-json", "array", "negative-id", "body-not-object", "blank-lines"],
 )
 async def test_malformed_frames_close_with_3501(srv: ServerProcess, frame: str) -> None:
