@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from handlers import system
+from handlers import calls, chat, presence, system
 from handlers.channels import PlatformChannelPolicy
 from signaling.config import Settings
 from signaling.node import Node
@@ -17,3 +17,6 @@ def channel_policy(settings: Settings) -> PlatformChannelPolicy:
 def install(node: Node) -> None:
     """Register every handler's RPC methods and hooks on ``node``."""
     system.register(node)
+    calls.register(node)
+    chat.register(node)
+    presence.register(node)

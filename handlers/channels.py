@@ -11,6 +11,13 @@ Namespaces (README § Channels):
   events). History, so pushes missed while offline are recovered.
 * ``private:<name>`` — subscribers need a subscription token from the
   platform's backend (e.g. paid content). History, presence.
+* ``status:<user_id>`` — a user's online state and availability
+  (handlers/presence.py). Any authenticated user may subscribe; clients never
+  publish. History of one publication (the latest state), no presence.
+
+The chat handlers (handlers/chat/) add, on top of this policy, a schema for
+what is published to ``room:`` and ``dm:`` and live-room moderation (bans
+refuse subscribing and publishing).
 
 Any other channel is unknown (error 102).
 """
@@ -22,7 +29,14 @@ from dataclasses import dataclass
 from signaling.broker.base import HistoryOptions
 from signaling.channels import ChannelOptions
 
-__all__ = ["PlatformChannelPolicy", "dm_channel", "personal_channel"]
+__all__ = [
+    "PlatformChannelPolicy",
+    "dm_channel",
+    "dm_members",
+    "personal_channel",
+    "room_owner",
+    "status_channel",
+]
 
 MAX_ID_LENGTH = 64
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.@")
@@ -38,8 +52,27 @@ def dm_channel(a: str, b: str) -> str:
     return f"dm:#{first},{second}"
 
 
+def status_channel(user: str) -> str:
+    return f"status:{user}"
+
+
 def _valid_id(value: str) -> bool:
     return 0 < len(value) <= MAX_ID_LENGTH and all(c in _ID_CHARS for c in value)
+
+
+def room_owner(channel: str) -> str | None:
+    """The creator who owns a ``room:`` channel, or None if not one."""
+    if not channel.startswith("room:"):
+        return None
+    owner = channel[len("room:") :]
+    return owner if _valid_id(owner) else None
+
+
+def dm_members(channel: str) -> tuple[str, str] | None:
+    """The two members of a ``dm:`` channel, or None if not a valid one."""
+    if not channel.startswith("dm:#"):
+        return None
+    return _dm_members(channel)
 
 
 def _dm_members(channel: str) -> tuple[str, str] | None:
@@ -73,6 +106,13 @@ class PlatformChannelPolicy:
             if not _valid_id(channel[len("private:") :]):
                 return None
             return ChannelOptions(history=history, presence=True, token_required=True)
+        if channel.startswith("status:"):
+            if not _valid_id(channel[len("status:") :]):
+                return None
+            # One publication kept: the latest state, for recovery after a
+            # reconnect; anything older is stale by definition.
+            latest = HistoryOptions(min(1, self.history_size), self.history_ttl_s)
+            return ChannelOptions(history=latest, client_publish=False)
         return None
 
     def can_subscribe(self, user: str, channel: str) -> bool:
@@ -83,6 +123,9 @@ class PlatformChannelPolicy:
             return members is not None and user in members
         if channel.startswith("user:#"):
             return channel == personal_channel(user)
+        if channel.startswith("status:"):
+            # Any authenticated user: a fan's app follows a creator's status.
+            return bool(user)
         return False
 
     def can_publish(self, user: str, channel: str) -> bool:
@@ -91,7 +134,7 @@ class PlatformChannelPolicy:
         if channel.startswith("dm:#"):
             members = _dm_members(channel)
             return members is not None and user in members
-        # user: is server-only; private: channels are read-only for clients.
+        # user: and status: are server-only; private: is read-only for clients.
         return False
 
     def personal_channel(self, user: str) -> str | None:

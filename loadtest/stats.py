@@ -89,6 +89,7 @@ class Histogram:
 
     def summary_ms(self) -> dict[str, float | int]:
         """count, mean, p50, p95, p99, p999, max, in milliseconds."""
+
         def ms(us: float) -> float:
             return round(us / 1000.0, 3)
 

@@ -21,7 +21,7 @@ import hashlib
 import os
 import random
 import socket
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -158,9 +158,9 @@ class RawWebSocket(asyncio.Protocol):
     # --- asyncio.Protocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self._request)
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self._request)
         self._request = b""
 
     def data_received(self, data: bytes) -> None:

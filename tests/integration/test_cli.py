@@ -56,10 +56,10 @@ def test_secret_values_are_never_echoed() -> None:
 
 
 def test_token_command_mints_a_verifiable_jwt() -> None:
+    claims_args = ["--claim", 'info={"name":"Alice"}', "--claim", "tier=gold"]
     result = run_cli(
-        "token", "alice", "--ttl", "120", "--claim", 'info={"name":"Alice"}', "--claim", "tier=gold",
-        env={"SIGNAL_JWT_SECRET": SECRET},
-    )  # fmt: skip
+        "token", "alice", "--ttl", "120", *claims_args, env={"SIGNAL_JWT_SECRET": SECRET}
+    )
     assert result.returncode == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
     assert claims["sub"] == "alice" and claims["info"] == {"name": "Alice"}

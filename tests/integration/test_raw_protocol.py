@@ -421,7 +421,7 @@ async def test_rate_limit_errors_then_disconnect(server_factory: Any) -> None:
     # Keep hammering: a whole burst beyond the limit ends the connection.
     await client.send(*[{"rpc": {"method": "server.info"}} for _ in range(20)])
     assert (await client.closed_with())[0] == 3013
-    status, body = await srv.aget("/metrics")
+    _, body = await srv.aget("/metrics")
     assert metric_value(body, "signal_rate_limit_disconnects_total") == 1
 
 
