@@ -149,7 +149,8 @@ class ClientSession:
         self.client_id = str(uuid.uuid4())
         self.subs: dict[str, _Subscription] = {}
         self._identity: _Identity | None = None
-        self._commands: deque[Command] = deque()
+        # Created when a command arrives: most connections are idle.
+        self._commands: deque[Command] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
         self._finalized = False
@@ -184,12 +185,17 @@ class ClientSession:
                     return
                 self._refuse(cmd, ERROR_TOO_MANY_REQUESTS, "command_rate")
                 continue
+            if self._commands is None:
+                self._commands = deque()
             self._commands.append(cmd)
-        if len(self._commands) > MAX_QUEUED_COMMANDS:
+        queue = self._commands
+        if queue is None:
+            return
+        if len(queue) > MAX_QUEUED_COMMANDS:
             self.node.metrics.rate_limited.inc()
             self.disconnect(DISCONNECT_TOO_MANY_REQUESTS)
             return
-        if self._commands and self._runner is None:
+        if queue and self._runner is None:
             self._runner = asyncio.create_task(self._run_commands())
 
     def on_binary(self, data: bytes) -> None:
@@ -336,11 +342,14 @@ class ClientSession:
             self.conn.send_text(encode_error(cmd.id, error))
 
     async def _run_commands(self) -> None:
+        queue = self._commands
         try:
-            while self._commands and not self._closed:
-                await self._run_command(self._commands.popleft())
+            while queue and not self._closed:
+                await self._run_command(queue.popleft())
         finally:
             self._runner = None
+            if self._commands is queue and not queue:
+                self._commands = None  # idle again: free the deque
 
     async def _run_command(self, cmd: Command) -> None:
         metrics = self.node.metrics

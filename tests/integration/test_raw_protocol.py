@@ -95,10 +95,20 @@ async def connected(server: ServerProcess, user: str, **claims: Any) -> Raw:
     return client
 
 
+# Rooms also carry the server's viewer counts; keep them out of these tests.
+QUIET = {"SIGNAL_VIEWER_COUNT_INTERVAL_S": "3600"}
+
+
+def msg(text: str) -> dict[str, str]:
+    """A chat message publication (handlers/chat schema)."""
+    return {"type": "message", "text": text}
+
+
 @pytest.fixture
 async def srv(server_factory: Any) -> ServerProcess:
     return await server_factory(
-        {"SIGNAL_COMMANDS_PER_SECOND": "1000", "SIGNAL_COMMAND_BURST": "1000"}, name="raw"
+        {"SIGNAL_COMMANDS_PER_SECOND": "1000", "SIGNAL_COMMAND_BURST": "1000", **QUIET},
+        name="raw",
     )
 
 
@@ -265,9 +275,9 @@ async def test_oversized_publication_gets_106(server_factory: Any) -> None:
         {"SIGNAL_MAX_FRAME_BYTES": "65536", "SIGNAL_MAX_PUBLICATION_BYTES": "1024"}, name="pub"
     )
     client = await connected(srv, "alice")
-    reply = await client.call("publish", {"channel": "room:x", "data": {"t": "x" * 2000}})
+    reply = await client.call("publish", {"channel": "room:x", "data": msg("x" * 2000)})
     assert reply["error"]["code"] == 106
-    reply = await client.call("publish", {"channel": "room:x", "data": {"t": "ok"}})
+    reply = await client.call("publish", {"channel": "room:x", "data": msg("ok")})
     assert reply == {"id": reply["id"], "publish": {}}
     await client.close()
 
@@ -333,9 +343,13 @@ async def test_sender_identity_comes_from_token(srv: ServerProcess) -> None:
     alice = await connected(srv, "alice", name="Alice")
     bob = await connected(srv, "bob")
     await bob.call("subscribe", {"channel": "room:c"})
-    spoof = {"text": "hi", "info": {"user": "admin"}, "user": "admin"}
+    # Sender fields inside the data are refused by the chat schema...
+    spoof = {**msg("hi"), "info": {"user": "admin"}, "user": "admin"}
+    reply = await alice.call("publish", {"channel": "room:c", "data": spoof})
+    assert reply["error"]["code"] >= 1000
+    # ...and an "info" next to the data in the command is ignored.
     reply = await alice.call(
-        "publish", {"channel": "room:c", "data": spoof, "info": {"user": "admin"}}
+        "publish", {"channel": "room:c", "data": msg("hi"), "info": {"user": "admin"}}
     )
     assert "publish" in reply
     push = await bob.push("pub")
@@ -343,7 +357,7 @@ async def test_sender_identity_comes_from_token(srv: ServerProcess) -> None:
     assert push["channel"] == "room:c"
     assert pub["info"]["user"] == "alice"
     assert pub["info"]["conn_info"] == {"name": "Alice"}
-    assert pub["data"] == spoof  # data is opaque; identity is only in info
+    assert pub["data"] == msg("hi")
     assert pub["offset"] == 1
     await alice.close()
     await bob.close()
@@ -353,9 +367,9 @@ async def test_history_since_and_unrecoverable(srv: ServerProcess) -> None:
     client = await connected(srv, "alice")
     sub = (await client.call("subscribe", {"channel": "room:h"}))["subscribe"]
     for i in range(5):
-        await client.call("publish", {"channel": "room:h", "data": {"n": i}})
+        await client.call("publish", {"channel": "room:h", "data": msg(str(i))})
     hist = (await client.call("history", {"channel": "room:h", "limit": 2}))["history"]
-    assert [p["data"]["n"] for p in hist["publications"]] == [0, 1]
+    assert [p["data"]["text"] for p in hist["publications"]] == ["0", "1"]
     assert hist["offset"] == 5 and hist["epoch"] == sub["epoch"]
     body = {"channel": "room:h", "limit": 10, "since": {"offset": 3, "epoch": sub["epoch"]}}
     hist = (await client.call("history", body))["history"]
@@ -374,13 +388,13 @@ async def test_recover_on_resubscribe(srv: ServerProcess) -> None:
     await reader.close()
     writer = await connected(srv, "bob")
     for i in range(3):
-        await writer.call("publish", {"channel": "room:r", "data": {"n": i}})
+        await writer.call("publish", {"channel": "room:r", "data": msg(str(i))})
     reader = await connected(srv, "alice")
     offset = sub.get("offset", 0)  # zero values are omitted on the wire
     body = {"channel": "room:r", "recover": True, "offset": offset, "epoch": sub["epoch"]}
     result = (await reader.call("subscribe", body))["subscribe"]
     assert result["recovered"] is True and result["was_recovering"] is True
-    assert [p["data"]["n"] for p in result["publications"]] == [0, 1, 2]
+    assert [p["data"]["text"] for p in result["publications"]] == ["0", "1", "2"]
     body = {"channel": "room:s", "recover": True, "offset": 7, "epoch": "gone"}
     result = (await reader.call("subscribe", body))["subscribe"]
     assert result.get("recovered") is not True and result["was_recovering"] is True
@@ -427,7 +441,12 @@ async def test_rate_limit_errors_then_disconnect(server_factory: Any) -> None:
 
 async def test_slow_client_closed_with_3008(server_factory: Any) -> None:
     srv = await server_factory(
-        {"SIGNAL_SEND_BUFFER_MAX_BYTES": "65536", "SIGNAL_COMMANDS_PER_SECOND": "0"},
+        {
+            "SIGNAL_SEND_BUFFER_MAX_BYTES": "65536",
+            "SIGNAL_COMMANDS_PER_SECOND": "0",
+            "SIGNAL_CHAT_MAX_TEXT": "16000",
+            **QUIET,
+        },
         name="slow",
     )
     # A client that subscribes and then never reads: raw socket with a tiny buffer.
@@ -441,7 +460,7 @@ async def test_slow_client_closed_with_3008(server_factory: Any) -> None:
     fast = await connected(srv, "reader")
     await fast.call("subscribe", {"channel": "room:flood"})
     publisher = await connected(srv, "writer")
-    payload = {"text": "y" * 15000}
+    payload = msg("y" * 15000)
     # Kernel socket buffers on loopback absorb a few MB before the server's own
     # buffer starts to grow: publish until the server gives up on the client.
     body = b""

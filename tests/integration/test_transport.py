@@ -68,6 +68,9 @@ class EchoSession:
 
     def __init__(self, conn: WebSocketConnection) -> None:
         self.conn = conn
+        # Headers are only available while the app opens the connection.
+        self.headers = dict(conn.headers.items())
+        self.header_view = conn.headers
         self.texts: list[bytes] = []
         self.binaries: list[bytes] = []
         self.closed: asyncio.Future[tuple[int | None, str]] = (
@@ -241,10 +244,13 @@ async def test_handshake_and_echo() -> None:
         session = await next_session(app)
         assert transport.connections == 1
         assert session.conn.path == "/connection/websocket"
-        assert session.conn.headers["Sec-WebSocket-Version"] == "13"
-        assert session.conn.headers.get("x-forwarded-for") == "10.0.0.1, 10.0.0.2"
-        assert session.conn.headers.get("x-missing") is None
-        assert "upgrade" in session.conn.headers
+        view = session.header_view
+        assert view["Sec-WebSocket-Version"] == "13"
+        assert view.get("x-forwarded-for") == "10.0.0.1, 10.0.0.2"
+        assert view.get("x-missing") is None
+        assert "upgrade" in view
+        # Released after websocket_opened (the handshake request is freed).
+        assert dict(session.conn.headers) == {}
         assert session.conn.remote_address.startswith("127.0.0.1:")
         await ws.send('{"id":1}')
         assert await ws.recv() == '{"id":1}'
