@@ -17,6 +17,7 @@ import math
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import orjson
@@ -139,6 +140,7 @@ class ClientSession:
         "_tokens",
         "client_id",
         "conn",
+        "deliver",
         "node",
         "subs",
     )
@@ -146,6 +148,9 @@ class ClientSession:
     def __init__(self, node: Node, conn: WebSocketConnection) -> None:
         self.node = node
         self.conn = conn
+        # The hub's fan-out calls this per recipient: the transport's own
+        # method, with no wrapper call in between.
+        self.deliver: Callable[[bytes], None] = conn.write_frame
         self.client_id = str(uuid.uuid4())
         self.subs: dict[str, _Subscription] = {}
         self._identity: _Identity | None = None
@@ -229,9 +234,6 @@ class ClientSession:
         log.debug("connection %s closed (%s %s)", self.client_id, code, reason)
 
     # --- hub callbacks ----------------------------------------------------------
-
-    def deliver(self, frame: bytes) -> None:
-        self.conn.write_frame(frame)
 
     def lost_position(self, channel: str) -> None:
         if self._closed:
