@@ -56,6 +56,9 @@ async def server_factory(tmp_path: Path) -> AsyncIterator[ServerFactory]:
         port: int | None = None,
         ready_timeout: float = 15.0,
     ) -> ServerProcess:
+        # Rooms carry periodic viewer counts (handlers/chat); tests that want
+        # them set the interval, the others get only what they publish.
+        env = {"SIGNAL_VIEWER_COUNT_INTERVAL_S": "3600", **(env or {})}
         proc = ServerProcess(tmp_path / "logs", env, name=name, secret=secret, port=port)
         started.append(proc)
         return await proc.astart(ready_timeout)

@@ -34,6 +34,11 @@ from support.sdk import ClientEvents, SubEvents, make_client
 ROOM_OPTS: dict[str, Any] = {"recoverable": True, "positioned": True, "join_leave": True}
 
 
+def msg(text: str) -> dict[str, str]:
+    """A chat message publication (the schema of handlers/chat)."""
+    return {"type": "message", "text": text}
+
+
 @pytest.fixture
 async def clients() -> AsyncIterator[Callable[..., tuple[Client, ClientEvents]]]:
     """Factory of real SDK clients; all are disconnected at teardown."""
@@ -127,9 +132,9 @@ async def test_room_publish_roundtrip_with_server_set_info(server, clients) -> N
     assert ctx.stream_position is not None
     start = ctx.stream_position.offset
 
-    await sub_a.publish({"text": "hello"})
+    await sub_a.publish(msg("hello"))
     pub = (await sev_a.wait_for("publication")).pub
-    assert pub.data == {"text": "hello"}
+    assert pub.data == msg("hello")
     assert pub.info is not None
     assert pub.info.user == "alice"
     assert pub.info.client == alice_id
@@ -147,11 +152,11 @@ async def test_room_publish_roundtrip_with_server_set_info(server, clients) -> N
     assert (join.info.user, join.info.client) == ("bob", bob_id)
 
     mark = sev_a.mark()
-    await sub_b.publish({"text": "hi alice"})
+    await sub_b.publish(msg("hi alice"))
     got_a = (await sev_a.wait_for("publication", since=mark)).pub
     got_b = (await sev_b.wait_for("publication")).pub
     for got in (got_a, got_b):
-        assert got.data == {"text": "hi alice"}
+        assert got.data == msg("hi alice")
         assert (got.info.user, got.info.client) == ("bob", bob_id)
         assert got.offset == start + 2
 
@@ -167,13 +172,17 @@ async def test_spoofed_info_in_data_does_not_change_publication_info(server, cli
     alice_id = await connect(alice, ev)
     sub, sev, _ = await subscribe(alice, "room:alice", **ROOM_OPTS)
     spoof = {
-        "text": "trust me",
+        **msg("trust me"),
         "info": {"user": "mallory", "client": "forged"},
         "user": "mallory",
     }
-    await sub.publish(spoof)
+    # Sender fields in the data are refused by the chat schema (handlers/chat).
+    with pytest.raises(ReplyError) as err:
+        await sub.publish(spoof)
+    assert err.value.code >= 1000
+    await sub.publish(msg("trust me"))
     pub = (await sev.wait_for("publication")).pub
-    assert pub.data == spoof  # data is the client's, untouched
+    assert pub.data == msg("trust me")
     assert pub.info is not None
     assert pub.info.user == "alice"
     assert pub.info.client == alice_id
@@ -252,11 +261,11 @@ async def test_history_limit_reverse_since(server, clients) -> None:
     await connect(alice, ev)
     sub, sev, ctx = await subscribe(alice, "room:alice", **ROOM_OPTS)
     for n in range(6):
-        await sub.publish({"n": n})
+        await sub.publish(msg(str(n)))
     await sev.wait_count("publication", 6)
 
     full = await sub.history(limit=100)
-    assert [p.data["n"] for p in full.publications] == [0, 1, 2, 3, 4, 5]
+    assert [int(p.data["text"]) for p in full.publications] == [0, 1, 2, 3, 4, 5]
     offsets = [p.offset for p in full.publications]
     assert offsets == list(range(offsets[0], offsets[0] + 6))
     assert full.offset == offsets[-1]
@@ -264,13 +273,13 @@ async def test_history_limit_reverse_since(server, clients) -> None:
     assert all(p.info is not None and p.info.user == "alice" for p in full.publications)
 
     first3 = await sub.history(limit=3)
-    assert [p.data["n"] for p in first3.publications] == [0, 1, 2]
+    assert [int(p.data["text"]) for p in first3.publications] == [0, 1, 2]
 
     newest2 = await sub.history(limit=2, reverse=True)
-    assert [p.data["n"] for p in newest2.publications] == [5, 4]
+    assert [int(p.data["text"]) for p in newest2.publications] == [5, 4]
 
     since = await sub.history(limit=10, since=StreamPosition(offsets[2], full.epoch))
-    assert [p.data["n"] for p in since.publications] == [3, 4, 5]
+    assert [int(p.data["text"]) for p in since.publications] == [3, 4, 5]
     assert since.offset == full.offset
 
     since_top = await sub.history(limit=10, since=StreamPosition(full.offset, full.epoch))
@@ -287,10 +296,10 @@ async def test_history_size_is_bounded(server_factory, clients) -> None:
     await connect(alice, ev)
     sub, sev, _ = await subscribe(alice, "room:alice", **ROOM_OPTS)
     for n in range(5):
-        await sub.publish({"n": n})
+        await sub.publish(msg(str(n)))
     await sev.wait_count("publication", 5)
     history = await sub.history(limit=100)
-    assert [p.data["n"] for p in history.publications] == [2, 3, 4]
+    assert [int(p.data["text"]) for p in history.publications] == [2, 3, 4]
 
 
 # ------------------------------------------------------------------ permissions
@@ -305,13 +314,13 @@ async def test_forbidden_channels(server, clients) -> None:
     assert await subscribe_error(alice, "dm:#bob,carol") == 103
 
     with pytest.raises(ReplyError) as err:
-        await alice.publish("user:#alice", {"text": "to myself"})
+        await alice.publish("user:#alice", msg("to myself"))
     assert err.value.code == 103, err.value
     with pytest.raises(ReplyError) as err:
-        await alice.publish("chat:x", {"text": "?"})
+        await alice.publish("chat:x", msg("?"))
     assert err.value.code == 102, err.value
     with pytest.raises(ReplyError) as err:
-        await alice.publish("dm:#bob,carol", {"text": "psst"})
+        await alice.publish("dm:#bob,carol", msg("psst"))
     assert err.value.code == 103, err.value
 
     # Errors fail commands, not the connection.
@@ -328,9 +337,9 @@ async def test_dm_between_its_two_users(server, clients) -> None:
     sub_a, _, _ = await subscribe(alice, channel, recoverable=True, positioned=True)
     _, sev_b, _ = await subscribe(bob, channel, recoverable=True, positioned=True)
 
-    await sub_a.publish({"text": "hi bob"})
+    await sub_a.publish(msg("hi bob"))
     pub = (await sev_b.wait_for("publication")).pub
-    assert pub.data == {"text": "hi bob"}
+    assert pub.data == msg("hi bob")
     assert (pub.info.user, pub.info.client) == ("alice", alice_id)
 
     carol, ev_c = clients(server, "carol")
@@ -349,7 +358,7 @@ async def test_recovery_of_missed_room_publications(server, clients) -> None:
     sub_a, sev_a, _ = await subscribe(alice, "room:alice", **ROOM_OPTS)
     sub_b, _sev_b, _ = await subscribe(bob, "room:alice", **ROOM_OPTS)
 
-    await sub_b.publish({"text": "seen"})
+    await sub_b.publish(msg("seen"))
     last_seen = (await sev_a.wait_for("publication")).pub.offset
 
     await alice.disconnect()
@@ -357,7 +366,7 @@ async def test_recovery_of_missed_room_publications(server, clients) -> None:
     assert sub_a.state == SubscriptionState.SUBSCRIBING
 
     for n in range(5):
-        await sub_b.publish({"text": "missed", "n": n})
+        await sub_b.publish(msg(str(n)))
 
     mark = sev_a.mark()
     await connect(alice, ev_a)
@@ -366,12 +375,12 @@ async def test_recovery_of_missed_room_publications(server, clients) -> None:
     assert ctx.recovered is True, ctx
 
     pubs = [c.pub for c in await sev_a.wait_count("publication", 5, since=mark)]
-    assert [p.data["n"] for p in pubs] == [0, 1, 2, 3, 4]
+    assert [int(p.data["text"]) for p in pubs] == [0, 1, 2, 3, 4]
     assert [p.offset for p in pubs] == [last_seen + i for i in range(1, 6)]
     assert all(p.info.user == "bob" for p in pubs)
 
     # Nothing twice, and live publications continue after the recovered ones.
-    await sub_b.publish({"text": "live"})
+    await sub_b.publish(msg("live"))
     live = await sev_a.wait_for("publication", lambda c: c.pub.data["text"] == "live", since=mark)
     assert live.pub.offset == last_seen + 6
     assert len(sev_a.of("publication", since=mark)) == 6
@@ -385,12 +394,12 @@ async def test_recovery_fails_cleanly_when_history_was_trimmed(server_factory, c
     await connect(bob, ev_b)
     sub_a, sev_a, _ = await subscribe(alice, "room:alice", **ROOM_OPTS)
     sub_b, _, _ = await subscribe(bob, "room:alice", **ROOM_OPTS)
-    await sub_b.publish({"n": -1})
+    await sub_b.publish(msg("-1"))
     await sev_a.wait_for("publication")
 
     await alice.disconnect()
     for n in range(5):  # more than the 3 the server keeps
-        await sub_b.publish({"n": n})
+        await sub_b.publish(msg(str(n)))
 
     mark = sev_a.mark()
     await connect(alice, ev_a)

@@ -210,7 +210,7 @@ async function main() {
 
   await check('publish_receive_own', async () => {
     const mark = subA.rec.mark();
-    await subA.sub.publish({ text: 'hello from js', n: -1 });
+    await subA.sub.publish({ type: 'message', text: 'hello from js' });
     const pub = await subA.rec.waitFor('publication', (p) => p.data && p.data.text === 'hello from js', mark);
     assert(pub.info && pub.info.user === userA, `info.user is not ${userA}`, pub);
     assert(pub.info.client === clientIdA, 'info.client is not the publisher client id', pub);
@@ -234,7 +234,7 @@ async function main() {
 
   await check('receive_other_client_publication', async () => {
     const mark = subA.rec.mark();
-    await subB.sub.publish({ text: 'hello from B' });
+    await subB.sub.publish({ type: 'message', text: 'hello from B' });
     const pub = await subA.rec.waitFor('publication', (p) => p.data && p.data.text === 'hello from B', mark);
     assert(pub.info && pub.info.user === userB && pub.info.client === clientIdB, 'wrong info', pub);
     return pub;
@@ -319,13 +319,13 @@ async function main() {
     await A.rec.waitFor('disconnected');
     await subB.rec.waitFor('leave', (l) => l.info && l.info.client === clientIdA, markB);
     for (let i = 0; i < N; i++) {
-      await subB.sub.publish({ text: 'missed', n: i });
+      await subB.sub.publish({ type: 'message', text: `missed ${i}` });
     }
     A.client.connect();
     const ctx = await subA.rec.waitFor('subscribed', () => true, markSub);
     assert(ctx.wasRecovering === true && ctx.recovered === true, 'not recovered', ctx);
-    const pubs = await subA.rec.waitCount('publication', N, (p) => p.data && p.data.text === 'missed', markSub);
-    const ns = pubs.map((p) => p.data.n);
+    const pubs = await subA.rec.waitCount('publication', N, (p) => p.data && p.data.text.startsWith('missed '), markSub);
+    const ns = pubs.map((p) => Number(p.data.text.split(' ')[1]));
     const offsets = pubs.map((p) => p.offset);
     for (let i = 0; i < N; i++) {
       assert(ns[i] === i, 'missed publications out of order', { ns, offsets });
