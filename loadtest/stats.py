@@ -120,9 +120,12 @@ class Histogram:
             out.merge(part)
         return out
 
-    def rows(self) -> list[tuple[int, int]]:
-        """(bucket low bound µs, count), ascending: for plots and the JSON report."""
-        return [(bucket_low_us(i), self.buckets[i]) for i in sorted(self.buckets)]
+    def rows(self) -> list[tuple[int, int, int]]:
+        """(bucket low bound µs, high bound µs (exclusive), count), ascending: for
+        plots and the JSON report."""
+        return [
+            (bucket_low_us(i), bucket_low_us(i + 1), self.buckets[i]) for i in sorted(self.buckets)
+        ]
 
 
 # --- bitmaps: bit n set = publication with sequence number n seen ------------------------

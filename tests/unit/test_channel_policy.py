@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from handlers.channels import PlatformChannelPolicy, dm_channel, personal_channel
+from handlers.channels import (
+    PlatformChannelPolicy,
+    dm_channel,
+    dm_members,
+    personal_channel,
+    room_owner,
+    status_channel,
+)
 from signaling.broker.base import HistoryOptions
 from signaling.channels import ChannelOptions
 
@@ -49,6 +56,18 @@ def test_private_options() -> None:
     assert opts.join_leave is False
 
 
+def test_status_options() -> None:
+    opts = POLICY.options("status:42")
+    # The latest state only, kept as long as other history.
+    assert opts == ChannelOptions(history=HistoryOptions(1, 300.0), client_publish=False)
+    assert opts is not None
+    assert opts.presence is False and opts.join_leave is False and opts.token_required is False
+    assert opts.recoverable is True
+    no_history = PlatformChannelPolicy(history_size=0, history_ttl_s=300.0)
+    opts = no_history.options("status:42")
+    assert opts is not None and opts.recoverable is False
+
+
 def test_history_options_follow_policy_settings() -> None:
     policy = PlatformChannelPolicy(history_size=0, history_ttl_s=0)
     opts = policy.options("room:1")
@@ -66,6 +85,8 @@ def test_history_options_follow_policy_settings() -> None:
         "user:#u-1",
         "user:#" + "9" * 64,
         "private:name",
+        "status:u-1",
+        "status:" + "s" * 64,
     ],
 )
 def test_valid_channels(channel: str) -> None:
@@ -105,6 +126,10 @@ def test_valid_channels(channel: str) -> None:
         pytest.param("private:", id="private-empty"),
         pytest.param("private:a/b", id="private-slash"),
         pytest.param("private:" + "p" * 65, id="private-too-long"),
+        pytest.param("status:", id="status-empty"),
+        pytest.param("status:#1", id="status-hash"),
+        pytest.param("status:a,b", id="status-comma"),
+        pytest.param("status:" + "s" * 65, id="status-too-long"),
     ],
 )
 def test_invalid_channels(channel: str) -> None:
@@ -131,6 +156,9 @@ def test_invalid_channels(channel: str) -> None:
         ("alice", "user:#alice", True, False),
         ("alice", "user:#bob", False, False),
         ("alice", "user:#alice2", False, False),
+        # status: anyone authenticated reads anyone's; nobody publishes (server only).
+        ("alice", "status:bob", True, False),
+        ("alice", "status:alice", True, False),
         # private: needs a subscription token; read-only for clients.
         ("alice", "private:show", False, False),
         # unknown namespaces: nothing.
@@ -159,6 +187,7 @@ def test_anonymous_user() -> None:
     assert POLICY.can_subscribe("", "room:1")
     assert not POLICY.can_subscribe("", "dm:#alice,bob")
     assert not POLICY.can_publish("", "user:#")
+    assert not POLICY.can_subscribe("", "status:bob")
     assert POLICY.personal_channel("") is None
 
 
@@ -188,3 +217,41 @@ def test_dm_channel_is_canonical() -> None:
     assert POLICY.options(channel) is not None
     assert POLICY.can_subscribe("7", channel)
     assert POLICY.can_subscribe("12", channel)
+
+
+# --- helpers of the chat and presence handlers ---------------------------------------
+
+
+def test_status_channel() -> None:
+    assert status_channel("42") == "status:42"
+    assert POLICY.options(status_channel("u_1.a@b-c")) is not None
+
+
+@pytest.mark.parametrize(
+    ("channel", "owner"),
+    [
+        ("room:cre", "cre"),
+        ("room:u_1.a@b-c", "u_1.a@b-c"),
+        ("room:", None),
+        ("room:a b", None),
+        ("dm:#a,b", None),
+        ("status:cre", None),
+        ("rooms:cre", None),
+    ],
+)
+def test_room_owner(channel: str, owner: str | None) -> None:
+    assert room_owner(channel) == owner
+
+
+@pytest.mark.parametrize(
+    ("channel", "members"),
+    [
+        ("dm:#alice,bob", ("alice", "bob")),
+        ("dm:#bob,alice", None),
+        ("dm:#alice", None),
+        ("room:alice", None),
+        ("dm:alice,bob", None),
+    ],
+)
+def test_dm_members(channel: str, members: tuple[str, str] | None) -> None:
+    assert dm_members(channel) == members

@@ -1,0 +1,633 @@
+"""The calls: transitions, the server's call clock, liveness, and what follows each.
+
+:class:`CallService` is what the RPC methods (:mod:`handlers.calls.rpc`) and
+the timers (:mod:`handlers.calls.timers`) act through. Every change of a call
+is a compare-and-set in the shared store (:class:`CallStore.update`); the
+instance whose change wins then does the follow-up, once: publish the
+participants' events, append the billing record, release busy flags,
+re-schedule or drop the call's timer, count metrics.
+
+The clock of an accepted call belongs to the server: ``accepted_at``,
+minute ticks at ``accepted_at + n * call_tick_s``, warnings before and the
+end at ``accepted_at + call_max_duration_s``, all in server time, whichever
+instance runs the timer.
+
+Liveness, per participant: a participant is offline when no instance holds
+a connection of theirs (``node.user_presence``). Offline since the latest of
+their last disconnect, the last time a check saw them online, and the accept;
+offline for ``call_grace_s`` ends the call for both (``participant_lost``).
+The other party's connection does not matter. A crashed instance's users
+count as online until their presence record expires (its TTL, 30 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import secrets
+import uuid
+from collections.abc import Callable, Mapping
+
+from handlers.calls.agora import MAX_UID, RtcGrant, TokenIssuer, channel_name
+from handlers.calls.errors import (
+    CALL_BUSY,
+    CALL_CALLEE_BUSY,
+    CALL_NOT_CONFIGURED,
+    CALL_NOT_FOUND,
+    CALL_RATE_LIMITED,
+    CALL_SELF,
+    CALL_WRONG_ROLE,
+)
+from handlers.calls.events import (
+    BillingLog,
+    EventType,
+    RecordType,
+    event_data,
+    meta_json,
+    record_fields,
+)
+from handlers.calls.metrics import CallMetrics
+from handlers.calls.state import (
+    TERMINAL_STATES,
+    Call,
+    CallState,
+    CallStore,
+    Change,
+    Decide,
+    EndReason,
+    Role,
+    invites_key,
+    now_ms,
+    wrong_state,
+)
+from handlers.calls.timers import ACTIVE_KEY, GAUGE_S, TimerQueue, run_timers
+from handlers.channels import personal_channel
+from signaling.broker.base import BrokerUnavailable
+from signaling.errors import SignalError
+from signaling.node import ConnectionEvent, Node
+from signaling.state.base import StateStore
+from signaling.values import JSONObject
+
+__all__ = ["CallService"]
+
+log = logging.getLogger("handlers.calls")
+
+# Invites are counted per caller in windows of this many seconds.
+INVITE_WINDOW_S = 60.0
+# Liveness checks of an accepted call: every grace/4, within these bounds (ms).
+_LIVE_CHECK_MIN_MS = 250
+_LIVE_CHECK_MAX_MS = 5000
+
+# States a participant sees as their current call (pending is not visible yet).
+LIVE_CALL_STATES = frozenset({CallState.RINGING, CallState.ACCEPTED})
+
+_TERMINAL_EVENT = {
+    CallState.REJECTED: (EventType.REJECTED, RecordType.REJECTED),
+    CallState.CANCELLED: (EventType.CANCELLED, RecordType.CANCELLED),
+    CallState.MISSED: (EventType.MISSED, RecordType.MISSED),
+    CallState.ENDED: (EventType.ENDED, RecordType.ENDED),
+}
+
+
+class CallService:
+    """Calls on one node.
+
+    Args:
+        node: the node (settings, publishing, users' presence, metrics).
+        store: the shared store; default ``node.store`` (tests wrap it).
+        issuer: Agora token issuer; default from the settings.
+        metrics: default registered in ``node.metrics.registry``.
+        clock: unix milliseconds; default the system clock.
+
+    Raises:
+        ConfigError: invalid Agora credentials (see :class:`TokenIssuer`).
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        store: StateStore | None = None,
+        issuer: TokenIssuer | None = None,
+        metrics: CallMetrics | None = None,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        s = node.settings
+        self.node = node
+        # Unix ms, the server's clock (injectable for tests).
+        self.clock = clock
+        self.store = store if store is not None else node.store
+        self.ring_ms = round(s.call_ring_timeout_s * 1000)
+        self.tick_ms = round(s.call_tick_s * 1000)
+        self.max_ms = round(s.call_max_duration_s * 1000)
+        self.grace_ms = round(s.call_grace_s * 1000)
+        # Remaining time at each warning, largest first (= earliest first).
+        self.warnings_ms = sorted({round(w * 1000) for w in s.call_warnings_s}, reverse=True)
+        self.live_check_ms = min(_LIVE_CHECK_MAX_MS, max(_LIVE_CHECK_MIN_MS, self.grace_ms // 4))
+        # Keys of a live call outlive it by far: they are a safety net only.
+        live_ttl_s = s.call_ring_timeout_s + s.call_max_duration_s + s.call_grace_s + 3600
+        self.calls = CallStore(self.store, live_ttl_s)
+        self.timers = TimerQueue(self.store)
+        self.billing = BillingLog(self.store, s.call_events_stream, s.call_events_maxlen)
+        self.issuer = issuer if issuer is not None else TokenIssuer.from_settings(s)
+        self.metrics = metrics if metrics is not None else CallMetrics(node.metrics.registry)
+        self.invites_per_window = s.call_invites_per_minute
+
+    # --- background -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """This instance's share of the call timers, and the active gauge."""
+        while not self.node.broker.is_ready():  # the node starts after install()
+            await asyncio.sleep(0.05)
+        gauge = asyncio.create_task(self._refresh_gauge_forever(), name="calls-gauge")
+        try:
+            await run_timers(self.timers, self.fire, self.clock)
+        finally:
+            gauge.cancel()
+
+    async def fire(self, call_id: str) -> None:
+        """Run a claimed timer and re-schedule or drop it. Never raises: a
+        failed run keeps its lease and is retried when the lease runs out."""
+        self.metrics.timer_runs.inc()
+        try:
+            due = await self.run_timer(call_id)
+            if due is None:
+                await self.timers.cancel(call_id)
+            else:
+                await self.timers.schedule(call_id, due)
+        except BrokerUnavailable as exc:
+            log.warning("call %s: timer deferred, store unavailable: %s", call_id, exc)
+        except Exception:
+            log.exception("call %s: timer failed", call_id)
+
+    async def _refresh_gauge_forever(self) -> None:
+        while True:
+            try:
+                now = self.clock()
+                # Members past their safety bound belong to calls whose end was
+                # never recorded (an instance died at that moment): drop them.
+                await self.store.zpop_due(ACTIVE_KEY, float(now), 1000)
+                live = await self.store.zrange_by_score(ACTIVE_KEY, float(now), math.inf, 100_000)
+                self.metrics.active.set(len(live))
+            except BrokerUnavailable as exc:
+                log.debug("active calls gauge not refreshed: %s", exc)
+            await asyncio.sleep(GAUGE_S)
+
+    async def on_disconnect(self, event: ConnectionEvent) -> None:
+        """A user's last connection on this node closed: look at their call
+        now rather than at its next periodic liveness check."""
+        if event.user_connections:
+            return
+        try:
+            call_id = await self.calls.busy_with(event.user)
+            if call_id is not None:
+                await self.timers.schedule(call_id, self.clock())
+        except BrokerUnavailable as exc:
+            log.debug("liveness nudge skipped: %s", exc)
+
+    # --- transitions from RPCs ---------------------------------------------------
+
+    async def invite(self, caller: str, callee: str, media: str, meta: str) -> Call:
+        """Start ringing ``callee``. ``meta``: JSON text of the invite's meta, or "".
+
+        Raises SignalError: CALL_SELF, CALL_RATE_LIMITED, CALL_BUSY, CALL_CALLEE_BUSY.
+        """
+        if caller == callee:
+            raise SignalError(CALL_SELF)
+        count = await self.store.incr(invites_key(caller), INVITE_WINDOW_S)
+        if count > self.invites_per_window:
+            raise SignalError(CALL_RATE_LIMITED)
+        call_id = uuid.uuid4().hex
+        now = self.clock()
+        caller_uid = secrets.randbelow(MAX_UID) + 1
+        callee_uid = caller_uid % MAX_UID + 1  # distinct, nonzero, <= MAX_UID
+        fields = {
+            "caller": caller,
+            "callee": callee,
+            "media": media,
+            "meta": meta,
+            "created_at_ms": str(now),
+            "ring_deadline_ms": str(now + self.ring_ms),
+            "caller_uid": str(caller_uid),
+            "callee_uid": str(callee_uid),
+        }
+        # The call exists (pending) and has its timer before anyone is marked
+        # busy with it: a busy flag always points at a call that will end.
+        await self.calls.create(fields, call_id)
+        await self.timers.schedule(call_id, now + self.ring_ms)
+        try:
+            await self._claim_both(caller, callee, call_id)
+            change = await self.calls.update(
+                call_id,
+                lambda c: (
+                    {"state": CallState.RINGING.value} if c.state == CallState.PENDING else None
+                ),
+            )
+        except BaseException:
+            # Best effort: what is left behind (a pending call, busy flags
+            # pointing at it) expires or is taken over as stale.
+            with contextlib.suppress(Exception):
+                await self._abandon(call_id, (caller, callee))
+            raise
+        if change is None:  # the pending call timed out meanwhile
+            await self._abandon(call_id, (caller, callee))
+            raise wrong_state(CallState.MISSED)
+        call = change.after
+        self.metrics.invites.inc()
+        extra: JSONObject = {
+            "media": call.media,
+            "meta": meta_json(call),
+            "created_at_ms": call.created_at_ms,
+            "ring_deadline_ms": call.ring_deadline_ms,
+        }
+        await self._publish((callee,), event_data(EventType.INCOMING, call, now, extra))
+        await self._record(RecordType.INVITED, call, now)
+        return call
+
+    async def _claim_both(self, caller: str, callee: str, call_id: str) -> None:
+        # One key at a time (single-key operations only); undo on failure.
+        if not await self.calls.claim_busy(caller, call_id):
+            raise SignalError(CALL_BUSY)
+        if not await self.calls.claim_busy(callee, call_id):
+            await self.calls.release_busy(caller, call_id)
+            raise SignalError(CALL_CALLEE_BUSY)
+
+    async def _abandon(self, call_id: str, users: tuple[str, str]) -> None:
+        for user in users:
+            await self.calls.release_busy(user, call_id)
+        await self.timers.cancel(call_id)
+        await self.calls.discard(call_id)
+
+    async def accept(self, user: str, call_id: str) -> Call:
+        """The callee answers. Raises SignalError: CALL_NOT_FOUND,
+        CALL_WRONG_ROLE, CALL_WRONG_STATE (not ringing, or the ring timed out)."""
+        change = await self._settle_ringing(
+            user,
+            call_id,
+            Role.CALLEE,
+            lambda at: {"state": CallState.ACCEPTED.value, "accepted_at_ms": str(at)},
+        )
+        await self._accepted(change)
+        return change.after
+
+    async def reject(self, user: str, call_id: str) -> Call:
+        """The callee declines a ringing call (same errors as :meth:`accept`)."""
+        return await self._end_ringing(user, call_id, Role.CALLEE, CallState.REJECTED)
+
+    async def cancel(self, user: str, call_id: str) -> Call:
+        """The caller gives up before an answer (same errors as :meth:`accept`)."""
+        return await self._end_ringing(user, call_id, Role.CALLER, CallState.CANCELLED)
+
+    async def _end_ringing(self, user: str, call_id: str, role: Role, state: CallState) -> Call:
+        change = await self._settle_ringing(
+            user,
+            call_id,
+            role,
+            lambda at: {"state": state.value, "ended_at_ms": str(at), "ended_by": user},
+        )
+        await self._finished(change)
+        return change.after
+
+    async def _settle_ringing(
+        self, user: str, call_id: str, role: Role, changes: Callable[[int], dict[str, str]]
+    ) -> Change:
+        """Move a ringing call on by ``user`` in ``role``; the winning change."""
+        call = await self.participant_call(user, call_id)
+        if call.role(user) is not role:
+            raise SignalError(CALL_WRONG_ROLE)
+
+        def decide(c: Call) -> Mapping[str, str] | None:
+            if c.state != CallState.RINGING:
+                raise wrong_state(c.state)
+            at = self.clock()
+            if at >= c.ring_deadline_ms:
+                return None  # too late: missed, only the timer has not run yet
+            return changes(at)
+
+        change = await self._update(call_id, decide)
+        if change is None:
+            await self.run_timer(call_id)  # records the miss now
+            raise wrong_state(CallState.MISSED)
+        return change
+
+    async def end(self, user: str, call_id: str) -> Call:
+        """Either participant hangs up an accepted call."""
+        await self.participant_call(user, call_id)
+
+        def decide(c: Call) -> Mapping[str, str]:
+            if c.state != CallState.ACCEPTED:
+                raise wrong_state(c.state)
+            return _ended(EndReason.HANGUP, self.clock(), user)
+
+        change = await self._update(call_id, decide)
+        assert change is not None
+        await self._finished(change)
+        return change.after
+
+    async def grant(self, user: str, call_id: str, *, renew: bool) -> RtcGrant:
+        """An Agora token for a participant of an accepted call (call.join,
+        call.renew_token). Raises SignalError: CALL_NOT_CONFIGURED,
+        CALL_NOT_FOUND, CALL_WRONG_STATE."""
+        if not self.issuer.configured:
+            raise SignalError(CALL_NOT_CONFIGURED)
+        call = await self.participant_call(user, call_id)
+        if call.state == CallState.ACCEPTED and self._clock_overdue(call, self.clock()):
+            # The timers lag behind the clock: settle the call before granting.
+            await self.run_timer(call_id)
+            call = await self.participant_call(user, call_id)
+        if call.state != CallState.ACCEPTED:
+            raise wrong_state(call.state)
+        grant = self.issuer.issue(channel_name(call_id), call.uid(user), self.clock() // 1000)
+        self.metrics.tokens.labels("renew" if renew else "join").inc()
+        log.info("call %s: %s token for %s", call_id, "renewed" if renew else "join", user)
+        return grant
+
+    async def participant_call(self, user: str, call_id: str) -> Call:
+        """The call if ``user`` is one of its participants, else CALL_NOT_FOUND."""
+        call = await self.calls.get(call_id)
+        if call is None or call.role(user) is None or call.state == CallState.PENDING:
+            raise SignalError(CALL_NOT_FOUND)
+        return call
+
+    async def current_call(self, user: str) -> Call | None:
+        """The user's ringing or accepted call, if any."""
+        call_id = await self.calls.busy_with(user)
+        if call_id is None:
+            return None
+        call = await self.calls.get(call_id)
+        if call is None or call.role(user) is None or call.state not in LIVE_CALL_STATES:
+            return None
+        return call
+
+    async def _update(self, call_id: str, decide: Decide) -> Change | None:
+        try:
+            return await self.calls.update(call_id, decide)
+        except LookupError:
+            raise SignalError(CALL_NOT_FOUND) from None
+
+    # --- the clock ------------------------------------------------------------------
+
+    def _clock_overdue(self, call: Call, at: int) -> bool:
+        assert call.accepted_at_ms is not None
+        return at >= call.accepted_at_ms + self.max_ms
+
+    async def run_timer(self, call_id: str) -> int | None:
+        """Do what is due for the call now; returns when to look again (unix
+        ms), or None once the call is over."""
+        call = await self.calls.get(call_id)
+        if call is None or call.state in TERMINAL_STATES:
+            return None
+        if call.state in (CallState.PENDING, CallState.RINGING):
+            return await self._ring_timer(call)
+        return await self._call_timer(call_id)
+
+    async def _ring_timer(self, call: Call) -> int | None:
+        if self.clock() < call.ring_deadline_ms:
+            return call.ring_deadline_ms
+
+        def decide(c: Call) -> Mapping[str, str] | None:
+            if c.state not in (CallState.PENDING, CallState.RINGING):
+                return None
+            return {"state": CallState.MISSED.value, "ended_at_ms": str(c.ring_deadline_ms)}
+
+        change = await self._update(call.call_id, decide)
+        if change is None:
+            return None
+        if change.before.state == CallState.PENDING:
+            # An invite whose instance died before the call rang: nobody was
+            # told of it, so nobody is told of its end; just free the users.
+            for user in call.participants:
+                await self.calls.release_busy(user, call.call_id)
+            return None
+        await self._finished(change)
+        return None
+
+    async def _call_timer(self, call_id: str) -> int | None:
+        # Ticks, warnings and the max duration, one compare-and-set each, in
+        # time order, until nothing is due; then liveness.
+        while True:
+            at = self.clock()
+            change = await self._update(call_id, functools.partial(self._clock_step, at=at))
+            if change is None:
+                break
+            await self._clock_changed(change, at)
+            if change.after.state != CallState.ACCEPTED:
+                return None
+        call = await self.calls.get(call_id)
+        if call is None or call.state != CallState.ACCEPTED:
+            return None
+        lost_deadline = await self._check_liveness(call)
+        if lost_deadline is None:
+            return None  # ended
+        return min(self._next_clock_due(call), lost_deadline)
+
+    def _due_times(self, c: Call) -> tuple[int, int | None, int | None]:
+        """(end, next tick or None, next warning or None) of an accepted call."""
+        assert c.accepted_at_ms is not None
+        end = c.accepted_at_ms + self.max_ms
+        tick: int | None = c.accepted_at_ms + (c.ticks + 1) * self.tick_ms
+        if tick is not None and tick > end:
+            tick = None  # no tick after the end
+        warn = None
+        if c.warned < len(self.warnings_ms):
+            warn = end - self.warnings_ms[c.warned]
+        return end, tick, warn
+
+    def _next_clock_due(self, c: Call) -> int:
+        end, tick, warn = self._due_times(c)
+        return min(t for t in (end, tick, warn) if t is not None)
+
+    def _clock_step(self, c: Call, at: int) -> Mapping[str, str] | None:
+        """The next due change of the call's clock at ``at``, or None."""
+        if c.state != CallState.ACCEPTED:
+            return None
+        end, tick, warn = self._due_times(c)
+        if tick is not None and tick <= at:
+            return {"ticks": str(c.ticks + 1)}
+        if end <= at:
+            # Ended at the limit itself, however late the timer ran.
+            return _ended(EndReason.MAX_DURATION, end, None)
+        if warn is not None and warn <= at:
+            # Late (an instance died): only the latest due warning is worth sending.
+            warned = c.warned + 1
+            while warned < len(self.warnings_ms) and end - self.warnings_ms[warned] <= at:
+                warned += 1
+            return {"warned": str(warned)}
+        return None
+
+    async def _clock_changed(self, change: Change, at: int) -> None:
+        before, after = change.before, change.after
+        if after.state == CallState.ENDED:
+            await self._finished(change)
+        elif after.ticks > before.ticks:
+            duration = after.ticks * self.tick_ms
+            extra: JSONObject = {"minute": after.ticks, "duration_ms": duration}
+            await self._publish(after.participants, event_data(EventType.TICK, after, at, extra))
+            await self._record(RecordType.TICK, after, at, duration, {"minute": str(after.ticks)})
+        elif after.warned > before.warned:
+            assert after.accepted_at_ms is not None
+            remaining_ms = self.warnings_ms[after.warned - 1]
+            extra = {
+                "remaining_s": remaining_ms / 1000,
+                "ends_at_ms": after.accepted_at_ms + self.max_ms,
+            }
+            await self._publish(after.participants, event_data(EventType.WARNING, after, at, extra))
+
+    async def _check_liveness(self, call: Call) -> int | None:
+        """End the call if a participant has been offline for the grace period.
+        Returns when to check again, or None if the call ended."""
+        assert call.accepted_at_ms is not None
+        at = self.clock()
+        statuses = await asyncio.gather(
+            *(self.node.user_presence.status(user) for user in call.participants)
+        )
+        seen: dict[str, str] = {}
+        lost: list[tuple[int, str, int]] = []  # (deadline, user, offline since)
+        for user, status in zip(call.participants, statuses, strict=True):
+            role = call.role(user)
+            assert role is not None
+            if status.online:
+                seen[f"{role.value}_seen_ms"] = str(at)
+                continue
+            last_seen = round(status.last_seen * 1000) if status.last_seen is not None else 0
+            since = max(last_seen, call.seen_ms(user) or 0, call.accepted_at_ms)
+            lost.append((since + self.grace_ms, user, since))
+        await self.calls.note_seen(call.call_id, seen)
+        if lost:
+            deadline, user, since = min(lost)
+            if deadline <= at:
+                await self._lose(call.call_id, user, since, at)
+                return None
+            return min(deadline, at + self.live_check_ms)
+        return at + self.live_check_ms
+
+    async def _lose(self, call_id: str, user: str, since: int, at: int) -> None:
+        def decide(c: Call) -> Mapping[str, str] | None:
+            if c.state != CallState.ACCEPTED:
+                return None
+            return {**_ended(EndReason.PARTICIPANT_LOST, at, user), "lost_since_ms": str(since)}
+
+        change = await self._update(call_id, decide)
+        if change is not None:
+            await self._finished(change)
+
+    # --- follow-ups of a winning change ---------------------------------------------
+
+    async def _accepted(self, change: Change) -> None:
+        call = change.after
+        assert call.accepted_at_ms is not None
+        ends_at = call.accepted_at_ms + self.max_ms
+        await self.timers.schedule(
+            call.call_id, min(self._next_clock_due(call), call.accepted_at_ms + self.live_check_ms)
+        )
+        await self.store.zadd(ACTIVE_KEY, call.call_id, float(ends_at + self.grace_ms + 60_000))
+        self.metrics.ring_to_answer.observe((call.accepted_at_ms - call.created_at_ms) / 1000)
+        extra: JSONObject = {
+            "media": call.media,
+            "accepted_at_ms": call.accepted_at_ms,
+            "ends_at_ms": ends_at,
+            "tick_ms": self.tick_ms,
+        }
+        data = event_data(EventType.ACCEPTED, call, call.accepted_at_ms, extra)
+        await self._publish(call.participants, data)
+        await self._record(RecordType.ACCEPTED, call, call.accepted_at_ms)
+
+    async def _finished(self, change: Change) -> None:
+        """A call reached a terminal state: free everything, tell everyone."""
+        call = change.after
+        for user in call.participants:
+            await self.calls.release_busy(user, call.call_id)
+        await self.timers.cancel(call.call_id)
+        at = call.ended_at_ms if call.ended_at_ms is not None else self.clock()
+        event, record = _TERMINAL_EVENT[call.state]
+        extra: JSONObject = {}
+        record_extra: dict[str, str] = {}
+        if call.ended_by is not None:
+            # Who hung up, rejected or cancelled; or who was lost.
+            who = "lost" if call.reason == EndReason.PARTICIPANT_LOST else "by"
+            extra[who] = call.ended_by
+            record_extra[who] = call.ended_by
+        duration = call.duration_ms(at)
+        if call.state == CallState.ENDED:
+            await self.store.zrem(ACTIVE_KEY, call.call_id)
+            assert call.reason is not None
+            extra |= {"reason": call.reason, "duration_ms": duration}
+            extra["accepted_at_ms"] = call.accepted_at_ms
+            extra["ended_at_ms"] = at
+            record_extra["reason"] = call.reason
+            if call.lost_since_ms is not None:
+                extra["lost_since_ms"] = call.lost_since_ms
+                record_extra["lost_since_ms"] = str(call.lost_since_ms)
+            self.metrics.calls.labels(call.reason).inc()
+            self.metrics.duration.observe(duration / 1000)
+        else:
+            self.metrics.calls.labels(call.state.value).inc()
+        await self._publish(call.participants, event_data(event, call, at, extra))
+        await self._record(record, call, at, duration, record_extra)
+
+    async def _publish(self, users: tuple[str, ...], data: bytes) -> None:
+        """Publish to the users' personal channels (with history, so a
+        reconnecting app recovers it). The state already changed: a failed
+        publish is logged, the call goes on (call.state tells the truth)."""
+        for user in users:
+            try:
+                await self.node.publish(personal_channel(user), data)
+            except (BrokerUnavailable, SignalError) as exc:
+                log.warning("call event to %s not published: %s", user, exc)
+
+    async def _record(
+        self,
+        kind: RecordType,
+        call: Call,
+        at: int,
+        duration_ms: int | None = None,
+        extra: Mapping[str, str] | None = None,
+    ) -> None:
+        duration = call.duration_ms(at) if duration_ms is None else duration_ms
+        fields = record_fields(
+            kind, call, at, duration_ms=duration, node=self.node.name, extra=extra
+        )
+        try:
+            await self.billing.append(fields)
+        except BrokerUnavailable as exc:
+            # Billing lost a record: loud, with what is needed to reconcile.
+            log.error("billing record %s (%s) not appended: %s", fields["event_id"], kind, exc)
+
+    # --- views ------------------------------------------------------------------------
+
+    def snapshot(self, call: Call) -> JSONObject:
+        """A participant's view of the call (call.state)."""
+        at = self.clock()
+        lost = call.reason == EndReason.PARTICIPANT_LOST
+        view: JSONObject = {
+            "call_id": call.call_id,
+            "state": call.state.value,
+            "from": call.caller,
+            "to": call.callee,
+            "media": call.media,
+            "meta": meta_json(call),
+            "seq": call.rev,
+            "created_at_ms": call.created_at_ms,
+            "ring_deadline_ms": call.ring_deadline_ms,
+            "accepted_at_ms": call.accepted_at_ms,
+            "ended_at_ms": call.ended_at_ms,
+            "reason": call.reason,
+            "by": None if lost else call.ended_by,
+            "lost": call.ended_by if lost else None,
+            "duration_ms": call.duration_ms(at),
+            "ticks": call.ticks,
+            "server_time_ms": at,
+        }
+        if call.accepted_at_ms is not None:
+            view["ends_at_ms"] = call.accepted_at_ms + self.max_ms
+        return view
+
+
+def _ended(reason: EndReason, at: int, by: str | None) -> dict[str, str]:
+    values = {"state": CallState.ENDED.value, "ended_at_ms": str(at), "reason": reason.value}
+    if by is not None:
+        values["ended_by"] = by
+    return values

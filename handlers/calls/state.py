@@ -1,0 +1,329 @@
+"""The call state machine and its schema in the shared state store.
+
+A call is one hash, ``call:{<call id>}``, in the node's
+:class:`~signaling.state.base.StateStore` (memory on the embedded broker,
+Redis with the Redis broker): every instance sees the same calls, and no
+instance keeps a call's truth in its own memory.
+
+States (docs/calls.md)::
+
+    pending -> ringing -> accepted -> ended
+                       -> rejected | cancelled | missed
+
+``pending`` only exists while ``call.invite`` claims the two participants'
+busy flags; nobody but the inviting instance ever sees it.
+
+Concurrency: every change of a call is a compare-and-set on its ``rev``
+field (:meth:`CallStore.update`): read the hash, decide, write the changes
+with ``rev + 1`` only if ``rev`` is still what was read, else read again.
+Of two racing changes (two accepts, an accept and a cancel, a hang-up and
+the max-duration timer) exactly one wins and the other decides again from
+the winner's state. The winner alone publishes the event, so every event is
+sent once, and ``rev`` numbers them (``seq`` on the wire).
+
+Other keys, one per user, each touched alone (single-key operations, hash
+tags for Redis Cluster):
+
+* ``call-busy:{<user>}`` holds the id of the user's live call, claimed with
+  ``set_if_absent`` and released with ``delete_if_equals``.
+* ``call-invites:{<user>}`` counts the user's invites in a one-minute window.
+
+Times are integer unix milliseconds from the server's clock.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from handlers.calls.errors import CALL_WRONG_STATE
+from signaling.errors import ERROR_INTERNAL, ErrorReply, SignalError
+from signaling.state.base import StateStore
+
+__all__ = [
+    "CALL_ID_RE",
+    "LIVE_STATES",
+    "TERMINAL_STATES",
+    "Call",
+    "CallState",
+    "CallStore",
+    "Change",
+    "Decide",
+    "EndReason",
+    "Role",
+    "busy_key",
+    "call_key",
+    "invites_key",
+    "now_ms",
+    "wrong_state",
+]
+
+# A call id: 32 lowercase hex digits (a uuid4), so that the Agora channel
+# derived from it is short and made of safe characters.
+CALL_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+# A pending call that never became ringing (its instance died mid-invite)
+# disappears after this, which also frees the busy flags it holds.
+PENDING_TTL_S = 30.0
+# Ended calls stay readable (call.state, late events) for a day.
+RETAIN_S = 86400.0
+# Update retries before giving up (only reached under pathological contention).
+_MAX_ATTEMPTS = 32
+
+
+class CallState(StrEnum):
+    PENDING = "pending"
+    RINGING = "ringing"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+    MISSED = "missed"
+    ENDED = "ended"
+
+
+# A user with a call in one of these states is busy.
+LIVE_STATES = frozenset({CallState.PENDING, CallState.RINGING, CallState.ACCEPTED})
+TERMINAL_STATES = frozenset(
+    {CallState.REJECTED, CallState.CANCELLED, CallState.MISSED, CallState.ENDED}
+)
+
+
+class EndReason(StrEnum):
+    """Why an accepted call ended (``call.ended`` ``reason``)."""
+
+    HANGUP = "hangup"
+    MAX_DURATION = "max_duration"
+    PARTICIPANT_LOST = "participant_lost"
+
+
+class Role(StrEnum):
+    CALLER = "caller"
+    CALLEE = "callee"
+
+
+def call_key(call_id: str) -> str:
+    return f"call:{{{call_id}}}"
+
+
+def busy_key(user: str) -> str:
+    return f"call-busy:{{{user}}}"
+
+
+def invites_key(user: str) -> str:
+    return f"call-invites:{{{user}}}"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _int(fields: Mapping[str, str], name: str, default: int = 0) -> int:
+    text = fields.get(name, "")
+    return int(text) if text else default
+
+
+def _opt_int(fields: Mapping[str, str], name: str) -> int | None:
+    text = fields.get(name, "")
+    return int(text) if text else None
+
+
+def _opt_str(fields: Mapping[str, str], name: str) -> str | None:
+    return fields.get(name) or None
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One call, as read from its hash."""
+
+    call_id: str
+    rev: int
+    state: CallState
+    caller: str
+    callee: str
+    media: str
+    # The invite's ``meta`` as JSON text ("" = none); opaque to the server.
+    meta: str
+    created_at_ms: int
+    ring_deadline_ms: int
+    # Agora uids of the two participants (stable for the call, distinct, nonzero).
+    caller_uid: int
+    callee_uid: int
+    accepted_at_ms: int | None = None
+    ended_at_ms: int | None = None
+    reason: str | None = None
+    # Who rejected, cancelled or hung up; who was lost (participant_lost).
+    ended_by: str | None = None
+    # Offline since (participant_lost).
+    lost_since_ms: int | None = None
+    # call.tick and call.warning events already sent.
+    ticks: int = 0
+    warned: int = 0
+    # When the liveness check last saw each participant online.
+    caller_seen_ms: int | None = None
+    callee_seen_ms: int | None = None
+
+    @classmethod
+    def from_hash(cls, call_id: str, fields: Mapping[str, str]) -> Call | None:
+        """The call, or None for an empty (missing) hash."""
+        if not fields.get("state"):
+            return None
+        return cls(
+            call_id=call_id,
+            rev=_int(fields, "rev"),
+            state=CallState(fields["state"]),
+            caller=fields["caller"],
+            callee=fields["callee"],
+            media=fields.get("media", "video"),
+            meta=fields.get("meta", ""),
+            created_at_ms=_int(fields, "created_at_ms"),
+            ring_deadline_ms=_int(fields, "ring_deadline_ms"),
+            caller_uid=_int(fields, "caller_uid"),
+            callee_uid=_int(fields, "callee_uid"),
+            accepted_at_ms=_opt_int(fields, "accepted_at_ms"),
+            ended_at_ms=_opt_int(fields, "ended_at_ms"),
+            reason=_opt_str(fields, "reason"),
+            ended_by=_opt_str(fields, "ended_by"),
+            lost_since_ms=_opt_int(fields, "lost_since_ms"),
+            ticks=_int(fields, "ticks"),
+            warned=_int(fields, "warned"),
+            caller_seen_ms=_opt_int(fields, "caller_seen_ms"),
+            callee_seen_ms=_opt_int(fields, "callee_seen_ms"),
+        )
+
+    @property
+    def participants(self) -> tuple[str, str]:
+        return self.caller, self.callee
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    def role(self, user: str) -> Role | None:
+        if user == self.caller:
+            return Role.CALLER
+        if user == self.callee:
+            return Role.CALLEE
+        return None
+
+    def uid(self, user: str) -> int:
+        return self.caller_uid if user == self.caller else self.callee_uid
+
+    def seen_ms(self, user: str) -> int | None:
+        return self.caller_seen_ms if user == self.caller else self.callee_seen_ms
+
+    def duration_ms(self, at_ms: int) -> int:
+        """Time accepted until ``at_ms`` (or until the end), 0 before accepted."""
+        if self.accepted_at_ms is None:
+            return 0
+        end = self.ended_at_ms if self.ended_at_ms is not None else at_ms
+        return max(0, end - self.accepted_at_ms)
+
+
+# Decides a change from the current call: the fields to write, or None for
+# "nothing to do". Raises SignalError to refuse. Called again after a lost race.
+Decide = Callable[[Call], Mapping[str, str] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A change that won its compare-and-set."""
+
+    before: Call
+    after: Call
+
+
+class CallStore:
+    """Calls and busy flags in a :class:`StateStore`.
+
+    Args:
+        store: the node's state store.
+        live_ttl_s: lifetime of a live call's keys, a safety net only (a live
+            call always ends before: ring timeout, max duration, liveness).
+    """
+
+    def __init__(self, store: StateStore, live_ttl_s: float) -> None:
+        self.store = store
+        self.live_ttl_s = live_ttl_s
+
+    async def get(self, call_id: str) -> Call | None:
+        return Call.from_hash(call_id, await self.store.hgetall(call_key(call_id)))
+
+    async def create(self, fields: Mapping[str, str], call_id: str) -> None:
+        """Write a new ``pending`` call (short-lived until it becomes ringing)."""
+        values = {**fields, "state": CallState.PENDING.value, "rev": "1"}
+        await self.store.hset(call_key(call_id), values, PENDING_TTL_S)
+
+    async def discard(self, call_id: str) -> None:
+        """Drop a pending call whose invite failed."""
+        await self.store.delete(call_key(call_id))
+
+    async def update(self, call_id: str, decide: Decide) -> Change | None:
+        """Apply ``decide``'s change atomically (compare-and-set on ``rev``).
+
+        Returns the change, or None when ``decide`` found nothing to do.
+
+        Raises:
+            SignalError: CALL_NOT_FOUND-like refusals come from ``decide``;
+                ERROR_INTERNAL (100) after too many lost races.
+            LookupError: the call does not exist.
+        """
+        key = call_key(call_id)
+        for _ in range(_MAX_ATTEMPTS):
+            before = await self.get(call_id)
+            if before is None:
+                raise LookupError(call_id)
+            changes = decide(before)
+            if changes is None:
+                return None
+            state = CallState(changes.get("state", before.state))
+            ttl = self.live_ttl_s if state in LIVE_STATES else RETAIN_S
+            values = {**changes, "rev": str(before.rev + 1)}
+            fields = await self.store.hcas(key, "rev", (str(before.rev),), values, ttl)
+            if fields is not None:
+                after = Call.from_hash(call_id, fields)
+                assert after is not None  # the hash exists: we just wrote it
+                return Change(before, after)
+        raise SignalError(ERROR_INTERNAL)
+
+    async def note_seen(self, call_id: str, values: Mapping[str, str]) -> None:
+        """Record liveness observations of an accepted call, without a
+        revision: they change no state and must not make transitions retry.
+        Nothing is written once the call ended (or expired)."""
+        if values:
+            await self.store.hcas(call_key(call_id), "state", (CallState.ACCEPTED.value,), values)
+
+    # --- busy flags ---------------------------------------------------------------
+
+    async def claim_busy(self, user: str, call_id: str) -> bool:
+        """Mark ``user`` busy with ``call_id``; False if busy with a live call.
+
+        A flag whose call is gone or over is stale (an instance died before
+        releasing it) and is taken over.
+        """
+        key = busy_key(user)
+        for _ in range(3):
+            if await self.store.set_if_absent(key, call_id, self.live_ttl_s):
+                return True
+            holder = await self.store.get(key)
+            if holder is None:
+                continue  # released meanwhile
+            held = await self.get(holder)
+            if held is not None and held.live:
+                return False
+            await self.store.delete_if_equals(key, holder)
+        return False
+
+    async def release_busy(self, user: str, call_id: str) -> None:
+        await self.store.delete_if_equals(busy_key(user), call_id)
+
+    async def busy_with(self, user: str) -> str | None:
+        """The id of the call ``user`` is busy with, if any."""
+        return await self.store.get(busy_key(user))
+
+
+def wrong_state(state: CallState) -> SignalError:
+    """CALL_WRONG_STATE (1007) naming the call's current state."""
+    return SignalError(ErrorReply(CALL_WRONG_STATE.code, f"call is {state.value}"))

@@ -1,0 +1,51 @@
+"""Chat metrics, registered on the node's registry (one node per process).
+
+Labels are bounded sets: channel kinds, publication types, action names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter
+
+__all__ = ["ChatMetrics"]
+
+
+class ChatMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.publications = Counter(
+            "chat_publications",
+            "Chat publications accepted, by channel kind (room, dm) and type.",
+            ["kind", "type"],
+            registry=registry,
+        )
+        self.refusals = Counter(
+            "chat_refusals",
+            "Chat publications refused, by error code.",
+            ["code"],
+            registry=registry,
+        )
+        self.deduplicated = Counter(
+            "chat_deduplicated_retries",
+            "Retried messages (same client_msg_id) acknowledged without publishing.",
+            ["kind"],
+            registry=registry,
+        )
+        self.typing_dropped = Counter(
+            "chat_typing_dropped",
+            "Typing events dropped over the per-user rate (typing_per_second).",
+            registry=registry,
+        )
+        self.moderation_actions = Counter(
+            "chat_moderation_actions",
+            "Live-room moderation actions, by action.",
+            ["action"],
+            registry=registry,
+        )
+        self.read_receipts = Counter(
+            "chat_read_receipts", "Read positions that moved forward.", registry=registry
+        )
+        self.viewer_counts = Counter(
+            "chat_viewer_count_publications",
+            "Viewer counts published (changed since the last one).",
+            registry=registry,
+        )

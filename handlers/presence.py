@@ -1,0 +1,411 @@
+"""Users' online state and availability, across instances.
+
+A user is **online** while any connection of theirs is open on any instance
+(the core's :attr:`Node.user_presence` records) and goes **offline**
+``offline_grace_s`` after the last one closes, so a page reload or a network
+blip does not flash "offline". Their **availability** is what they chose with
+``user.set_status`` (``available``, ``busy``, ``away``, ``dnd``), except that
+while they are in a call it is ``busy`` (:func:`set_call_busy`, called by the
+calls handler). The effective status is ``offline``, ``busy`` (in a call) or
+the chosen one, in that order.
+
+Every change of (online, effective status) is published to ``status:<user>``
+(one publication kept in history), so a fan's app follows a creator without
+polling; ``user.status`` answers for up to 100 users at once.
+
+How "offline after the grace" works on many instances, with store keys
+(hash tags keep one user's keys in one Redis Cluster slot):
+
+* ``presence:offline-due`` (sorted set user -> due time): when a user's last
+  connection on a node closes, that node schedules a check; every node pops
+  due checks (atomically: each is taken once) and publishes ``offline`` if the
+  user is not online anywhere by then.
+* An instance killed outright closes nothing. Each node therefore keeps a
+  heartbeat in ``presence:nodes`` (member node -> expiry) and the users it
+  holds in ``presence:node-users:{<node>}``. A node whose heartbeat expired is
+  popped by one survivor, which drops the dead node's online records of its
+  users and schedules their checks at once: they go offline within about
+  :func:`node_ttl_s` of the kill.
+* A node that was only late (a long pause) finds ``presence:reaped:{<node>}``
+  and publishes its users online again; the core restores their records on
+  its next refresh.
+* ``presence:last:{<user>}`` holds the last published (online, status), so
+  that only changes are published.
+
+Calls integration: ``await set_call_busy(node, user, True)`` when the user's
+call is accepted (or starts ringing, as the calls handler prefers) and
+``await set_call_busy(node, user, False)`` when it ends. The flag expires by
+itself ``call_max_duration_s`` (plus a margin) after it was set, should the
+end never be reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import orjson
+
+from handlers.channels import status_channel
+from handlers.chat.args import bad_request, check_user, object_args
+from signaling.broker.base import BrokerUnavailable
+from signaling.errors import ERROR_LIMIT_EXCEEDED, SignalError
+from signaling.node import ConnectionEvent, Node, RpcContext
+from signaling.users import online_key
+from signaling.values import JSON, JSONObject
+
+__all__ = [
+    "AVAILABILITIES",
+    "MAX_STATUS_USERS",
+    "NODES_KEY",
+    "OFFLINE_DUE_KEY",
+    "Availability",
+    "PresenceTracker",
+    "StatusView",
+    "node_ttl_s",
+    "publish_if_changed",
+    "register",
+    "set_call_busy",
+    "set_status",
+    "status_view",
+]
+
+log = logging.getLogger("handlers.presence")
+
+Availability = Literal["available", "busy", "away", "dnd"]
+_AVAILABILITIES: Final[dict[str, Availability]] = {
+    "available": "available",
+    "busy": "busy",
+    "away": "away",
+    "dnd": "dnd",
+}
+AVAILABILITIES: Final = frozenset(_AVAILABILITIES)
+MAX_STATUS_USERS: Final = 100
+# A chosen availability is forgotten after this long without being set again.
+CHOSEN_TTL_S: Final = 30 * 86400.0
+# How long a dead node's reaped flag waits for it to come back.
+_REAPED_FLAG_TTL_S: Final = 86400.0
+# Users popped per store call when reaping a dead node.
+_REAP_BATCH: Final = 500
+
+OFFLINE_DUE_KEY: Final = "presence:offline-due"
+NODES_KEY: Final = "presence:nodes"
+
+
+def _chosen_key(user: str) -> str:
+    return f"presence:status:{{{user}}}"
+
+
+def _in_call_key(user: str) -> str:
+    return f"presence:in-call:{{{user}}}"
+
+
+def _last_key(user: str) -> str:
+    return f"presence:last:{{{user}}}"
+
+
+def _node_users_key(node_name: str) -> str:
+    return f"presence:node-users:{{{node_name}}}"
+
+
+def _reaped_key(node_name: str) -> str:
+    return f"presence:reaped:{{{node_name}}}"
+
+
+def node_ttl_s(offline_grace_s: float) -> float:
+    """How long a node's heartbeat lives: an instance killed outright has its
+    users go offline about this long after the kill. It follows the grace, so
+    that a kill and a closed connection look alike to fans; at least 2 s, so
+    that a loaded event loop is not taken for a dead node."""
+    return max(2.0, offline_grace_s)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusView:
+    """What others see of a user (published to ``status:<user>``)."""
+
+    user: str
+    online: bool
+    chosen: Availability
+    in_call: bool
+    # Unix seconds of the last time the user went offline, if known.
+    last_seen: float | None
+
+    @property
+    def status(self) -> str:
+        """The effective status: offline, busy (in a call), or the chosen one."""
+        if not self.online:
+            return "offline"
+        return "busy" if self.in_call else self.chosen
+
+    @property
+    def signature(self) -> str:
+        """What fans see change; publications happen when it does."""
+        return f"{int(self.online)}|{self.status}"
+
+    def to_json(self) -> JSONObject:
+        return {
+            "user": self.user,
+            "online": self.online,
+            "status": self.status,
+            "chosen": self.chosen,
+            "in_call": self.in_call,
+            "last_seen_ms": (
+                None if self.online or self.last_seen is None else int(self.last_seen * 1000)
+            ),
+        }
+
+
+# --- the public functions (also for other handlers) ---------------------------------
+
+
+async def status_view(node: Node, user: str, *, online: bool | None = None) -> StatusView:
+    """The user's current view; ``online`` overrides the store's answer when
+    the caller knows better (a connection of the user is open right here)."""
+    store = node.store
+    presence, chosen, in_call = await asyncio.gather(
+        node.user_presence.status(user), store.get(_chosen_key(user)), store.get(_in_call_key(user))
+    )
+    return StatusView(
+        user,
+        presence.online if online is None else online,
+        _AVAILABILITIES.get(chosen or "", "available"),
+        bool(in_call),
+        presence.last_seen,
+    )
+
+
+async def publish_if_changed(node: Node, view: StatusView) -> bool:
+    """Publish ``view`` to ``status:<user>`` if it differs from the last one
+    published; True if published. Concurrent calls for one user may both
+    publish the same state, which subscribers take as a no-op."""
+    channel = status_channel(view.user)
+    if node.policy.options(channel) is None:
+        # A user id that cannot name a channel: nobody can follow it.
+        return False
+    store = node.store
+    key = _last_key(view.user)
+    if await store.get(key) == view.signature:
+        return False
+    await node.publish(channel, orjson.dumps(view.to_json()))
+    await store.set(key, view.signature, CHOSEN_TTL_S)
+    return True
+
+
+async def set_status(
+    node: Node, user: str, chosen: Availability, *, online: bool | None = None
+) -> StatusView:
+    """Record ``user``'s chosen availability and publish the change
+    (``online`` as in :func:`status_view`)."""
+    await node.store.set(_chosen_key(user), chosen, CHOSEN_TTL_S)
+    view = await status_view(node, user, online=online)
+    await publish_if_changed(node, view)
+    return view
+
+
+async def set_call_busy(node: Node, user: str, busy: bool) -> None:
+    """Mark ``user`` in a call (``busy=True``: their status is ``busy``) or
+    out of it, and publish the change. For the calls handler; safe to call
+    from any instance, and twice.
+
+    Raises:
+        BrokerUnavailable: the store or broker cannot be reached.
+    """
+    key = _in_call_key(user)
+    if busy:
+        ttl = node.settings.call_max_duration_s + 300.0
+        await node.store.set(key, "1", ttl)
+    else:
+        await node.store.delete(key)
+    await publish_if_changed(node, await status_view(node, user))
+
+
+# --- RPC methods ------------------------------------------------------------------------
+
+
+async def rpc_set_status(ctx: RpcContext, data: JSON) -> JSON:
+    """``user.set_status {status}``: ``available``, ``busy``, ``away`` or
+    ``dnd``. Returns the caller's view. Errors: 107 unknown status."""
+    args = object_args(data)
+    value = args.get("status")
+    chosen = _AVAILABILITIES.get(value) if isinstance(value, str) else None
+    if chosen is None:
+        raise bad_request()
+    # The caller is connected here, whatever the store says yet.
+    view = await set_status(ctx.node, ctx.user, chosen, online=True)
+    return view.to_json()
+
+
+async def rpc_status(ctx: RpcContext, data: JSON) -> JSON:
+    """``user.status {users: [id, ...]}``: ``{"statuses": {id: view}}`` for up
+    to 100 users. Errors: 106 more than 100, 107 malformed."""
+    args = object_args(data)
+    users = args.get("users")
+    if not isinstance(users, list):
+        raise bad_request()
+    if len(users) > MAX_STATUS_USERS:
+        raise SignalError(ERROR_LIMIT_EXCEEDED)
+    ids = list(dict.fromkeys(check_user(u) for u in users))
+    views = await asyncio.gather(*(status_view(ctx.node, u) for u in ids))
+    statuses: JSONObject = {view.user: view.to_json() for view in views}
+    return {"statuses": statuses}
+
+
+# --- online/offline tracking ------------------------------------------------------------------
+
+
+class PresenceTracker:
+    """Connection hooks and the background loop of one node."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self._store = node.store
+        grace = node.settings.offline_grace_s
+        self._grace_s = grace
+        self._node_ttl_s = node_ttl_s(grace)
+        self._heartbeat_s = self._node_ttl_s / 4
+        # Offline checks are polled this often: a small fraction of the grace.
+        self._tick_s = min(1.0, max(0.05, grace / 4))
+        # Users with a connection on this node (a copy the hooks keep).
+        self._local: set[str] = set()
+        # Users whose last transition failed to reach the store.
+        self._pending: set[str] = set()
+        # Per-user lock, and how many hooks hold or await it.
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def register(self) -> None:
+        node = self._node
+        node.on_connect.append(self.on_connect)
+        node.on_disconnect.append(self.on_disconnect)
+        node.spawn(self.run(), "presence-loop")
+
+    @asynccontextmanager
+    async def _user_lock(self, user: str) -> AsyncIterator[None]:
+        """Hooks of one user run in order: a connect's work must not finish
+        after the following close's (the user would stay "online")."""
+        lock, users = self._locks.get(user, (asyncio.Lock(), 0))
+        self._locks[user] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            # Dropped once nobody holds or awaits it (counted: a released
+            # lock is not "locked" while its next waiter is yet to run).
+            lock, users = self._locks[user]
+            if users == 1:
+                del self._locks[user]
+            else:
+                self._locks[user] = (lock, users - 1)
+
+    async def on_connect(self, event: ConnectionEvent) -> None:
+        """First connection of a user on this node."""
+        if event.user_connections == 1:
+            await self._transition(event.user)
+
+    async def on_disconnect(self, event: ConnectionEvent) -> None:
+        """Last connection of a user on this node closed."""
+        if event.user_connections == 0:
+            await self._transition(event.user)
+
+    async def _transition(self, user: str) -> None:
+        """Record where ``user`` stands on this node now (hooks of one user
+        run in order, so the last one sees the final count). On a store
+        failure the loop retries, or nobody would ever see them change."""
+        async with self._user_lock(user):
+            self._pending.discard(user)
+            try:
+                if self._node.user_connection_count(user):
+                    await self._went_online(user)
+                else:
+                    await self._went_offline(user)
+            except BrokerUnavailable as exc:
+                log.warning("presence: %s not recorded, will retry: %s", user, exc)
+                self._pending.add(user)
+
+    async def _went_online(self, user: str) -> None:
+        """List the user as this node's, cancel a pending offline check,
+        publish "online" if it is news."""
+        self._local.add(user)
+        store = self._store
+        await store.zadd(_node_users_key(self._node.name), user, time.time())
+        await store.zrem(OFFLINE_DUE_KEY, user)
+        await publish_if_changed(self._node, await status_view(self._node, user, online=True))
+
+    async def _went_offline(self, user: str) -> None:
+        """Check the user after the grace (by whichever node pops it)."""
+        self._local.discard(user)
+        await self._store.zadd(OFFLINE_DUE_KEY, user, time.time() + self._grace_s)
+        await self._store.zrem(_node_users_key(self._node.name), user)
+
+    async def run(self) -> None:
+        """Heartbeat, reap dead nodes, publish due offline transitions."""
+        next_heartbeat = 0.0
+        while True:
+            try:
+                if time.monotonic() >= next_heartbeat:
+                    next_heartbeat = time.monotonic() + self._heartbeat_s
+                    await self.heartbeat()
+                for user in list(self._pending):
+                    await self._transition(user)
+                await self.sweep()
+            except BrokerUnavailable as exc:
+                log.warning("presence: broker unavailable: %s", exc)
+            except Exception:
+                # Nobody would ever go offline without this loop: keep it alive.
+                log.exception("presence loop failed; carrying on")
+            await asyncio.sleep(self._tick_s)
+
+    async def heartbeat(self) -> None:
+        store, me = self._store, self._node.name
+        if await store.get(_reaped_key(me)):
+            await store.delete(_reaped_key(me))
+            await self._resync()
+        await store.zadd(NODES_KEY, me, time.time() + self._node_ttl_s)
+        for dead, _ in await store.zpop_due(NODES_KEY, time.time(), 10):
+            if dead != me:
+                await self._reap(dead)
+
+    async def _reap(self, dead: str) -> None:
+        """Take over a dead node's users: drop its online records of them and
+        check them now."""
+        store = self._store
+        log.info("presence: node %s stopped heartbeating; checking its users", dead)
+        await store.set(_reaped_key(dead), "1", _REAPED_FLAG_TTL_S)
+        while users := await store.zpop_due(_node_users_key(dead), float("inf"), _REAP_BATCH):
+            now = time.time()
+            await asyncio.gather(*(store.zrem(online_key(u), dead) for u, _ in users))
+            await asyncio.gather(*(store.zadd(OFFLINE_DUE_KEY, u, now) for u, _ in users))
+
+    async def _resync(self) -> None:
+        """This node was taken for dead: list its users again, and publish
+        them online (others published them offline)."""
+        log.warning("presence: node %s was taken for dead; republishing its users", self._node.name)
+        node = self._node
+        for user in list(self._local):
+            await self._store.zadd(_node_users_key(node.name), user, time.time())
+            await publish_if_changed(node, await status_view(node, user, online=True))
+
+    async def sweep(self) -> None:
+        """Publish ``offline`` for due users who are online nowhere."""
+        node = self._node
+        due = await self._store.zpop_due(OFFLINE_DUE_KEY, time.time(), 200)
+        for user, _ in due:
+            if node.user_connection_count(user):
+                continue
+            view = await status_view(node, user)
+            if view.online or not await publish_if_changed(node, view):
+                continue
+            # A connection elsewhere may have published "online" between our
+            # read and our publish; look again so the last word is right.
+            await publish_if_changed(node, await status_view(node, user))
+
+
+def register(node: Node) -> None:
+    node.register_rpc("user.set_status", rpc_set_status)
+    node.register_rpc("user.status", rpc_status)
+    PresenceTracker(node).register()

@@ -1,0 +1,243 @@
+"""Turns the workers' final reports and the /proc samples into one run report (a
+JSON-ready dict: the shape documented in the README, § JSON report)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from loadtest.procstat import ProcSample
+from loadtest.stats import Histogram
+
+__all__ = ["RunFacts", "build_report"]
+
+
+@dataclass
+class RunFacts:
+    """What the coordinator observed itself during one run."""
+
+    scenario: str
+    target: str
+    protocol: str
+    backend: str
+    urls: tuple[str, ...]
+    settings: dict[str, Any]
+    workers: int
+    server_pids: list[int]
+    t_start: float = 0.0  # wall time the measured phase started
+    t_stop: float = 0.0  # wall time publishing stopped
+    t_end: float = 0.0  # wall time all deliveries were drained
+    server_before: ProcSample | None = None  # before any client connected
+    server_ready: ProcSample | None = None  # all clients set up
+    server_start: ProcSample | None = None  # measured phase starts
+    server_end: ProcSample | None = None  # measured phase and drain over
+    client_cpu_s: float = 0.0
+    client_saturated_s: int = 0
+    client_seconds: int = 0
+    client_max_cpu_percent: float = 0.0
+    client_max_lag_ms: float = 0.0
+    client_cpus: tuple[int, ...] | None = None
+    server_cpus: tuple[int, ...] | None = None
+    setups: list[dict[str, Any]] = field(default_factory=list)
+    fatal: list[str] = field(default_factory=list)
+    restart: dict[str, Any] = field(default_factory=dict)
+    server_core_busy: list[float] = field(default_factory=list)  # per second, pinned CPUs
+    server_core_saturated_s: int = 0
+    helpers_cpu_s: float = 0.0  # processes the tool started besides the server (redis)
+    other_cpu_s: float = 0.0  # everything else on the machine during the window
+    notes: list[str] = field(default_factory=list)
+
+
+def _merge_counts(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for part in parts:
+        total.update(part)
+    return dict(sorted(total.items()))
+
+
+def _hist(parts: Iterable[Any]) -> Histogram:
+    return Histogram.merged(Histogram.from_wire(p) for p in parts)
+
+
+def _per(value: float, count: int, scale: float = 1e6) -> float | None:
+    return round(value / count * scale, 2) if count else None
+
+
+def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any]:
+    measured_s = max(1e-9, facts.t_stop - facts.t_start)
+    window_s = max(1e-9, facts.t_end - facts.t_start)
+
+    series: dict[int, Histogram] = {}
+    for final in finals:
+        for second, wire in final["series"].items():
+            hist = series.setdefault(int(second), Histogram())
+            hist.merge(Histogram.from_wire(wire))
+    latency = Histogram.merged(series.values())
+    deliveries = sum(f["deliveries"] for f in finals)
+    acked = sum(f["pub_acked"] for f in finals)
+    sent = sum(f["pub_sent"] for f in finals)
+    expected = sum(f["extra"].get("expected", 0) for f in finals)
+    lost = sum(f["extra"].get("lost", 0) for f in finals)
+
+    connected = sum(s.get("connected", 0) for s in facts.setups)
+    clients = sum(s.get("clients", 0) for s in facts.setups)
+    started_at = min((s["started_at"] for s in facts.setups if s.get("started_at")), default=0)
+    last_at = max((s["last_at"] for s in facts.setups if s.get("last_at")), default=0)
+    storm_s = last_at - started_at if last_at and started_at else 0.0
+    client_rss = sum(
+        (s.get("rss_after_kib") or 0) - (s.get("rss_before_kib") or 0) for s in facts.setups
+    )
+
+    report: dict[str, Any] = {
+        "scenario": facts.scenario,
+        "target": facts.target,
+        "protocol": facts.protocol,
+        "backend": facts.backend,
+        "urls": list(facts.urls),
+        "settings": facts.settings,
+        "started_at": facts.t_start,
+        "duration_s": round(measured_s, 3),
+        "window_s": round(window_s, 3),
+        "connections": {
+            "target": clients,
+            "connected": connected,
+            "failed": _merge_counts(f["connect_failures"] for f in finals),
+            "setup_s": round(storm_s, 3),
+            "connect_rate_per_s": round(connected / storm_s, 1) if storm_s > 0 else None,
+            "connect_latency_ms": _hist(f["connect_latency"] for f in finals).summary_ms(),
+        },
+        "publications": {
+            "sent": sent,
+            "acked": acked,
+            "failed": sum(f["pub_failed"] for f in finals),
+            "skipped": sum(f["pub_skipped"] for f in finals),
+            "pacer_dropped": sum(f["extra"].get("pacer_dropped", 0) for f in finals),
+            "rate_per_s": round(acked / measured_s, 1),
+            "ack_latency_ms": _hist(f["ack_latency"] for f in finals).summary_ms(),
+        },
+        "deliveries": {
+            "count": deliveries,
+            "rate_per_s": round(deliveries / measured_s, 1),
+            "expected": expected,
+            "lost": lost,
+            "duplicated": sum(f["duplicates"] for f in finals),
+            "foreign": sum(f["foreign"] for f in finals),
+        },
+        "latency_ms": latency.summary_ms(),
+        "errors": _merge_counts(f["errors"] for f in finals),
+        "disconnects": _merge_counts(f["disconnects"] for f in finals),
+        "pings_answered": sum(f.get("pings", 0) for f in finals),
+        "machine": {
+            "helpers_cpu_s": round(facts.helpers_cpu_s, 3),
+            "helpers_cpu_us_per_publication": _per(facts.helpers_cpu_s, acked),
+            "other_processes_cpu_s": round(facts.other_cpu_s, 3),
+            "other_processes_cpu_percent": round(facts.other_cpu_s / window_s * 100, 1),
+        },
+        "server": _server_section(facts, deliveries, acked, connected, window_s),
+        "client": {
+            "workers": facts.workers,
+            "cpus": list(facts.client_cpus) if facts.client_cpus else None,
+            "cpu_s": round(facts.client_cpu_s, 3),
+            "max_worker_cpu_percent": round(facts.client_max_cpu_percent, 1),
+            "saturated": facts.client_saturated_s > 0,
+            "saturated_seconds": facts.client_saturated_s,
+            "measured_seconds": facts.client_seconds,
+            "max_loop_lag_ms": facts.client_max_lag_ms,
+            "rss_per_connection_kib": round(client_rss / connected, 2) if connected else None,
+        },
+        "scenario_results": _scenario_section(facts, finals),
+        "timeline": [{"t": second, **_timeline_point(series[second])} for second in sorted(series)],
+        "histogram_us": latency.rows(),
+        "fatal": facts.fatal,
+        "notes": facts.notes,
+    }
+    return report
+
+
+def _timeline_point(hist: Histogram) -> dict[str, Any]:
+    summary = hist.summary_ms()
+    return {k: summary[k] for k in ("count", "p50", "p99", "max")}
+
+
+def _server_section(
+    facts: RunFacts, deliveries: int, acked: int, connected: int, window_s: float
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "pids": facts.server_pids,
+        "cpus": list(facts.server_cpus) if facts.server_cpus else None,
+    }
+    if facts.server_core_busy:
+        # The pinned core's whole load, softirq included (loopback TCP work that is
+        # billed to no process): the server is saturated when this is, not its CPU %.
+        busy = facts.server_core_busy
+        out["core_busy_percent_mean"] = round(sum(busy) / len(busy) * 100, 1)
+        out["core_busy_percent_max"] = round(max(busy) * 100, 1)
+        out["core_saturated_seconds"] = facts.server_core_saturated_s
+    start, end = facts.server_start, facts.server_end
+    if not facts.server_pids or start is None or end is None:
+        out["measured"] = False
+        return out
+    cpu_s = end.cpu_s - start.cpu_s
+    out.update(
+        measured=True,
+        cpu_s=round(cpu_s, 3),
+        cpu_percent_of_core=round(cpu_s / window_s * 100, 1),
+        cpu_us_per_delivery=_per(cpu_s, deliveries),
+        cpu_us_per_publication=_per(cpu_s, acked),
+    )
+    before, ready = facts.server_before, facts.server_ready
+    if before is not None and ready is not None:
+        out.update(
+            rss_before_kib=before.rss_kib,
+            rss_connected_kib=ready.rss_kib,
+            rss_end_kib=end.rss_kib,
+            rss_per_connection_kib=(
+                round((ready.rss_kib - before.rss_kib) / connected, 2) if connected else None
+            ),
+            setup_cpu_s=round(ready.cpu_s - before.cpu_s, 3),
+            setup_cpu_us_per_connection=_per(ready.cpu_s - before.cpu_s, connected),
+        )
+    return out
+
+
+def _scenario_section(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any]:
+    parts = [f["extra"].get("scenario", {}) for f in finals]
+    if facts.scenario == "calls":
+        ring = _hist(p["ring"] for p in parts)
+        setup = _hist(p["setup"] for p in parts)
+        completed = sum(p["calls_completed"] for p in parts)
+        measured_s = max(1e-9, facts.t_stop - facts.t_start)
+        return {
+            "pairs": sum(p["pairs"] for p in parts),
+            "calls_started": sum(p["calls_started"] for p in parts),
+            "calls_completed": completed,
+            "calls_failed": sum(p["calls_failed"] for p in parts),
+            "no_idle_pair": sum(p["no_idle_pair"] for p in parts),
+            "calls_per_s": round(completed / measured_s, 1),
+            "invite_to_ring_ms": ring.summary_ms(),
+            "invite_to_tokens_ms": setup.summary_ms(),
+        }
+    if facts.scenario == "connect":
+        out: dict[str, Any] = {
+            "rooms": parts[0].get("rooms") if parts else 0,
+            "reconnected_clients": sum(p["reconnected_clients"] for p in parts),
+            "reconnect_attempts": sum(p["reconnect_attempts"] for p in parts),
+            "reconnect_failures": _merge_counts(p["reconnect_failures"] for p in parts),
+            "recovered": sum(p["recovered"] for p in parts),
+            "not_recovered": sum(p["not_recovered"] for p in parts),
+            "reconnect_latency_ms": _hist(p["reconnect_latency"] for p in parts).summary_ms(),
+            "restart": facts.restart,
+        }
+        last = [p["last_recovered_at"] for p in parts if p.get("last_recovered_at")]
+        ready_at = facts.restart.get("ready_at")
+        sigterm_at = facts.restart.get("sigterm_at")
+        if last and ready_at:
+            out["all_recovered_after_ready_s"] = round(max(last) - ready_at, 3)
+        if last and sigterm_at:
+            out["all_recovered_after_sigterm_s"] = round(max(last) - sigterm_at, 3)
+        return out
+    if facts.scenario == "chat":
+        return parts[0] if parts else {}
+    return {}

@@ -1,0 +1,184 @@
+"""What ``/proc`` says about a process: CPU seconds, RSS, who listens on a port.
+
+Server cost is read from the kernel rather than from the server's own metrics so that
+any server (ours, the baseline, a peer) is measured the same way: utime + stime from
+``/proc/PID/stat`` and VmRSS from ``/proc/PID/status``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "ProcSample",
+    "cpu_seconds",
+    "cpu_ticks",
+    "discover_listeners",
+    "machine_busy_seconds",
+    "rss_kib",
+    "sample",
+    "with_descendants",
+]
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_TCP_LISTEN = "0A"
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` in seconds; None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces: split after its closing ')'.
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def cpu_ticks(cpus: Iterable[int]) -> tuple[int, int]:
+    """(busy, total) clock ticks of the given CPUs since boot, from /proc/stat.
+
+    Busy here includes irq and softirq time: on loopback, the receiving side's TCP
+    work runs in softirq on the sending CPU and is billed to no process, so a server
+    core can be saturated while the server process shows 60 %.
+    """
+    wanted = {f"cpu{c}" for c in cpus}
+    busy = total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            if not line.startswith("cpu"):
+                break
+            fields = line.split()
+            if fields[0] not in wanted:
+                continue
+            values = [int(v) for v in fields[1:9]]
+            total += sum(values)
+            busy += sum(values) - values[3] - values[4]  # minus idle and iowait
+    return busy, total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (everything but idle and iowait).
+
+    Minus what the run's own processes used, this is what others used meanwhile: a
+    test suite running beside a benchmark shows up here, not as a mystery spike.
+    """
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    # user nice system idle iowait irq softirq steal. Only user, nice and system:
+    # process CPU (utime/stime) is made of those, while irq and softirq time (the
+    # loopback's TCP work, much of it caused by this very run) belongs to no process.
+    busy = sum(int(fields[i]) for i in (0, 1, 2))
+    return busy / _CLK_TCK
+
+
+def rss_kib(pid: int) -> int | None:
+    """VmRSS of ``pid`` in KiB; None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcSample:
+    """CPU seconds and RSS summed over a set of processes at one moment."""
+
+    cpu_s: float
+    rss_kib: int
+    alive: int
+
+
+def sample(pids: Iterable[int]) -> ProcSample:
+    cpu = 0.0
+    rss = 0
+    alive = 0
+    for pid in pids:
+        c = cpu_seconds(pid)
+        r = rss_kib(pid)
+        if c is None or r is None:
+            continue
+        cpu += c
+        rss += r
+        alive += 1
+    return ProcSample(cpu, rss, alive)
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)  # header
+                for line in f:
+                    cols = line.split()
+                    if len(cols) < 10 or cols[3] != _TCP_LISTEN:
+                        continue
+                    if int(cols[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(cols[9])
+        except OSError:
+            continue
+    return inodes
+
+
+def discover_listeners(port: int) -> list[int]:
+    """PIDs of the processes holding a listening TCP socket on ``port``.
+
+    Reads ``/proc/net/tcp{,6}`` for the socket inodes, then finds which processes have
+    those inodes among their file descriptors. Needs permission to read other
+    processes' ``fd`` directories (same user, or root).
+    """
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return []
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    found: list[int] = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        fd_dir = f"/proc/{entry}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{fd_dir}/{fd}") in targets:
+                    found.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return sorted(found)
+
+
+def with_descendants(pids: Iterable[int]) -> list[int]:
+    """``pids`` and all their descendants: a server that forks workers (``serve
+    --workers N``) is measured whole, not just its supervisor."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        ppid = int(raw[raw.rfind(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.append(pid)
+            todo.extend(children.get(pid, ()))
+    return sorted(found)

@@ -1,0 +1,258 @@
+"""The summary table on the terminal, the comparisons with the baseline, and the JSON
+file."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+__all__ = ["comparisons", "machine_info", "print_summary", "write_json"]
+
+_OURS = "digis-signal"
+_BASELINE = "baseline"
+# The figures compared with the baseline: (label, path in the report). Lower is better
+# for all of them, so a ratio under 1 means digis-signal is cheaper or faster.
+_RATIO_FIELDS = (
+    ("server CPU per delivery", ("server", "cpu_us_per_delivery")),
+    ("server CPU per publication", ("server", "cpu_us_per_publication")),
+    ("server RSS per connection", ("server", "rss_per_connection_kib")),
+    ("server CPU % (window)", ("server", "cpu_percent_of_core")),
+    ("latency p50", ("latency_ms", "p50")),
+    ("latency p99", ("latency_ms", "p99")),
+    ("connect setup time", ("connections", "setup_s")),
+)
+
+
+def _get(report: dict[str, Any], path: Sequence[str]) -> Any:
+    value: Any = report
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """digis-signal ÷ baseline for runs of the same scenario and rate."""
+    out = []
+    for ours in runs:
+        if not ours["target"].startswith(_OURS):
+            continue
+        key = (ours["scenario"], ours["settings"]["rate"], ours["settings"]["connections"])
+        for base in runs:
+            if base["target"] != _BASELINE:
+                continue
+            if (base["scenario"], base["settings"]["rate"], base["settings"]["connections"]) != key:
+                continue
+            ratios: dict[str, float | None] = {}
+            for label, path in _RATIO_FIELDS:
+                a, b = _get(ours, path), _get(base, path)
+                ratios[label] = round(a / b, 3) if a is not None and b else None
+            out.append(
+                {
+                    "target": ours["target"],
+                    "scenario": key[0],
+                    "rate": key[1],
+                    "connections": key[2],
+                    "ratios": ratios,
+                }
+            )
+    return out
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+_COLUMNS = (
+    ("scenario", lambda r: r["scenario"]),
+    ("target", lambda r: r["target"]),
+    ("conns", lambda r: _fmt(r["connections"]["connected"])),
+    ("rate", lambda r: _fmt(r["settings"]["rate"], 0)),
+    ("pub/s", lambda r: _fmt(r["publications"]["rate_per_s"])),
+    ("dlv/s", lambda r: _fmt(r["deliveries"]["rate_per_s"], 0)),
+    ("p50 ms", lambda r: _fmt(r["latency_ms"]["p50"], 2)),
+    ("p95 ms", lambda r: _fmt(r["latency_ms"]["p95"], 2)),
+    ("p99 ms", lambda r: _fmt(r["latency_ms"]["p99"], 2)),
+    ("max ms", lambda r: _fmt(r["latency_ms"]["max"], 1)),
+    ("lost", lambda r: _fmt(r["deliveries"]["lost"])),
+    ("dup", lambda r: _fmt(r["deliveries"]["duplicated"])),
+    ("srv µs/dlv", lambda r: _fmt(r["server"].get("cpu_us_per_delivery"), 2)),
+    ("srv µs/pub", lambda r: _fmt(r["server"].get("cpu_us_per_publication"), 1)),
+    ("srv cpu%", lambda r: _fmt(r["server"].get("cpu_percent_of_core"))),
+    ("KiB/conn", lambda r: _fmt(r["server"].get("rss_per_connection_kib"), 2)),
+    ("core%", lambda r: _fmt(r["server"].get("core_busy_percent_mean"))),
+    ("client", lambda r: "SATURATED" if r["client"]["saturated"] else "ok"),
+)
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for n, row in enumerate(rows):
+        out.write("  ".join(cell.rjust(widths[i]) for i, cell in enumerate(row)) + "\n")
+        if n == 0:
+            out.write("  ".join("-" * w for w in widths) + "\n")
+
+
+def print_summary(runs: list[dict[str, Any]], out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    if not runs:
+        return
+    out.write("\n")
+    rows = [[name for name, _ in _COLUMNS]]
+    rows += [[get(r) for _, get in _COLUMNS] for r in runs]
+    _table(rows, out)
+    for r in runs:
+        _details(r, out)
+    comps = comparisons(runs)
+    if comps:
+        out.write("\ndigis-signal ÷ baseline, same scenario and rate (lower is better):\n")
+        for comp in comps:
+            parts = [f"{k} {v:.2f}x" for k, v in comp["ratios"].items() if v is not None]
+            head = f"  {comp['target']}, {comp['scenario']} rate {comp['rate']:g}: "
+            out.write(head + ", ".join(parts) + "\n")
+
+
+def _details(r: dict[str, Any], out: TextIO) -> None:
+    lines = []
+    head = f"{r['scenario']} / {r['target']} (rate {r['settings']['rate']:g})"
+    conns = r["connections"]
+    if conns["failed"]:
+        lines.append(f"connect failures: {conns['failed']}")
+    if r["scenario"] in ("connect", "idle") or conns["setup_s"]:
+        lines.append(
+            f"setup: {conns['connected']:,}/{conns['target']:,} in {conns['setup_s']:.2f}s "
+            f"({_fmt(conns['connect_rate_per_s'])}/s), connect latency p50 "
+            f"{conns['connect_latency_ms']['p50']}ms p99 {conns['connect_latency_ms']['p99']}ms"
+        )
+    if r["errors"]:
+        lines.append(f"errors: {r['errors']}")
+    if r["disconnects"]:
+        lines.append(f"disconnects by code: {r['disconnects']}")
+    pubs = r["publications"]
+    if pubs["skipped"] or pubs["pacer_dropped"] or pubs["failed"]:
+        lines.append(
+            f"publications not sent: {pubs['skipped']} (connection down or "
+            f"{r['settings']['max_inflight']} awaiting ack), dropped by a late pacer: "
+            f"{pubs['pacer_dropped']}, failed: {pubs['failed']}"
+        )
+    if pubs["acked"]:
+        ack = pubs["ack_latency_ms"]
+        lines.append(f"publish ack latency: p50 {ack['p50']}ms p99 {ack['p99']}ms")
+    srv = r["server"]
+    if srv.get("measured"):
+        lines.append(
+            f"server: {srv['cpu_s']}s CPU over {r['window_s']}s; RSS "
+            f"{_fmt(srv.get('rss_before_kib'))} → {_fmt(srv.get('rss_connected_kib'))} KiB "
+            f"(setup {_fmt(srv.get('setup_cpu_us_per_connection'))} µs CPU per connection)"
+        )
+    if srv.get("core_saturated_seconds"):
+        lines.append(
+            f"WARNING: the server's CPU core was ≥90 % busy (softirq included) "
+            f"{srv['core_saturated_seconds']}s of the run: latencies include its queueing"
+        )
+    cl = r["client"]
+    lines.append(
+        f"client: {cl['workers']} workers, {cl['cpu_s']}s CPU, busiest worker "
+        f"{cl['max_worker_cpu_percent']}% of a core, max loop lag {cl['max_loop_lag_ms']}ms, "
+        f"{_fmt(cl['rss_per_connection_kib'], 2)} KiB per connection"
+    )
+    if cl["saturated"]:
+        lines.append(
+            f"WARNING: client CPU saturated {cl['saturated_seconds']}/{cl['measured_seconds']}s:"
+            " latencies and rates include the client's own queueing"
+        )
+    if r["pings_answered"]:
+        lines.append(f"server pings answered: {r['pings_answered']:,}")
+    lines += _scenario_lines(r)
+    lines += [f"FATAL: {text}" for text in r["fatal"]]
+    lines += [f"note: {text}" for text in r["notes"]]
+    out.write(f"\n{head}\n" + "".join(f"  {line}\n" for line in lines))
+
+
+def _scenario_lines(r: dict[str, Any]) -> list[str]:
+    sr = r["scenario_results"]
+    if r["scenario"] == "calls" and sr:
+        ring, tokens = sr["invite_to_ring_ms"], sr["invite_to_tokens_ms"]
+        return [
+            f"calls: {sr['pairs']} pairs; {sr['calls_completed']:,} completed, "
+            f"{sr['calls_failed']:,} failed of {sr['calls_started']:,} started "
+            f"({sr['calls_per_s']}/s); no idle pair {sr['no_idle_pair']:,} times",
+            f"invite → ring: p50 {ring['p50']}ms p99 {ring['p99']}ms max {ring['max']}ms; "
+            f"invite → both tokens: p50 {tokens['p50']}ms p99 {tokens['p99']}ms",
+        ]
+    if r["scenario"] == "connect" and sr:
+        lines = []
+        restart = sr.get("restart") or {}
+        if "down_s" in restart:
+            lines.append(
+                f"restart: server down {restart['down_s']}s (SIGTERM → ready); all "
+                f"{sr['reconnected_clients']:,} clients back "
+                f"{_fmt(sr.get('all_recovered_after_ready_s'), 2)}s after ready "
+                f"({_fmt(sr.get('all_recovered_after_sigterm_s'), 2)}s after SIGTERM)"
+            )
+            lines.append(
+                f"recovery: {sr['recovered']:,} recovered, {sr['not_recovered']:,} not; "
+                f"{sr['reconnect_attempts']:,} attempts, failures {sr['reconnect_failures']}"
+            )
+        elif "error" in restart:
+            lines.append(f"restart failed: {restart['error']}")
+        return lines
+    return [f"{r['scenario']}: " + orjson.dumps(sr).decode()] if sr else []
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+    }
+    for package in ("websockets", "uvloop", "orjson"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info[package] = importlib.metadata.version(package)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        info["commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.strip()
+    return info
+
+
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def write_json(path: Path, runs: list[dict[str, Any]], argv: Sequence[str]) -> None:
+    document = {
+        "tool": "digis-signal-loadtest",
+        "command": list(argv),
+        "machine": machine_info(),
+        "runs": runs,
+        "comparisons": comparisons(runs),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))

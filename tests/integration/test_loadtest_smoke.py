@@ -1,0 +1,154 @@
+"""Smoke runs of the load-testing tool (``python -m loadtest``), tiny and fast.
+
+Each run is the real CLI in a subprocess, against a real server started by
+``server_factory`` or against the baseline the tool spawns itself; the JSON
+report is read back. Asserts correctness only (every acknowledged publication
+delivered exactly once, every client connected, the report complete), never
+speed: these machines are shared and small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.processes import REPO_ROOT, ServerProcess
+
+# Keys every run report carries (loadtest/README.md § JSON report).
+RUN_KEYS = {
+    "scenario",
+    "target",
+    "settings",
+    "duration_s",
+    "connections",
+    "publications",
+    "deliveries",
+    "latency_ms",
+    "errors",
+    "disconnects",
+    "server",
+    "client",
+    "machine",
+    "timeline",
+    "histogram_us",
+    "scenario_results",
+    "fatal",
+}
+LATENCY_KEYS = {"count", "p50", "p95", "p99", "max"}
+TOOL_TIMEOUT_S = 60.0
+
+# Small, fast settings shared by every smoke run.
+COMMON = ["--no-pin", "--settle", "0.2", "--drain-timeout", "5", "--quiet"]
+SMOKE_RUNS: dict[str, list[str]] = {
+    "fanout": ["fanout", "-n", "20", "-r", "50", "-d", "2"],
+    "idle": ["idle", "-n", "50", "-d", "2"],
+    "connect": ["connect", "-n", "50", "-d", "0.5", "--no-restart"],
+}
+
+
+async def run_tool(args: list[str], json_path: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``python -m loadtest`` with ``args``; return its JSON report."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "loadtest",
+        *args,
+        *COMMON,
+        "--json",
+        str(json_path),
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, f"loadtest {' '.join(args)} exited {proc.returncode}:\n{text}"
+    document: dict[str, Any] = json.loads(json_path.read_text())
+    return document
+
+
+def check_report(document: dict[str, Any], scenario: str, target: str) -> dict[str, Any]:
+    assert {"tool", "machine", "runs", "comparisons"} <= document.keys()
+    (run,) = document["runs"]
+    assert RUN_KEYS <= run.keys(), RUN_KEYS - run.keys()
+    assert run["scenario"] == scenario
+    assert run["target"] == target
+    assert not run["fatal"]
+    conns = run["connections"]
+    assert conns["connected"] == conns["target"], conns
+    assert conns["failed"] == {}
+    assert LATENCY_KEYS <= run["latency_ms"].keys()
+    assert LATENCY_KEYS <= run["connections"]["connect_latency_ms"].keys()
+    for key in ("cpu_us_per_delivery", "cpu_us_per_publication", "rss_per_connection_kib"):
+        assert key in run["server"], run["server"]
+    assert {"saturated", "cpu_s", "workers"} <= run["client"].keys()
+    deliveries = run["deliveries"]
+    assert deliveries["lost"] == 0, deliveries
+    assert deliveries["duplicated"] == 0, deliveries
+    assert run["errors"] == {}
+    return run
+
+
+def check_fanout(run: dict[str, Any]) -> None:
+    subscribers = run["settings"]["connections"]
+    acked = run["publications"]["acked"]
+    assert acked > 0
+    assert run["publications"]["failed"] == 0
+    # Every acknowledged publication reached every subscriber exactly once.
+    assert run["deliveries"]["expected"] == acked * subscribers
+    assert run["deliveries"]["count"] == acked * subscribers
+    assert run["latency_ms"]["count"] == run["deliveries"]["count"]
+    assert run["timeline"] and run["histogram_us"]
+
+
+def tool_env(secret: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIGNAL_")}
+    if secret is not None:
+        env["SIGNAL_JWT_SECRET"] = secret  # read by the tool, not on its command line
+    return env
+
+
+@pytest.fixture
+async def load_server(server_factory: Any) -> ServerProcess:
+    server: ServerProcess = await server_factory({"SIGNAL_COMMANDS_PER_SECOND": "0"})
+    return server
+
+
+async def test_smoke_against_server(load_server: ServerProcess, tmp_path: Path) -> None:
+    env = tool_env(load_server.secret)
+    target = ["--url", load_server.ws_url, "--server-pid", str(load_server.pid)]
+    names = list(SMOKE_RUNS)
+    documents = await asyncio.gather(
+        *(run_tool([*SMOKE_RUNS[n], *target], tmp_path / f"{n}.json", env) for n in names)
+    )
+    for name, document in zip(names, documents, strict=True):
+        run = check_report(document, name, "external")
+        assert run["server"]["measured"] is True
+    check_fanout(check_report(documents[0], "fanout", "external"))
+
+
+async def test_smoke_against_baseline(tmp_path: Path) -> None:
+    env = tool_env()
+    names = list(SMOKE_RUNS)
+    documents = await asyncio.gather(
+        *(
+            run_tool([*SMOKE_RUNS[n], "--spawn-baseline"], tmp_path / f"{n}.json", env)
+            for n in names
+        )
+    )
+    for name, document in zip(names, documents, strict=True):
+        run = check_report(document, name, "baseline")
+        assert run["protocol"] == "baseline"
+    check_fanout(check_report(documents[0], "fanout", "baseline"))

@@ -1,0 +1,180 @@
+"""The call hash schema and its compare-and-set updates (handlers.calls.state),
+on the memory store, with a wrapper that yields between store operations so
+that concurrent updates really interleave."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from handlers.calls.state import (
+    Call,
+    CallState,
+    CallStore,
+    Role,
+    busy_key,
+    call_key,
+    invites_key,
+    wrong_state,
+)
+from signaling.errors import SignalError
+from signaling.state.memory import MemoryStateStore
+
+
+class YieldingStore:
+    """A StateStore that gives the loop away before and after every operation,
+    like a network round trip would."""
+
+    def __init__(self, inner: MemoryStateStore) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0)
+            result = await method(*args, **kwargs)
+            await asyncio.sleep(0)
+            return result
+
+        return call
+
+
+BASE = {
+    "caller": "alice",
+    "callee": "bob",
+    "media": "video",
+    "meta": "",
+    "created_at_ms": "1000",
+    "ring_deadline_ms": "31000",
+    "caller_uid": "7",
+    "callee_uid": "8",
+}
+
+
+def test_keys_carry_hash_tags() -> None:
+    assert call_key("c1") == "call:{c1}"
+    assert busy_key("u") == "call-busy:{u}"
+    assert invites_key("u") == "call-invites:{u}"
+
+
+def test_call_from_hash() -> None:
+    assert Call.from_hash("c", {}) is None
+    call = Call.from_hash("c", {**BASE, "state": "accepted", "rev": "3", "accepted_at_ms": "2000"})
+    assert call is not None
+    assert call.state is CallState.ACCEPTED and call.rev == 3
+    assert call.role("alice") is Role.CALLER and call.role("bob") is Role.CALLEE
+    assert call.role("mallory") is None
+    assert (call.uid("alice"), call.uid("bob")) == (7, 8)
+    assert call.duration_ms(2500) == 500
+    assert call.live
+    ended = Call.from_hash(
+        "c", {**BASE, "state": "ended", "accepted_at_ms": "2000", "ended_at_ms": "4000"}
+    )
+    assert ended is not None and ended.duration_ms(99999) == 2000 and not ended.live
+
+
+def test_wrong_state_names_the_state() -> None:
+    err = wrong_state(CallState.CANCELLED)
+    assert isinstance(err, SignalError)
+    assert err.value.code == 1007 and "cancelled" in err.value.message  # type: ignore[union-attr]
+
+
+async def test_update_is_compare_and_set_one_winner_of_a_race() -> None:
+    store = CallStore(YieldingStore(MemoryStateStore()), live_ttl_s=60)  # type: ignore[arg-type]
+    for n in range(20):
+        call_id = f"c{n}"
+        await store.create(BASE, call_id)
+        await store.update(call_id, lambda c: {"state": "ringing"})
+
+        def to(state: str) -> Any:
+            def decide(c: Call) -> dict[str, str]:
+                if c.state != CallState.RINGING:
+                    raise wrong_state(c.state)
+                return {"state": state}
+
+            return decide
+
+        results = await asyncio.gather(
+            store.update(call_id, to("accepted")),
+            store.update(call_id, to("cancelled")),
+            store.update(call_id, to("accepted")),
+            return_exceptions=True,
+        )
+        winners = [r for r in results if not isinstance(r, BaseException)]
+        losers = [r for r in results if isinstance(r, BaseException)]
+        assert len(winners) == 1 and len(losers) == 2, results
+        assert all(isinstance(e, SignalError) and e.value.code == 1007 for e in losers)
+        final = await store.get(call_id)
+        assert final is not None
+        assert final.state == winners[0].after.state
+        assert final.rev == 3  # created (1), ringing (2), the winner (3)
+
+
+async def test_update_retries_a_lost_race_with_the_fresh_state() -> None:
+    store = CallStore(YieldingStore(MemoryStateStore()), live_ttl_s=60)  # type: ignore[arg-type]
+    await store.create(BASE, "c")
+    # Ten concurrent increments of one field: each retries until it applies.
+    results = await asyncio.gather(
+        *(store.update("c", lambda c: {"ticks": str(c.ticks + 1)}) for _ in range(10))
+    )
+    assert all(r is not None for r in results)
+    call = await store.get("c")
+    assert call is not None and call.ticks == 10 and call.rev == 11
+    with pytest.raises(LookupError):
+        await store.update("missing", lambda c: {"ticks": "1"})
+    assert await store.update("c", lambda c: None) is None
+
+
+async def test_pending_calls_expire_and_ended_calls_are_retained() -> None:
+    now = [0.0]
+    memory = MemoryStateStore(clock=lambda: now[0])
+    store = CallStore(memory, live_ttl_s=100)
+    await store.create(BASE, "p")
+    now[0] = 31.0  # PENDING_TTL_S
+    assert await store.get("p") is None
+    await store.create(BASE, "c")
+    await store.update("c", lambda c: {"state": "ringing"})
+    now[0] += 99
+    assert await store.get("c") is not None
+    await store.update("c", lambda c: {"state": "missed"})
+    now[0] += 86000  # ended calls are kept for a day, not live_ttl_s
+    assert await store.get("c") is not None
+
+
+async def test_busy_claims_and_stale_takeover() -> None:
+    store = CallStore(MemoryStateStore(), live_ttl_s=60)
+    await store.create(BASE, "c1")
+    assert await store.claim_busy("bob", "c1")
+    assert await store.busy_with("bob") == "c1"
+    await store.create(BASE, "c2")
+    # c1 is live (pending): bob stays busy.
+    assert not await store.claim_busy("bob", "c2")
+    # Releasing someone else's claim does nothing.
+    await store.release_busy("bob", "c2")
+    assert await store.busy_with("bob") == "c1"
+    # c1 ends without releasing (its instance died): the flag is stale.
+    await store.update("c1", lambda c: {"state": "missed"})
+    assert await store.claim_busy("bob", "c2")
+    assert await store.busy_with("bob") == "c2"
+    # A flag pointing at a call that no longer exists is stale too.
+    await store.discard("c2")
+    assert await store.claim_busy("bob", "c3")
+    await store.release_busy("bob", "c3")
+    assert await store.busy_with("bob") is None
+
+
+async def test_note_seen_writes_only_accepted_calls_without_a_revision() -> None:
+    store = CallStore(MemoryStateStore(), live_ttl_s=60)
+    await store.create(BASE, "c")
+    await store.note_seen("c", {"caller_seen_ms": "5"})
+    call = await store.get("c")
+    assert call is not None and call.caller_seen_ms is None
+    await store.update("c", lambda c: {"state": "accepted", "accepted_at_ms": "2"})
+    await store.note_seen("c", {"caller_seen_ms": "5"})
+    call = await store.get("c")
+    assert call is not None and call.caller_seen_ms == 5 and call.rev == 2
+    await store.note_seen("missing", {"caller_seen_ms": "5"})
+    assert await store.store.hgetall(call_key("missing")) == {}

@@ -1,0 +1,185 @@
+"""Chat and presence handlers on an in-process node (embedded broker and
+state store, no sockets): what needs a failure injected or another handler's
+call (``set_call_busy``) that a client cannot trigger."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from handlers import app
+from handlers.chat.messages import ChatPublisher
+from handlers.chat.metrics import ChatMetrics
+from handlers.chat.moderation import Moderation
+from handlers.presence import (
+    NODES_KEY,
+    PresenceTracker,
+    publish_if_changed,
+    set_call_busy,
+    set_status,
+    status_view,
+)
+from signaling.broker.base import BrokerUnavailable
+from signaling.config import Settings
+from signaling.errors import SignalError
+from signaling.metrics import Metrics
+from signaling.node import Node, PublishContext, PublishDecision
+from signaling.protocol import ClientInfo
+from signaling.server import build_node
+from signaling.users import online_key
+
+ROOM = "room:cre"
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    settings = Settings(dev=True, port=0, offline_grace_s=0.1, viewer_count_interval_s=60.0)
+    node = build_node(settings, app, Metrics())
+    await node.start()
+    yield node
+    await node.close()
+
+
+def chat(node: Node) -> tuple[ChatPublisher, ChatMetrics, Moderation]:
+    metrics = ChatMetrics(CollectorRegistry())
+    moderation = Moderation(node, metrics)
+    return ChatPublisher(node, metrics, moderation), metrics, moderation
+
+
+def context(node: Node, data: Any, user: str = "fan", channel: str = ROOM) -> PublishContext:
+    raw = orjson.dumps(data)
+    info = ClientInfo(user, f"client-{user}")
+    return PublishContext(
+        user, info.client, info, channel, orjson.loads(raw), raw, node.channel_options(channel)
+    )
+
+
+async def history(node: Node, channel: str) -> list[Any]:
+    page = await node.broker.history(
+        channel, since=None, limit=-1, reverse=False, history=node.channel_options(channel).history
+    )
+    return [orjson.loads(pub.data) for pub in page.publications]
+
+
+async def test_message_is_published_by_the_hook_and_acknowledged(node: Node) -> None:
+    publisher, metrics, _ = chat(node)
+    decision = await publisher.on_publish(context(node, {"type": "message", "text": "hi"}))
+    assert decision == PublishDecision(skip=True)
+    assert await history(node, ROOM) == [{"type": "message", "text": "hi"}]
+    assert metrics.publications.labels("room", "message")._value.get() == 1
+
+
+async def test_other_channels_are_left_to_the_core(node: Node) -> None:
+    publisher, _, _ = chat(node)
+    assert await publisher.on_publish(context(node, {"n": 1}, channel="user:#fan")) is None
+
+
+async def test_failed_publish_releases_dedupe_and_slow_mode_claims(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publisher, metrics, moderation = chat(node)
+    await node.store.set("chat:slow:{room:cre}", "60")
+    real_publish = node.publish
+    failures = [BrokerUnavailable("down")]
+
+    async def flaky_publish(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(node, "publish", flaky_publish)
+    message = {"type": "message", "text": "hi", "client_msg_id": "m1"}
+    with pytest.raises(BrokerUnavailable):
+        await publisher.on_publish(context(node, message))
+    # The client's retry is delivered: neither claim survived the failure.
+    assert await publisher.on_publish(context(node, message)) == PublishDecision(skip=True)
+    assert await history(node, ROOM) == [message]
+    assert metrics.deduplicated.labels("room")._value.get() == 0
+    # Now the retry of a delivered message is a duplicate, and slow mode holds.
+    assert await publisher.on_publish(context(node, message)) == PublishDecision(skip=True)
+    assert metrics.deduplicated.labels("room")._value.get() == 1
+    with pytest.raises(SignalError) as refused:
+        await publisher.on_publish(context(node, {"type": "message", "text": "again"}))
+    assert refused.value.value.code == 1112
+    assert await history(node, ROOM) == [message]
+    assert not await moderation.is_moderator(ROOM, "fan")
+
+
+async def test_slow_mode_refusal_releases_the_dedupe_claim(node: Node) -> None:
+    publisher, _, _ = chat(node)
+    await node.store.set("chat:slow:{room:cre}", "60")
+    await publisher.on_publish(context(node, {"type": "message", "text": "first"}))
+    message = {"type": "message", "text": "second", "client_msg_id": "m2"}
+    for _ in range(2):
+        with pytest.raises(SignalError) as refused:
+            await publisher.on_publish(context(node, message))
+        # Refused again, not taken for an already-delivered duplicate.
+        assert refused.value.value.code == 1112
+
+
+async def test_typing_over_the_rate_is_dropped_and_counted(node: Node) -> None:
+    publisher, metrics, _ = chat(node)
+    typing = context(node, {"type": "typing"}, channel="dm:#a,fan")
+    decisions = [await publisher.on_publish(typing) for _ in range(5)]
+    live = PublishDecision(raw=b'{"type":"typing"}', history=False)
+    assert decisions == [live, live] + [PublishDecision(skip=True)] * 3
+    assert metrics.typing_dropped._value.get() == 3
+
+
+async def test_set_call_busy_makes_the_user_busy_while_in_a_call(node: Node) -> None:
+    await node.user_presence.went_online("cre")
+    await set_status(node, "cre", "away")
+    channel = "status:cre"
+    assert [p["status"] for p in await history(node, channel)] == ["away"]
+
+    await set_call_busy(node, "cre", True)
+    view = await status_view(node, "cre")
+    assert (view.status, view.chosen, view.in_call) == ("busy", "away", True)
+    assert (await history(node, channel))[-1] | {"last_seen_ms": None} == {
+        "user": "cre",
+        "online": True,
+        "status": "busy",
+        "chosen": "away",
+        "in_call": True,
+        "last_seen_ms": None,
+    }
+    # Choosing another status during the call changes nothing fans see.
+    await set_status(node, "cre", "available")
+    assert (await history(node, channel))[-1]["status"] == "busy"
+    await set_call_busy(node, "cre", False)
+    assert (await history(node, channel))[-1]["status"] == "available"
+    # Twice is harmless.
+    await set_call_busy(node, "cre", False)
+    assert (await status_view(node, "cre")).status == "available"
+
+
+async def test_busy_user_offline_is_offline(node: Node) -> None:
+    await set_call_busy(node, "gone", True)
+    view = await status_view(node, "gone")
+    assert (view.online, view.status, view.in_call) == (False, "offline", True)
+
+
+async def test_users_of_a_dead_node_are_reaped_and_go_offline(node: Node) -> None:
+    store, now = node.store, time.time()
+    # "dead" held ghost's only connection and stopped heartbeating a second ago;
+    # its online record of ghost would only expire in 30 s.
+    await store.zadd(online_key("ghost"), "dead", now + 30)
+    await store.zadd("presence:node-users:{dead}", "ghost", now)
+    await store.zadd(NODES_KEY, "dead", now - 1)
+    await publish_if_changed(node, await status_view(node, "ghost"))
+    assert (await history(node, "status:ghost"))[-1]["online"] is True
+
+    tracker = PresenceTracker(node)
+    await tracker.heartbeat()
+    await tracker.sweep()
+    assert (await history(node, "status:ghost"))[-1]["status"] == "offline"
+    assert await store.get("presence:reaped:{dead}") == "1"
+    # Reaped once: its users were taken, it is no longer listed.
+    assert await store.zrange_by_score("presence:node-users:{dead}", 0, float("inf")) == []
+    live = [n for n, _ in await store.zrange_by_score(NODES_KEY, 0, float("inf"))]
+    assert "dead" not in live and node.name in live
