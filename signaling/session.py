@@ -86,7 +86,7 @@ from signaling.protocol import (
     encode_unsubscribe_push,
 )
 from signaling.transport import WebSocketConnection
-from signaling.values import JSON
+from signaling.values import JSON, compact
 
 __all__ = ["SERVER_VERSION", "ClientSession"]
 
@@ -774,7 +774,7 @@ def _conn_info(credentials: Credentials) -> bytes | None:
     info = dict(credentials.info or {})
     if credentials.name is not None and "name" not in info:
         info["name"] = credentials.name
-    return orjson.dumps(info) if info else None
+    return compact(orjson.dumps(info)) if info else None
 
 
 def _ttl(expires_at: float | None) -> tuple[bool, int]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ from signaling.broker.base import (
     UnrecoverablePosition,
 )
 from signaling.protocol import ClientInfo, Publication, StreamPosition
+from signaling.values import compact
 
 __all__ = ["MemoryBroker"]
 
@@ -41,7 +41,10 @@ class _Stream:
     expires_at: float
     top: int = 0
     # (publication with its offset, monotonic time it expires)
-    entries: deque[tuple[Publication, float]] = field(default_factory=deque)
+    # A list, not a deque: an empty deque costs ~600 bytes and most channels
+    # (one status channel per user) keep a publication or two; trimming the
+    # front of at most ``size`` entries is a short memmove.
+    entries: list[tuple[Publication, float]] = field(default_factory=list)
 
 
 class MemoryBroker:
@@ -113,10 +116,11 @@ class MemoryBroker:
         now = self._clock()
         stream = self._stream(channel, history, now)
         stream.top += 1
-        stored = Publication(pub.data, pub.info, stream.top, pub.tags, pub.time_ms)
+        stored = Publication(compact(pub.data), pub.info, stream.top, pub.tags, pub.time_ms)
         stream.entries.append((stored, now + history.ttl_s))
-        while len(stream.entries) > history.size:
-            stream.entries.popleft()
+        excess = len(stream.entries) - history.size
+        if excess > 0:
+            del stream.entries[:excess]
         stream.expires_at = now + history.ttl_s
         handler.on_publication(channel, stored, stream.epoch)
         return StreamPosition(stream.top, stream.epoch)
@@ -202,5 +206,8 @@ class MemoryBroker:
 
 def _trim_expired(stream: _Stream, now: float) -> None:
     entries = stream.entries
-    while entries and entries[0][1] <= now:
-        entries.popleft()
+    expired = 0
+    while expired < len(entries) and entries[expired][1] <= now:
+        expired += 1
+    if expired:
+        del entries[:expired]
