@@ -191,7 +191,18 @@ class Node:
 
     def _on_broker_reconnected(self) -> None:
         self.metrics.broker_reconnects.inc()
-        self.spawn(self.check_positions(), "position-check")
+        self.spawn(self._check_positions_after_reconnect(), "position-check")
+
+    async def _check_positions_after_reconnect(self) -> None:
+        # Right after a reconnect the broker may still fail a command or two.
+        for attempt in range(5):
+            try:
+                await self.check_positions()
+                return
+            except BrokerUnavailable:
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.5)
 
     async def _check_positions_forever(self) -> None:
         while True:
@@ -212,7 +223,12 @@ class Node:
         if not channels:
             return
         tops = await self.broker.positions(channels)
-        suspects = {c: top for c, top in tops.items() if _behind(hub.position(c), top)}
+        # A stream that vanished (Redis restarted empty, meta expired) is a
+        # new epoch: whatever this node had not delivered yet is gone.
+        lost = StreamPosition(0, "")
+        suspects = {
+            c: tops.get(c, lost) for c in channels if _behind(hub.position(c), tops.get(c, lost))
+        }
         if not suspects:
             return
         await asyncio.sleep(confirm_delay_s)
@@ -404,6 +420,9 @@ class Node:
                 await coro
             except asyncio.CancelledError:
                 raise
+            except BrokerUnavailable as exc:
+                # Expected while the broker is down; no traceback needed.
+                log.warning("background task %s: broker unavailable (%s)", name, exc)
             except Exception:
                 log.exception("background task %s failed", name)
 

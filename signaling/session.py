@@ -461,18 +461,24 @@ class ClientSession:
 
         identity = _Identity(credentials, ClientInfo(user, self.client_id, _conn_info(credentials)))
         self._identity = identity
+        subs: dict[str, SubscribeResult] = {}
+        personal = node.policy.personal_channel(user)
+        if personal is not None:
+            recover = req.subs.get(personal) or SubscribeRequest(personal)
+            try:
+                subs[personal] = await self._start_subscription(personal, recover, None)
+            except BaseException:
+                # Connect is all or nothing: not authenticated after all.
+                self._identity = None
+                raise
+            self.subs[personal].server_side = True
+        if self._closed:
+            return
         if self._stale_timer is not None:
             self._stale_timer.cancel()
             self._stale_timer = None
         node.session_connected(self, user)
         node.metrics.connection_attempts.labels("ok").inc()
-
-        subs: dict[str, SubscribeResult] = {}
-        personal = node.policy.personal_channel(user)
-        if personal is not None:
-            recover = req.subs.get(personal) or SubscribeRequest(personal)
-            subs[personal] = await self._start_subscription(personal, recover, None)
-            self.subs[personal].server_side = True
         expires, ttl = _ttl(credentials.expires_at)
         result = ConnectResult(
             client=self.client_id,

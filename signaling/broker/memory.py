@@ -168,8 +168,12 @@ class MemoryBroker:
         return HistoryPage(pubs, top)
 
     async def positions(self, channels: Sequence[str]) -> dict[str, StreamPosition]:
-        # Delivery is synchronous here: a local position never falls behind.
-        return {}
+        now = self._clock()
+        return {
+            c: StreamPosition(s.top, s.epoch)
+            for c in channels
+            if (s := self._streams.get(c)) is not None and s.expires_at > now
+        }
 
     def _stream(self, channel: str, history: HistoryOptions, now: float) -> _Stream:
         stream = self._streams.get(channel)

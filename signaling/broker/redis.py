@@ -157,10 +157,19 @@ class RedisBroker:
             control=self._control_name if control else None,
             wanted=wanted,
             on_message=self._on_message,
-            on_reconnected=lambda: self._require_handler().on_broker_reconnected(),
+            on_reconnected=self._on_reconnected,
         )
         self._shards[label] = shard
         shard.start()
+
+    def _on_reconnected(self) -> None:
+        # Pooled command connections to the old Redis are dead too: drop the
+        # idle ones now rather than fail the next commands on them.
+        if isinstance(self.client, aioredis.Redis):
+            asyncio.get_running_loop().create_task(
+                self.client.connection_pool.disconnect(inuse_connections=False)
+            )
+        self._require_handler().on_broker_reconnected()
 
     def _shard_for(self, name: str) -> PubSubShard | None:
         if not self._cluster:
