@@ -56,7 +56,6 @@ from handlers.chat.args import bad_request, check_user, object_args
 from signaling.broker.base import BrokerUnavailable
 from signaling.errors import ERROR_LIMIT_EXCEEDED, SignalError
 from signaling.node import ConnectionEvent, Node, RpcContext
-from signaling.users import online_key
 from signaling.values import JSON, JSONObject
 
 __all__ = [
@@ -378,7 +377,8 @@ class PresenceTracker:
         await store.set(_reaped_key(dead), "1", _REAPED_FLAG_TTL_S)
         while users := await store.zpop_due(_node_users_key(dead), float("inf"), _REAP_BATCH):
             now = time.time()
-            await asyncio.gather(*(store.zrem(online_key(u), dead) for u, _ in users))
+            forget = self._node.user_presence.forget_node
+            await asyncio.gather(*(forget(u, dead) for u, _ in users))
             await asyncio.gather(*(store.zadd(OFFLINE_DUE_KEY, u, now) for u, _ in users))
 
     async def _resync(self) -> None:

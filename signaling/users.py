@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from signaling.state.base import StateStore
 
-__all__ = ["UserPresence", "UserStatus"]
+__all__ = ["UserPresence", "UserStatus", "online_key", "seen_key"]
 
 log = logging.getLogger("signaling.users")
 
@@ -50,6 +50,13 @@ class UserPresence:
     async def went_offline(self, user: str) -> None:
         await self._store.zrem(online_key(user), self._node)
         await self._store.set(seen_key(user), f"{time.time():.3f}", 30 * 86400)
+
+    async def forget_node(self, user: str, node_name: str) -> None:
+        """Drop a dead node's record of ``user`` (it cannot do it itself),
+        stamping the user's last-seen time if no other node holds them."""
+        await self._store.zrem(online_key(user), node_name)
+        if not (await self.status(user)).online:
+            await self._store.set(seen_key(user), f"{time.time():.3f}", 30 * 86400)
 
     async def refresh(self, users: list[str]) -> None:
         """Extend this node's records of ``users`` (call every ttl/3)."""
