@@ -57,7 +57,9 @@ __all__ = [
     "SubscribeResult",
     "UnknownRequest",
     "UnsubscribeRequest",
+    "decode_client_info",
     "decode_frame",
+    "encode_client_info",
     "encode_error",
     "encode_join_push",
     "encode_leave_push",
@@ -534,6 +536,24 @@ def _info_object(info: ClientInfo) -> JSONObject:
     if info.chan_info is not None:
         out["chan_info"] = orjson.Fragment(info.chan_info)
     return out  # type: ignore[return-value]  # Fragment is JSON for orjson
+
+
+def encode_client_info(info: ClientInfo) -> bytes:
+    """A ClientInfo as JSON (what crosses the broker with presence and
+    join/leave)."""
+    return orjson.dumps(_info_object(info))
+
+
+def decode_client_info(raw: bytes) -> ClientInfo:
+    """Inverse of :func:`encode_client_info`. Raises ValueError, KeyError."""
+    obj = orjson.loads(raw)
+    conn_info, chan_info = obj.get("conn_info"), obj.get("chan_info")
+    return ClientInfo(
+        str(obj["user"]),
+        str(obj["client"]),
+        None if conn_info is None else orjson.dumps(conn_info),
+        None if chan_info is None else orjson.dumps(chan_info),
+    )
 
 
 def publication_object(pub: Publication) -> JSONObject:

@@ -54,7 +54,14 @@ from signaling.broker.redis_scripts import (
     PRESENCE_REMOVE,
     PUBLISH,
 )
-from signaling.protocol import ClientInfo, Publication, StreamPosition, publication_body
+from signaling.protocol import (
+    ClientInfo,
+    Publication,
+    StreamPosition,
+    decode_client_info,
+    encode_client_info,
+    publication_body,
+)
 
 __all__ = ["RedisBroker"]
 
@@ -233,9 +240,9 @@ class RedisBroker:
                 pub = Publication(b"", None, int(offset_text), body=body)
                 handler.on_publication(channel, pub, epoch_text.decode())
             elif kind == b"j":
-                handler.on_join(channel, _decode_info(data[1:]))
+                handler.on_join(channel, decode_client_info(data[1:]))
             elif kind == b"l":
-                handler.on_leave(channel, _decode_info(data[1:]))
+                handler.on_leave(channel, decode_client_info(data[1:]))
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
             log.warning("ignored a malformed message on %s", channel)
 
@@ -265,10 +272,14 @@ class RedisBroker:
         return StreamPosition(int(offset), _text(epoch))
 
     async def publish_join(self, channel: str, info: ClientInfo) -> None:
-        await self._execute(self._publish_cmd, self._ps_name(channel), b"j" + _encode_info(info))
+        await self._execute(
+            self._publish_cmd, self._ps_name(channel), b"j" + encode_client_info(info)
+        )
 
     async def publish_leave(self, channel: str, info: ClientInfo) -> None:
-        await self._execute(self._publish_cmd, self._ps_name(channel), b"l" + _encode_info(info))
+        await self._execute(
+            self._publish_cmd, self._ps_name(channel), b"l" + encode_client_info(info)
+        )
 
     async def publish_control(self, message: bytes) -> None:
         await self._execute("PUBLISH", self._control_name, message)
@@ -322,7 +333,12 @@ class RedisBroker:
 
     async def add_presence(self, channel: str, info: ClientInfo, ttl_s: float) -> None:
         keys = list(self._presence_keys(channel))
-        args = [info.client, _encode_info(info), f"{time.time() + ttl_s:.3f}", int(ttl_s * 1000)]
+        args = [
+            info.client,
+            encode_client_info(info),
+            f"{time.time() + ttl_s:.3f}",
+            int(ttl_s * 1000),
+        ]
         await self._script(PRESENCE_ADD, keys, args)
 
     async def remove_presence(self, channel: str, client_id: str) -> None:
@@ -332,7 +348,7 @@ class RedisBroker:
         keys = list(self._presence_keys(channel))
         raw = await self._script(PRESENCE_GET, keys, [f"{time.time():.3f}"])
         pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
-        return {_text(client): _decode_info(info) for client, info in pairs}
+        return {_text(client): decode_client_info(info) for client, info in pairs}
 
     async def presence_stats(self, channel: str) -> tuple[int, int]:
         clients = await self.presence(channel)
@@ -374,24 +390,3 @@ def _field(fields: Any, name: bytes) -> bytes:
         pairs = dict(zip(fields[::2], fields[1::2], strict=True))
         value = pairs.get(name, pairs.get(name.decode(), b""))
     return value if isinstance(value, bytes) else str(value).encode()
-
-
-def _encode_info(info: ClientInfo) -> bytes:
-    out: dict[str, Any] = {"user": info.user, "client": info.client}
-    if info.conn_info is not None:
-        out["conn_info"] = orjson.Fragment(info.conn_info)
-    if info.chan_info is not None:
-        out["chan_info"] = orjson.Fragment(info.chan_info)
-    return orjson.dumps(out)
-
-
-def _decode_info(raw: bytes) -> ClientInfo:
-    obj = orjson.loads(raw)
-    conn_info = obj.get("conn_info")
-    chan_info = obj.get("chan_info")
-    return ClientInfo(
-        str(obj["user"]),
-        str(obj["client"]),
-        None if conn_info is None else orjson.dumps(conn_info),
-        None if chan_info is None else orjson.dumps(chan_info),
-    )
