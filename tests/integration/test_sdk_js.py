@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from support.processes import REPO_ROOT, ServerProcess
 
 JS_DIR = REPO_ROOT / "tests" / "js"

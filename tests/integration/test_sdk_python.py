@@ -28,6 +28,7 @@ from centrifuge import (
     Subscription,
     SubscriptionState,
 )
+
 from support.processes import ServerProcess
 from support.sdk import ClientEvents, SubEvents, make_client
 

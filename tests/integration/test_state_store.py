@@ -29,13 +29,13 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
-from support.processes import RedisProcess
 
 from signaling.broker.base import BrokerUnavailable
 from signaling.broker.redis_exec import AutoPipeline, connect_client
 from signaling.state.base import StateStore
 from signaling.state.memory import MemoryStateStore, StreamEntry
 from signaling.state.redis import INCR_WINDOW, LuaScript, RedisArg, RedisExecutor, RedisStateStore
+from support.processes import RedisProcess
 
 # Real-time unit for the Redis backend; TTLs are multiples of it.
 TTL_S = 0.2
