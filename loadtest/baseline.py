@@ -18,7 +18,8 @@ Protocol (just what the load tool's fanout, idle and connect scenarios need, spo
 
 * ``ws://HOST:PORT/sub/<room>`` - a subscriber: joins ``room`` for as long as it is
   connected; anything it sends is ignored.
-* ``ws://HOST:PORT/pub/<room>`` - a publisher: sends ``{"id": N, "data": {...}}``; the
+* ``ws://HOST:PORT/pub/<room>`` - a publisher: sends ``{"id": N, "data": {...}}``
+  (optionally ``"room": "<other room>"``, so one connection can feed many rooms); the
   server broadcasts ``{"channel": room, "offset": n, "data": {...}}`` to the room and
   then answers the publisher ``{"ack": N}`` (so the tool can tell an acknowledged
   publication that never arrived: the same loss accounting as for our server).
@@ -63,11 +64,12 @@ async def _handler(ws: ServerConnection) -> None:
     elif role == "pub" and room:
         async for message in ws:
             request = orjson.loads(message)
-            offset = _offsets.get(room, 0) + 1
-            _offsets[room] = offset
+            target = request.get("room", room)
+            offset = _offsets.get(target, 0) + 1
+            _offsets[target] = offset
             # Encoded once; broadcast() writes these bytes to every member.
-            frame = orjson.dumps({"channel": room, "offset": offset, "data": request["data"]})
-            broadcast(_rooms.get(room, ()), frame.decode())
+            frame = orjson.dumps({"channel": target, "offset": offset, "data": request["data"]})
+            broadcast(_rooms.get(target, ()), frame.decode())
             await ws.send(orjson.dumps({"ack": request["id"]}).decode())
     else:
         await ws.close(1008, "path must be /sub/<room> or /pub/<room>")

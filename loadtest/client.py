@@ -318,7 +318,10 @@ class BaselineClient(Client):
         cmd_id = self.next_id
         self.next_id = cmd_id + 1
         self.pending[cmd_id] = (stream, seq, time.perf_counter())
-        ws.send_text(orjson.dumps({"id": cmd_id, "data": data}))
+        message: JSONDict = {"id": cmd_id, "data": data}
+        if channel != self.channel:
+            message["room"] = channel  # one publisher connection feeds several rooms
+        ws.send_text(orjson.dumps(message))
 
     def on_text(self, payload: bytes) -> None:
         msg = orjson.loads(payload)

@@ -173,7 +173,7 @@ class _Run:
         for _, part in stopped:
             for stream, bitmap in part.items():
                 bitmap_or(acked.setdefault(stream, bytearray()), bitmap)
-        self._broadcast("expect", {k: bytes(v) for k, v in acked.items()})
+        self._broadcast("expect", {k: bytes(v).rstrip(b"\0") for k, v in acked.items()})
         finals = [m[1] for m in self._gather("final", self.s.drain_timeout_s + 30.0)]
         facts.t_end = time.time()
         facts.server_end = sample(facts.server_pids)
@@ -247,7 +247,12 @@ class _Run:
                     message = conn.recv()
                 except (EOFError, OSError):
                     if index not in got:
-                        raise RunAborted(f"worker {index} exited unexpectedly") from None
+                        proc = self.procs[index]
+                        proc.join(1.0)
+                        raise RunAborted(
+                            f"worker {index} exited unexpectedly (exit code {proc.exitcode}) "
+                            f"while the coordinator waited for {kind!r}"
+                        ) from None
                     continue
                 self._handle(index, kind, message, got)
             self._tick()

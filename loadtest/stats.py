@@ -151,11 +151,11 @@ def bitmap_or(into: bytearray, other: bytes) -> None:
             into[i] |= value
 
 
-def bitmap_count(bitmap: bytes) -> int:
+def bitmap_count(bitmap: bytes | bytearray) -> int:
     return int.from_bytes(bitmap, "little").bit_count()
 
 
-def bitmap_missing(expected: bytes, received: bytes) -> int:
+def bitmap_missing(expected: bytes | bytearray, received: bytes | bytearray) -> int:
     """How many bits of ``expected`` are not set in ``received``."""
     want = int.from_bytes(expected, "little")
     got = int.from_bytes(received, "little")

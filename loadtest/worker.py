@@ -73,6 +73,10 @@ class _Control:
         self._loop.add_reader(conn.fileno(), self._readable)
 
     def _readable(self) -> None:
+        # The event loop made the pipe non-blocking; a message larger than the pipe's
+        # buffer would then fail half-read. Readable means the coordinator is writing a
+        # whole message right now: a blocking read of it is short.
+        os.set_blocking(self.conn.fileno(), True)
         try:
             message = self.conn.recv()
         except (EOFError, OSError):
@@ -135,7 +139,7 @@ async def _phases(control: _Control, scenario: Scenario, recorder: Recorder) -> 
         listener.cancel()
     if scenario.fatal is not None:
         control.send("fatal", scenario.fatal)
-    control.send("stopped", {k: bytes(v) for k, v in recorder.acked.items()})
+    control.send("stopped", {k: bytes(v).rstrip(b"\0") for k, v in recorder.acked.items()})
     _, acked = await control.expect("expect")
     await scenario.drain(acked, settings.drain_timeout_s)
     recorder.extra["scenario"] = scenario.result()

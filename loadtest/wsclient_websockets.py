@@ -51,14 +51,13 @@ class LibraryWebSocket:
         try:
             while True:
                 message = await conn.recv(decode=False)
-                handler.on_text(message)  # type: ignore[arg-type]  # decode=False: bytes
+                handler.on_text(message)
         except ConnectionClosed:
             pass
         finally:
             self.is_open = False
-            rcvd = conn.close_rcvd
-            if rcvd is not None:
-                self.close_code, self.close_reason = rcvd.code, rcvd.reason
+            if conn.close_code is not None:
+                self.close_code, self.close_reason = conn.close_code, conn.close_reason or ""
             handler.on_closed(self.close_code, self.close_reason)
 
 

@@ -60,8 +60,11 @@ class Connect(Scenario):
     async def open_client(self, client: Client) -> None:
         timeout = self.s.connect_timeout_s
         if isinstance(client, BaselineClient):
-            role = "pub" if client is self.publisher else "sub"
-            await client.open_baseline(self.opener, timeout, role, self.room_name(0))
+            if client is self.publisher:
+                await client.open_baseline(self.opener, timeout, "pub", self.room_name(0))
+            else:
+                room = self.room_name(self.room_of(client.gid))
+                await client.open_baseline(self.opener, timeout, "sub", room)
         elif isinstance(client, CentrifugeClient):
             if client is self.publisher:
                 await client.open(self.opener, timeout)
@@ -77,17 +80,15 @@ class Connect(Scenario):
     def expected_streams(self, client: Client) -> Iterable[int]:
         if self.s.rate <= 0:
             return ()
-        return (0,) if self.baseline else (self.room_of(client.gid),)
+        return (self.room_of(client.gid),)
 
     async def run(self, deadline: float, stop: asyncio.Event) -> None:
         publisher = self.publisher
         if publisher is None:
             await super().run(deadline, stop)
             return
-        if self.baseline:
-            channels = [(0, self.room_name(0))]
-        else:
-            channels = [(k, f"room:{self.room_name(k)}") for k in range(self.rooms)]
+        prefix = "" if self.baseline else "room:"
+        channels = [(k, f"{prefix}{self.room_name(k)}") for k in range(self.rooms)]
         turn = itertools.cycle(channels)
 
         def send_one() -> None:
