@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import redis
 
@@ -101,8 +102,9 @@ def _read(
     count: int,
     block_ms: int | None,
 ) -> list[tuple[bytes | str, Mapping[bytes | str, bytes | str]]]:
-    reply = client.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
-    # [[stream, [(id, fields), ...]]] (RESP2, redis-py's default protocol).
+    # [[stream, [(id, fields), ...]]] with RESP2, redis-py's default protocol
+    # (its type hints cover every protocol, hence the Any).
+    reply: Any = client.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
     return list(reply[0][1]) if reply else []
 
 

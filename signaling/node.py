@@ -119,6 +119,8 @@ class SubscribeContext:
 # Raise SignalError to refuse the subscription.
 SubscribeHook = Callable[[SubscribeContext], Awaitable[None]]
 
+# Presence entries refreshed per broker batch (one round trip on Redis).
+PRESENCE_REFRESH_BATCH = 2000
 # How often each channel's position is compared with its stream.
 POSITION_CHECK_S = 15.0
 
@@ -248,10 +250,10 @@ class Node:
                 for session in list(self.sessions)
                 for channel, info in session.presence_entries()
             ]
-            for start in range(0, len(entries), 500):
-                batch = entries[start : start + 500]
+            for start in range(0, len(entries), PRESENCE_REFRESH_BATCH):
+                batch = entries[start : start + PRESENCE_REFRESH_BATCH]
                 try:
-                    await asyncio.gather(*(self.presence.add_presence(c, i, ttl) for c, i in batch))
+                    await self.presence.refresh_presence(batch, ttl)
                 except BrokerUnavailable as exc:
                     log.warning("refreshing presence failed: %s", exc)
                     break

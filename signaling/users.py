@@ -10,7 +10,6 @@ and stamps ``seen:{<user>}``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +19,10 @@ from signaling.state.base import StateStore
 __all__ = ["UserPresence", "UserStatus", "online_key", "seen_key"]
 
 log = logging.getLogger("signaling.users")
+
+
+# Records refreshed per store batch (one round trip on Redis).
+REFRESH_BATCH = 2000
 
 
 def online_key(user: str) -> str:
@@ -61,11 +64,10 @@ class UserPresence:
     async def refresh(self, users: list[str]) -> None:
         """Extend this node's records of ``users`` (call every ttl/3)."""
         expires = time.time() + self.ttl_s
-        # Bounded concurrency: the Redis store pipelines these per loop turn.
-        for start in range(0, len(users), 500):
-            batch = users[start : start + 500]
-            await asyncio.gather(
-                *(self._store.zadd(online_key(u), self._node, expires, self.ttl_s) for u in batch)
+        for start in range(0, len(users), REFRESH_BATCH):
+            batch = users[start : start + REFRESH_BATCH]
+            await self._store.zadd_many(
+                [(online_key(u), self._node, expires) for u in batch], self.ttl_s
             )
 
     async def status(self, user: str) -> UserStatus:

@@ -16,8 +16,9 @@ Liveness, per participant: a participant is offline when no instance holds
 a connection of theirs (``node.user_presence``). Offline since the latest of
 their last disconnect, the last time a check saw them online, and the accept;
 offline for ``call_grace_s`` ends the call for both (``participant_lost``).
-The other party's connection does not matter. A crashed instance's users
-count as online until their presence record expires (its TTL, 30 s).
+The other party's connection does not matter. A killed instance's users
+count as online until handlers.presence reaps the instance (or, at the
+latest, until their online records expire, 30 s).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from handlers.calls.state import (
 )
 from handlers.calls.timers import ACTIVE_KEY, GAUGE_S, TimerQueue, run_timers
 from handlers.channels import personal_channel
+from handlers.presence import set_call_busy
 from signaling.broker.base import BrokerUnavailable
 from signaling.errors import SignalError
 from signaling.node import ConnectionEvent, Node
@@ -419,10 +421,10 @@ class CallService:
         call = await self.calls.get(call_id)
         if call is None or call.state != CallState.ACCEPTED:
             return None
-        lost_deadline = await self._check_liveness(call)
-        if lost_deadline is None:
-            return None  # ended
-        return min(self._next_clock_due(call), lost_deadline)
+        next_check = await self._check_liveness(call)
+        if next_check is None:
+            return None  # a participant was lost: ended
+        return min(self._next_clock_due(call), next_check)
 
     def _due_times(self, c: Call) -> tuple[int, int | None, int | None]:
         """(end, next tick or None, next warning or None) of an accepted call."""
@@ -534,6 +536,18 @@ class CallService:
         data = event_data(EventType.ACCEPTED, call, call.accepted_at_ms, extra)
         await self._publish(call.participants, data)
         await self._record(RecordType.ACCEPTED, call, call.accepted_at_ms)
+        await self._show_in_call(call, True)
+
+    async def _show_in_call(self, call: Call, busy: bool) -> None:
+        """Fans see both participants as ``busy`` while the call is accepted
+        (handlers.presence). Cosmetic: a failure is logged, the call goes on."""
+        for user in call.participants:
+            try:
+                await set_call_busy(self.node, user, busy)
+            except BrokerUnavailable as exc:
+                log.warning(
+                    "call %s: in-call status of %s not updated: %s", call.call_id, user, exc
+                )
 
     async def _finished(self, change: Change) -> None:
         """A call reached a terminal state: free everything, tell everyone."""
@@ -567,6 +581,8 @@ class CallService:
             self.metrics.calls.labels(call.state.value).inc()
         await self._publish(call.participants, event_data(event, call, at, extra))
         await self._record(record, call, at, duration, record_extra)
+        if call.state == CallState.ENDED:
+            await self._show_in_call(call, False)
 
     async def _publish(self, users: tuple[str, ...], data: bytes) -> None:
         """Publish to the users' personal channels (with history, so a

@@ -141,6 +141,12 @@ class PresenceStore(Protocol):
 
     async def add_presence(self, channel: str, info: ClientInfo, ttl_s: float) -> None: ...
 
+    async def refresh_presence(
+        self, entries: Sequence[tuple[str, ClientInfo]], ttl_s: float
+    ) -> None:
+        """Re-add many (channel, info) entries before they expire, in one
+        batch (each node refreshes its own periodically)."""
+
     async def remove_presence(self, channel: str, client_id: str) -> None: ...
 
     async def presence(self, channel: str) -> dict[str, ClientInfo]: ...

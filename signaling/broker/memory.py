@@ -188,6 +188,12 @@ class MemoryBroker:
         # One process: entries die with it, so no expiry is needed here.
         self._presence.setdefault(channel, {})[info.client] = info
 
+    async def refresh_presence(
+        self, entries: Sequence[tuple[str, ClientInfo]], ttl_s: float
+    ) -> None:
+        # Entries never expire in one process: nothing to refresh.
+        return None
+
     async def remove_presence(self, channel: str, client_id: str) -> None:
         clients = self._presence.get(channel)
         if clients is not None:

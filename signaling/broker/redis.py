@@ -62,6 +62,7 @@ from signaling.protocol import (
     encode_client_info,
     publication_body,
 )
+from signaling.state.redis import RedisArg, run_script_many
 
 __all__ = ["RedisBroker"]
 
@@ -340,6 +341,20 @@ class RedisBroker:
             int(ttl_s * 1000),
         ]
         await self._script(PRESENCE_ADD, keys, args)
+
+    async def refresh_presence(
+        self, entries: Sequence[tuple[str, ClientInfo]], ttl_s: float
+    ) -> None:
+        expires_at = f"{time.time() + ttl_s:.3f}"
+        ttl_ms = int(ttl_s * 1000)
+        calls: list[tuple[Sequence[str], Sequence[RedisArg]]] = [
+            (list(self._presence_keys(c)), [i.client, encode_client_info(i), expires_at, ttl_ms])
+            for c, i in entries
+        ]
+        try:
+            await run_script_many(self.executor, PRESENCE_ADD, calls)
+        except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
 
     async def remove_presence(self, channel: str, client_id: str) -> None:
         await self._script(PRESENCE_REMOVE, list(self._presence_keys(channel)), [client_id])

@@ -107,6 +107,18 @@ class AutoPipeline:
             asyncio.get_running_loop().call_soon(self._flush)
         return await future
 
+    async def execute_many(self, commands: Sequence[Sequence[RedisArg]]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = []
+        for args in commands:
+            future: asyncio.Future[Any] = loop.create_future()
+            self._queue.append((tuple(args), future))
+            futures.append(future)
+        if futures and not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
     async def run_script(
         self, script: LuaScript, keys: Sequence[str], args: Sequence[RedisArg]
     ) -> Any:

@@ -14,7 +14,7 @@ key never expires; a positive value (re)sets its expiry.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
 __all__ = ["StateStore"]
@@ -68,6 +68,10 @@ class StateStore(Protocol):
     async def zadd(
         self, key: str, member: str, score: float, ttl_s: float | None = None
     ) -> None: ...
+
+    async def zadd_many(self, items: Sequence[tuple[str, str, float]], ttl_s: float) -> None:
+        """``zadd(key, member, score, ttl_s)`` for each (key, member, score),
+        in one batch: periodic refreshes of many records."""
 
     async def zrem(self, key: str, member: str) -> bool: ...
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 __all__ = ["MemoryStateStore", "StreamEntry"]
 
@@ -135,6 +135,10 @@ class MemoryStateStore:
         scores[member] = score
         bisect.insort(ordered, (score, member))
         self._expire(key, ttl_s)
+
+    async def zadd_many(self, items: Sequence[tuple[str, str, float]], ttl_s: float) -> None:
+        for key, member, score in items:
+            await self.zadd(key, member, score, ttl_s)
 
     async def zrem(self, key: str, member: str) -> bool:
         scores, ordered = self._zset(key)

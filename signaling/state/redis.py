@@ -41,6 +41,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from redis.exceptions import NoScriptError
+
 __all__ = [
     "DELETE_IF_EQUALS",
     "HCAS",
@@ -53,6 +55,7 @@ __all__ = [
     "RedisArg",
     "RedisExecutor",
     "RedisStateStore",
+    "run_script_many",
 ]
 
 RedisArg = str | bytes | int | float
@@ -86,6 +89,33 @@ class RedisExecutor(Protocol):
         self, script: LuaScript, keys: Sequence[str], args: Sequence[RedisArg]
     ) -> Any:
         """EVALSHA ``script`` with ``keys``/``args``, EVAL on NOSCRIPT."""
+
+    async def execute_many(self, commands: Sequence[Sequence[RedisArg]]) -> list[Any]:
+        """Several commands in one batch, without a task per command; each
+        result is the reply or the exception the command failed with."""
+
+
+async def run_script_many(
+    executor: RedisExecutor,
+    script: LuaScript,
+    calls: Sequence[tuple[Sequence[str], Sequence[RedisArg]]],
+) -> list[Any]:
+    """``script`` once per (keys, args) in one batch (periodic refreshes of
+    thousands of entries); raises the first failure."""
+    results = await executor.execute_many(
+        [("EVALSHA", script.sha1, len(keys), *keys, *args) for keys, args in calls]
+    )
+    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+    if missing:
+        retried = await executor.execute_many(
+            [("EVAL", script.source, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in missing]
+        )
+        for i, result in zip(missing, retried, strict=True):
+            results[i] = result
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 # --- scripts ------------------------------------------------------------------------------
@@ -343,6 +373,13 @@ class RedisStateStore:
             await self._exec.run_script(
                 ZADD_EXPIRE, [self.key(key)], [_ttl_ms(ttl_s), _score(score), member]
             )
+
+    async def zadd_many(self, items: Sequence[tuple[str, str, float]], ttl_s: float) -> None:
+        await run_script_many(
+            self._exec,
+            ZADD_EXPIRE,
+            [([self.key(k)], [_ttl_ms(ttl_s), _score(score), m]) for k, m, score in items],
+        )
 
     async def zrem(self, key: str, member: str) -> bool:
         return int(await self._exec.execute("ZREM", self.key(key), member)) > 0

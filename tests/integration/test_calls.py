@@ -191,6 +191,9 @@ async def test_invite_accept_join_renew_ticks_end(server_factory, parties) -> No
     assert CALL_ID.fullmatch(call_id)
     incoming = await callee.event("call.incoming", call_id)
     assert incoming["from"] == caller.user and incoming["to"] == callee.user
+    # An app that does not know the call id yet (opened by a push) finds it.
+    current = await callee.rpc("call.state", {})
+    assert current["call_id"] == call_id and current["state"] == "ringing"
     assert incoming["media"] == "video" and incoming["meta"] == {"price": 120}
     assert abs(incoming["ring_deadline_ms"] - incoming["created_at_ms"] - 2000) <= 1
     assert before * 1000 - 1000 <= incoming["created_at_ms"] <= time.time() * 1000 + 1000
@@ -204,6 +207,10 @@ async def test_invite_accept_join_renew_ticks_end(server_factory, parties) -> No
     assert accepted["state"] == "accepted"
     events = [await p.event("call.accepted", call_id) for p in (caller, callee)]
     assert events[0]["accepted_at_ms"] == events[1]["accepted_at_ms"] == accepted["accepted_at_ms"]
+
+    # Fans see both as busy while the call is accepted (handlers.presence).
+    statuses = (await caller.rpc("user.status", {"users": [caller.user, callee.user]}))["statuses"]
+    assert [statuses[p.user]["status"] for p in (caller, callee)] == ["busy", "busy"]
 
     grants = {}
     for party in (caller, callee):
@@ -240,6 +247,9 @@ async def test_invite_accept_join_renew_ticks_end(server_factory, parties) -> No
         assert ended["duration_ms"] == ended["ended_at_ms"] - ended["accepted_at_ms"]
     final = await callee.rpc("call.state", {"call_id": call_id})
     assert final["state"] == "ended" and final["reason"] == "hangup"
+    assert await callee.rpc("call.state", {}) == {"call_id": None, "state": None}
+    statuses = (await caller.rpc("user.status", {"users": [caller.user, callee.user]}))["statuses"]
+    assert not any(statuses[p.user]["in_call"] for p in (caller, callee))
 
     # Over: no more tokens, no more ticks, no second end.
     assert await callee.refused("call.renew_token", {"call_id": call_id}) == 1007
@@ -333,7 +343,8 @@ async def test_busy_self_and_bad_requests(server_factory, parties) -> None:
         assert await alice.refused("call.invite", bad) == errors.CALL_BAD_REQUEST.code, bad
     for method in ("call.accept", "call.state", "call.join"):
         assert await alice.refused(method, {"call_id": "nope"}) == 1000
-        assert await alice.refused(method, {}) == 1000
+        assert await alice.refused(method, {"call_id": None}) == 1000
+    assert await alice.refused("call.accept", {}) == 1000
     with pytest.raises(ReplyError) as err:
         await alice.client.rpc("call.state", ["not", "an", "object"])
     assert err.value.code == 1000
@@ -387,6 +398,7 @@ async def test_only_participants_act_and_each_in_their_role(server_factory, part
         assert await mallory.refused(method, {"call_id": call_id}) == 1002, method
     # Unknown call: the same answer (an outsider cannot probe for calls).
     assert await mallory.refused("call.state", {"call_id": uuid.uuid4().hex}) == 1002
+    assert await mallory.rpc("call.state", {}) == {"call_id": None, "state": None}
     # Roles: only the callee answers, only the caller cancels.
     assert await alice.refused("call.accept", {"call_id": call_id}) == 1008
     assert await alice.refused("call.reject", {"call_id": call_id}) == 1008
@@ -542,6 +554,25 @@ async def test_calls_without_agora_credentials(server_factory, parties) -> None:
     assert "call.join is refused" in server.log_text()
 
 
+async def test_events_missed_while_disconnected_are_recovered(server_factory, parties) -> None:
+    server = await server_factory(FAST_ENV, name="calls")
+    caller = await parties(server, uniq("alice"))
+    callee = await parties(server, uniq("bob"))
+    call_id = await start_call(caller, callee)
+    await callee.client.disconnect()
+    # Published while the callee has no connection (within the grace period).
+    await caller.rpc("call.end", {"call_id": call_id})
+    mark = callee.events.mark()
+    await callee.client.connect()
+    await callee.client.ready(timeout=5)
+    ended = await callee.event("call.ended", call_id, since=mark)
+    assert ended["reason"] == "hangup" and ended["by"] == caller.user
+    subscribed = await callee.events.wait_for(
+        "subscribed", lambda c: c.channel == f"user:#{callee.user}", since=mark
+    )
+    assert subscribed.was_recovering and subscribed.recovered
+
+
 # --------------------------------------------------------------------------- two instances
 
 
@@ -590,21 +621,29 @@ async def test_cross_instance_flow_and_billing_consumer_group(
     await caller.rpc("call.reject", {"call_id": other})
     await callee.event("call.rejected", other)
 
-    # Two consumers of one group share the stream: every event exactly once.
-    seen: dict[str, list[dict[str, str]]] = {"c1": [], "c2": []}
+    # A consumer group reads every event exactly once, through a consumer failure:
+    # c1 fails on its second entry (left pending, unacknowledged), c2 claims it.
+    handled: list[dict[str, str]] = []
+    calls_seen = [0]
 
-    def handler(name: str) -> Callable[[str, Any], None]:
-        return lambda entry_id, fields: seen[name].append(dict(fields))
+    def flaky(entry_id: str, fields: Any) -> None:
+        calls_seen[0] += 1
+        if calls_seen[0] == 2:
+            raise RuntimeError("billing database down")
+        handled.append(dict(fields))
 
-    await asyncio.to_thread(
-        billing_consumer.drain, client, stream, "billing", "c1", handler("c1"), count=3
-    )
-    await asyncio.to_thread(billing_consumer.drain, client, stream, "billing", "c2", handler("c2"))
-    records = seen["c1"] + seen["c2"]
+    def steady(entry_id: str, fields: Any) -> None:
+        handled.append(dict(fields))
+
+    group = "billing"
+    await asyncio.to_thread(billing_consumer.drain, client, stream, group, "c1", flaky)
+    assert client.xpending(stream, group)["pending"] == 1
+    await asyncio.to_thread(billing_consumer.claim_stale, client, stream, group, "c2", steady, 0)
+    assert client.xpending(stream, group)["pending"] == 0
+    assert await asyncio.to_thread(billing_consumer.drain, client, stream, group, "c2", steady) == 0
+    records = handled
     ids = [r["event_id"] for r in records]
-    assert len(ids) == len(set(ids))
-    # Nothing pending: all acknowledged.
-    assert client.xpending(stream, "billing")["pending"] == 0
+    assert len(ids) == len(set(ids)) == client.xlen(stream)
     first = [r for r in records if r["call_id"] == call_id]
     kinds = [r["type"] for r in sorted(first, key=lambda r: int(r["seq"]))]
     assert kinds[:2] == ["call.invited", "call.accepted"] and kinds[-1] == "call.ended"
@@ -622,13 +661,6 @@ async def test_cross_instance_flow_and_billing_consumer_group(
     assert all(int(t["duration_ms"]) == 500 * int(t["minute"]) for t in ticks)
     second = sorted((r for r in records if r["call_id"] == other), key=lambda r: int(r["seq"]))
     assert [r["type"] for r in second] == ["call.invited", "call.rejected"]
-    # Read again: nothing new for the group.
-    assert (
-        await asyncio.to_thread(
-            billing_consumer.drain, client, stream, "billing", "c1", handler("c1")
-        )
-        == 0
-    )
     client.close()
 
 
@@ -652,18 +684,40 @@ async def test_instance_owning_a_ringing_call_killed(server_factory, parties, re
 async def test_instance_running_an_accepted_call_killed(
     server_factory, parties, redis_server
 ) -> None:
-    node_a, node_b, _ = await two_servers(server_factory, redis_server)
+    # Presence reaps a killed instance's users after its heartbeat expires:
+    # max(2 s, SIGNAL_OFFLINE_GRACE_S).
+    node_a, node_b, _ = await two_servers(server_factory, redis_server, SIGNAL_OFFLINE_GRACE_S="1")
     caller = await parties(node_a, uniq("alice"))
     callee = await parties(node_b, uniq("bob"))
     call_id = await start_call(caller, callee)
     await callee.event("call.tick", call_id, timeout=3)
-    node_a.kill()  # the caller's instance (it accepted nothing, but ran timers too)
+    node_a.kill()  # SIGKILL: the caller's instance, which also ran call timers
+    killed = time.time() * 1000
     # Ticks go on from the surviving instance...
     mark = callee.events.mark()
     await callee.event("call.tick", call_id, since=mark, timeout=4)
-    # ...and the caller, whose connections died with node A, is lost once its
-    # presence record expires (30 s TTL) plus the grace: too long for this
-    # suite, so the callee hangs up instead and the state is consistent.
-    await callee.rpc("call.end", {"call_id": call_id})
-    ended = await callee.event("call.ended", call_id)
-    assert ended["reason"] == "hangup"
+    # ...and the caller, whose only connection died with node A, is lost: once
+    # node A is reaped (its users go offline) and the grace period has passed.
+    ended = await callee.event("call.ended", call_id, timeout=8)
+    assert ended["reason"] == "participant_lost" and ended["lost"] == caller.user
+    assert ended["ended_at_ms"] - ended["lost_since_ms"] >= 1000
+    assert ended["lost_since_ms"] >= killed - 500
+    assert (await callee.rpc("call.state", {})) == {"call_id": None, "state": None}
+
+
+async def test_participant_lost_across_instances(server_factory, parties, redis_server) -> None:
+    node_a, node_b, _ = await two_servers(server_factory, redis_server)
+    caller = await parties(node_a, uniq("alice"))
+    callee = await parties(node_b, uniq("bob"))
+    call_id = await start_call(caller, callee)
+    # The callee has a second connection on the caller's instance: still online.
+    phone = await parties(node_a, callee.user)
+    await callee.client.disconnect()
+    await asyncio.sleep(1.5)
+    assert (await caller.rpc("call.state", {"call_id": call_id}))["state"] == "accepted"
+    # Now the callee's last connection anywhere goes; the caller stays.
+    await phone.client.disconnect()
+    gone = time.time() * 1000
+    ended = await caller.event("call.ended", call_id, timeout=5)
+    assert ended["reason"] == "participant_lost" and ended["lost"] == callee.user
+    assert ended["ended_at_ms"] - gone >= 900
