@@ -281,7 +281,7 @@ class PresenceTracker:
         node = self._node
         node.on_connect.append(self.on_connect)
         node.on_disconnect.append(self.on_disconnect)
-        node.spawn(self.run(), "presence-loop")
+        node.run_in_background(self.run, "presence-loop")
 
     @asynccontextmanager
     async def _user_lock(self, user: str) -> AsyncIterator[None]:

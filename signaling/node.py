@@ -173,6 +173,8 @@ class Node:
         self.on_connect: list[ConnectionHook] = []
         self.on_disconnect: list[ConnectionHook] = []
         self.draining = False
+        self._started = False
+        self._deferred: list[tuple[Callable[[], Awaitable[None]], str]] = []
         # Every open connection, authenticated or not (drain closes them all).
         self.sessions: set[ClientSession] = set()
         self._users: dict[str, set[ClientSession]] = {}
@@ -186,6 +188,10 @@ class Node:
 
     async def start(self) -> None:
         await self.broker.start()
+        self._started = True
+        for factory, name in self._deferred:
+            self.spawn(factory(), name)
+        self._deferred.clear()
         self.heartbeat.start()
         self.spawn(self._refresh_user_presence(), "user-presence-refresh")
         self.spawn(self._refresh_channel_presence(), "channel-presence-refresh")
@@ -412,6 +418,14 @@ class Node:
                 session.server_unsubscribe(str(message.get("channel", "")), code, reason)
 
     # --- background work ----------------------------------------------------------
+
+    def run_in_background(self, factory: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``factory()`` in the background once the node has started
+        (now, if it has): handlers' long-running loops (timers, counters)."""
+        if self._started:
+            self.spawn(factory(), name)
+        else:
+            self._deferred.append((factory, name))
 
     def spawn(self, coro: Awaitable[None], name: str) -> None:
         """Run a coroutine in the background, keeping a reference and logging

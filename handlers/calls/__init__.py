@@ -15,7 +15,6 @@ Modules: :mod:`~handlers.calls.state` (state machine and store schema),
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from handlers.calls import rpc
@@ -38,11 +37,7 @@ def register(node: Node) -> CallService:
     for method, handler in rpc.handlers(service).items():
         node.register_rpc(method, handler)
     node.on_disconnect.append(service.on_disconnect)
-    # The core has no start hook for handlers: the node is built inside the
-    # running loop (run_server), so the timer task starts here and is
-    # cancelled with the node's other background tasks on close.
-    asyncio.get_running_loop()
-    node.spawn(service.run(), "call-timers")
+    node.run_in_background(service.run, "call-timers")
     if not service.issuer.configured:
         log.warning("calls: AGORA_APP_ID/AGORA_APP_CERTIFICATE not set, call.join is refused")
     return service

@@ -172,8 +172,7 @@ class CallService:
                 # Members past their safety bound belong to calls whose end was
                 # never recorded (an instance died at that moment): drop them.
                 await self.store.zpop_due(ACTIVE_KEY, float(now), 1000)
-                live = await self.store.zrange_by_score(ACTIVE_KEY, float(now), math.inf, 100_000)
-                self.metrics.active.set(len(live))
+                self.metrics.active.set(await self.store.zcount(ACTIVE_KEY, float(now), math.inf))
             except BrokerUnavailable as exc:
                 log.debug("active calls gauge not refreshed: %s", exc)
             await asyncio.sleep(GAUGE_S)

@@ -33,4 +33,4 @@ def register(node: Node) -> None:
     moderation.register()
     Receipts(node, metrics).register()
     node.publish_hooks.append(ChatPublisher(node, metrics, moderation).on_publish)
-    node.spawn(ViewerCounter(node, metrics).run(), "chat-viewer-counts")
+    node.run_in_background(ViewerCounter(node, metrics).run, "chat-viewer-counts")

@@ -80,6 +80,9 @@ class StateStore(Protocol):
     ) -> list[tuple[str, float]]:
         """Members with min_score <= score <= max_score, lowest first."""
 
+    async def zcount(self, key: str, min_score: float, max_score: float) -> int:
+        """How many members have min_score <= score <= max_score."""
+
     async def zpop_due(
         self, key: str, max_score: float, limit: int = 100
     ) -> list[tuple[str, float]]:

@@ -164,6 +164,14 @@ class MemoryStateStore:
             out.append((member, score))
         return out
 
+    async def zcount(self, key: str, min_score: float, max_score: float) -> int:
+        if not self._alive(key) or key not in self._zsets:
+            return 0
+        _, ordered = self._zsets[key]
+        start = bisect.bisect_left(ordered, (min_score, ""))
+        end = bisect.bisect_right(ordered, (max_score, "\U0010ffff"))
+        return max(0, end - start)
+
     async def zpop_due(
         self, key: str, max_score: float, limit: int = 100
     ) -> list[tuple[str, float]]:

@@ -400,6 +400,12 @@ class RedisStateStore:
         )
         return _scored(raw)
 
+    async def zcount(self, key: str, min_score: float, max_score: float) -> int:
+        raw = await self._exec.execute(
+            "ZCOUNT", self.key(key), _score(min_score), _score(max_score)
+        )
+        return int(raw)
+
     async def zpop_due(
         self, key: str, max_score: float, limit: int = 100
     ) -> list[tuple[str, float]]:

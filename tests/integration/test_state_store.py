@@ -75,6 +75,15 @@ class DirectExecutor:
         except NoScriptError:
             return await self.execute("EVAL", script.source, n, *keys, *args)
 
+    async def execute_many(self, commands: Sequence[Sequence[RedisArg]]) -> list[object]:
+        results: list[object] = []
+        for args in commands:
+            try:
+                results.append(await self.execute(*args))
+            except Exception as exc:  # the protocol returns failures as values
+                results.append(exc)
+        return results
+
 
 @dataclass
 class RedisHarness:
@@ -535,3 +544,18 @@ async def test_redis_down_raises_then_recovers(rh: RedisHarness) -> None:
     assert await rh.raw.script_exists(INCR_WINDOW.sha1) == [False]
     assert await rh.store.incr("n", 5) == 1
     assert await rh.raw.script_exists(INCR_WINDOW.sha1) == [True]  # loaded by EVAL
+
+
+async def test_zcount(h: Harness) -> None:
+    for i in range(5):
+        await h.store.zadd("z", f"m{i}", float(i))
+    assert await h.store.zcount("z", 1.0, 3.0) == 3
+    assert await h.store.zcount("z", -INF, INF) == 5
+    assert await h.store.zcount("z", 10.0, 20.0) == 0
+    assert await h.store.zcount("missing", 0.0, 1.0) == 0
+
+
+async def test_zadd_many_sets_members_and_ttl(h: Harness) -> None:
+    await h.store.zadd_many([("a{x}", "n1", 1.0), ("b{x}", "n2", 2.0)], 60.0)
+    assert await h.store.zrange_by_score("a{x}", -INF, INF) == [("n1", 1.0)]
+    assert await h.store.zrange_by_score("b{x}", -INF, INF) == [("n2", 2.0)]

@@ -1,0 +1,623 @@
+"""A lean RESP2 client for the hot path on a standalone Redis.
+
+Why not redis-py here: for a 2-member room a publication costs far more CPU in
+redis-py (command packing, ``Pipeline.execute`` with its retry and timeout
+wrappers, a task per pipeline, ``PubSub.get_message`` per message) than in
+Redis itself (PERFORMANCE-NOTES §Redis). This module keeps only what the
+broker needs: ``asyncio.Protocol`` connections whose replies ``hiredis``
+parses, and no task per command or per message. Redis Cluster keeps redis-py.
+
+* :class:`RespClient` runs commands (the broker's
+  :class:`~signaling.state.redis.RedisExecutor`) over ONE connection. Every
+  command issued during one loop iteration is written with one
+  ``transport.write`` on the next (auto-pipelining); replies resolve futures
+  in FIFO order from ``data_received``. When the connection is gone, the next
+  command reconnects (jittered backoff); a command is never retried, because
+  it may have run.
+* :class:`RespPubSub` is one connection in subscribe mode: SUBSCRIBE and
+  UNSUBSCRIBE are batched per loop iteration, and each message is handed to a
+  synchronous callback straight from ``data_received`` (no queue).
+
+Errors: a Redis error reply raises redis-py's exception classes
+(:class:`redis.exceptions.ResponseError`, ``NoScriptError`` for NOSCRIPT ...),
+so callers written against redis-py keep working; it fails only its own
+command. A lost, refused or timed-out connection raises
+:class:`~signaling.broker.base.BrokerUnavailable`.
+
+Replies are RESP2 as hiredis returns them, the same as redis-py's RESP2
+replies without ``decode_responses`` and before its response callbacks:
+status and bulk strings are ``bytes`` (``SET`` gives ``b"OK"``, not True),
+integers ``int``, nil ``None``, arrays ``list`` (``HGETALL`` and
+``WITHSCORES`` are flat lists). Error replies nested in an array (a script's
+``redis.error_reply`` in a table) stay in the list as exception instances.
+
+Not for blocking commands (BLPOP, XREAD BLOCK, WAIT): one connection is
+shared, and a reply that does not come within ``reply_timeout_s`` is treated
+as a dead connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+from redis import exceptions as rexc
+
+from signaling.broker.base import BrokerUnavailable
+from signaling.state.redis import LuaScript, RedisArg
+
+__all__ = [
+    "RedisAddress",
+    "RespClient",
+    "RespConnection",
+    "RespPubSub",
+    "encode_command",
+    "parse_redis_url",
+]
+
+log = logging.getLogger("signaling.redis")
+
+CONNECT_TIMEOUT_S: Final = 2.0
+# A command whose reply has not come after this long means a dead connection
+# (a half-open TCP connection would otherwise hold every command for ~15 min).
+REPLY_TIMEOUT_S: Final = 10.0
+# Commands written or buffered but not answered; beyond it new commands wait
+# (back-pressure) instead of growing memory or failing.
+MAX_PENDING: Final = 100_000
+# Reconnect delays of RespClient (full jitter): small, since commands wait.
+BACKOFF_MIN_S: Final = 0.05
+BACKOFF_MAX_S: Final = 0.5
+# Channels per SUBSCRIBE/UNSUBSCRIBE command (centrifuge uses 512).
+SUBSCRIBE_BATCH: Final = 512
+# TCP keepalive: idle seconds before probing, probe interval, probes.
+KEEPALIVE: Final = (30, 10, 3)
+
+
+# --- encoding ---------------------------------------------------------------------------
+
+
+def encode_command(args: Sequence[RedisArg]) -> bytes:
+    """``args`` as a RESP2 array of bulk strings (what Redis expects).
+
+    str is UTF-8; bytes as is; int and float as ASCII text (floats by repr,
+    like redis-py). hiredis's C packer does the work; the Python fallback
+    exists for argument types it refuses (it rejects ``bytearray``, say) and
+    for the error message.
+
+    Raises:
+        TypeError: an argument is not str, bytes, int or float (bool and None
+            included: redis-py refuses them too).
+    """
+    try:
+        return _pack(args if type(args) is tuple else tuple(args))
+    except TypeError:
+        return encode_command_py(args)
+
+
+_pack: Callable[[tuple[RedisArg, ...]], bytes] = hiredis.pack_command
+
+
+def encode_command_py(args: Sequence[RedisArg | bytearray | memoryview]) -> bytes:
+    """Pure-Python :func:`encode_command` (same output)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data: bytes
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, bool):
+            raise TypeError("a Redis argument cannot be a bool (pass an int or a str)")
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        elif isinstance(arg, float):
+            data = repr(arg).encode()
+        elif isinstance(arg, bytearray | memoryview):
+            data = bytes(arg)
+        else:
+            raise TypeError(f"a Redis argument cannot be {type(arg).__name__}")
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+# --- replies ----------------------------------------------------------------------------
+
+# Error prefixes redis-py maps to its own classes (redis/_parsers/base.py);
+# the rest are ResponseError with the full message ("WRONGTYPE ...").
+_ERROR_CLASSES: Final[dict[str, type[rexc.ResponseError]]] = {
+    "NOSCRIPT": rexc.NoScriptError,
+    "LOADING": rexc.BusyLoadingError,
+    "READONLY": rexc.ReadOnlyError,
+    "OOM": rexc.OutOfMemoryError,
+    "EXECABORT": rexc.ExecAbortError,
+    "NOPERM": rexc.NoPermissionError,
+    "ERR": rexc.ResponseError,
+}
+_AUTH_ERRORS: Final = ("NOAUTH", "WRONGPASS")
+
+
+def _reply_error(message: str) -> Exception:
+    """An error reply as the exception redis-py would raise (hiredis calls it)."""
+    code, _, rest = message.partition(" ")
+    cls = _ERROR_CLASSES.get(code)
+    if cls is not None:
+        return cls(rest)
+    if code in _AUTH_ERRORS:
+        return rexc.AuthenticationError(rest)
+    return rexc.ResponseError(message)
+
+
+class _NeedMore:
+    """hiredis's "no complete reply yet" marker (a nil reply is None)."""
+
+
+_NEED_MORE: Final = _NeedMore()
+
+
+def _new_reader() -> hiredis.Reader:
+    return hiredis.Reader(
+        protocolError=hiredis.ProtocolError,
+        replyError=_reply_error,
+        notEnoughData=_NEED_MORE,
+    )
+
+
+# --- addresses --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """Where and how to connect (from :func:`parse_redis_url`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str | None = None  # unix socket
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    db: int = 0
+    tls: bool = False
+    # rediss:// options, as redis-py reads them from the URL query.
+    ssl_cert_reqs: ssl.VerifyMode = ssl.CERT_REQUIRED
+    ssl_check_hostname: bool = True
+    ssl_ca_certs: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.ssl_ca_certs)
+        context.check_hostname = self.ssl_check_hostname and self.ssl_cert_reqs != ssl.CERT_NONE
+        context.verify_mode = self.ssl_cert_reqs
+        return context
+
+    def handshake(self) -> list[tuple[RedisArg, ...]]:
+        """Commands every new connection sends first (AUTH, SELECT)."""
+        commands: list[tuple[RedisArg, ...]] = []
+        if self.password is not None:
+            if self.username:
+                commands.append(("AUTH", self.username, self.password))
+            else:
+                commands.append(("AUTH", self.password))
+        if self.db:
+            commands.append(("SELECT", self.db))
+        return commands
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix://{self.path}"
+        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.db}"
+
+
+_CERT_REQS: Final = {
+    "none": ssl.CERT_NONE,
+    "optional": ssl.CERT_OPTIONAL,
+    "required": ssl.CERT_REQUIRED,
+}
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS) or
+    ``unix://[[user]:password@]/path``; ``?db=N`` wins over the path, and
+    ``ssl_cert_reqs`` (none/optional/required), ``ssl_check_hostname`` and
+    ``ssl_ca_certs`` are read as redis-py reads them. Other query arguments
+    (redis-py pool options) are ignored.
+
+    Raises:
+        ValueError: another scheme, or a malformed port, db or option.
+    """
+    parts = urlsplit(url)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items() if v}
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    db = int(query["db"]) if "db" in query else 0
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("a unix:// Redis URL needs a socket path")
+        return RedisAddress(path=unquote(parts.path), username=username, password=password, db=db)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"Redis URL must start with redis://, rediss:// or unix:// ({url!r})")
+    if "db" not in query and parts.path.strip("/"):
+        db = int(unquote(parts.path).strip("/"))
+    cert_reqs = query.get("ssl_cert_reqs", "required").lower()
+    if cert_reqs not in _CERT_REQS:
+        raise ValueError(f"invalid ssl_cert_reqs {cert_reqs!r} in the Redis URL")
+    return RedisAddress(
+        host=unquote(parts.hostname or "127.0.0.1"),
+        port=parts.port or 6379,
+        username=username,
+        password=password,
+        db=db,
+        tls=parts.scheme == "rediss",
+        ssl_cert_reqs=_CERT_REQS[cert_reqs],
+        ssl_check_hostname=query.get("ssl_check_hostname", "true").lower()
+        not in ("0", "false", "f", "n", "no", "off"),
+        ssl_ca_certs=query.get("ssl_ca_certs"),
+    )
+
+
+# --- one connection ---------------------------------------------------------------------
+
+
+class _RespProtocol(asyncio.Protocol):
+    """What both connection kinds share: connect and handshake, one write per
+    loop iteration, replies to a FIFO of futures, failure of all of them when
+    the connection is lost."""
+
+    def __init__(self, address: RedisAddress) -> None:
+        self.address = address
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._reader = _new_reader()
+        # Futures of written or buffered commands, in the order of their replies.
+        self._pending: deque[asyncio.Future[Any]] = deque()
+        self._wbuf: list[bytes] = []
+        self._queued = 0  # commands ever queued
+        self._flush_scheduled = False
+        self._paused = False
+        self.closed = False
+        self._closing = False  # close() called: the loss is ours
+        # Why the connection ended (None: closed by us, or EOF).
+        self.lost_reason: Exception | None = None
+        self._closed_waiter: asyncio.Future[None] = self._loop.create_future()
+        # Counters: writes (each a pipeline) and commands written.
+        self.batches = 0
+        self.commands = 0
+
+    # --- connecting -------------------------------------------------------------------
+
+    async def _open(self, timeout_s: float, ssl_context: ssl.SSLContext | None) -> None:
+        """Connect, then AUTH/SELECT, all within ``timeout_s``.
+
+        Raises:
+            BrokerUnavailable: refused, unreachable, timed out, or AUTH/SELECT
+                failed (the cause is chained).
+        """
+        address = self.address
+        try:
+            async with asyncio.timeout(timeout_s):
+                if address.path is not None:
+                    await self._loop.create_unix_connection(lambda: self, address.path)
+                else:
+                    await self._loop.create_connection(
+                        lambda: self,
+                        address.host,
+                        address.port,
+                        ssl=ssl_context,
+                        server_hostname=address.host if ssl_context is not None else None,
+                    )
+                replies = [self._request(args) for args in address.handshake()]
+                for reply in replies:
+                    await reply
+        except BrokerUnavailable:
+            self.abort()
+            raise
+        except (OSError, TimeoutError, rexc.RedisError) as exc:
+            self.abort()
+            raise BrokerUnavailable(f"redis {address} unavailable: {exc!r}") from exc
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                idle, interval, count = KEEPALIVE
+                if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; macOS has only SO_KEEPALIVE here
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        if self._wbuf and not self._flush_scheduled:
+            self._schedule_flush()
+
+    # --- writing ----------------------------------------------------------------------
+
+    def _request(self, args: Sequence[RedisArg]) -> asyncio.Future[Any]:
+        """Queue one command whose reply goes to the FIFO; returns its future."""
+        if self.closed:
+            raise BrokerUnavailable(f"redis connection lost: {self.lost_reason!r}")
+        data = encode_command(args)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._pending.append(future)
+        self._queued += 1
+        self._wbuf.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return future
+
+    def _schedule_flush(self) -> None:
+        self._flush_scheduled = True
+        self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self._transport
+        buf = self._wbuf
+        if not buf or transport is None or self.closed:
+            return
+        self._wbuf = []
+        self.batches += 1
+        self.commands += len(buf)
+        transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+
+    # --- reading ----------------------------------------------------------------------
+
+    def _reply(self, reply: Any) -> None:
+        """Resolve the oldest pending future with ``reply``."""
+        if not self._pending:
+            self._fail(BrokerUnavailable("redis sent a reply nobody asked for"))
+            return
+        future = self._pending.popleft()
+        if future.done():  # its caller was cancelled
+            return
+        if isinstance(reply, Exception):
+            future.set_exception(reply)
+        else:
+            future.set_result(reply)
+
+    # --- ending -----------------------------------------------------------------------
+
+    def _fail(self, exc: Exception) -> None:
+        """Drop the connection because of ``exc`` (pending commands fail)."""
+        if self.lost_reason is None:
+            self.lost_reason = exc
+        self.abort()
+
+    def close(self) -> None:
+        """Close after writing what is buffered; replies still to come are
+        not read (their commands fail with BrokerUnavailable)."""
+        self._closing = True
+        if self._flush_scheduled:
+            self._flush()
+        if self._transport is not None:
+            self._transport.close()
+        else:
+            self._lost(None)
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent data; pending commands fail."""
+        if self._transport is not None:
+            self._transport.abort()
+        else:
+            self._lost(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(exc)
+
+    def _lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.lost_reason is None:
+            self.lost_reason = exc
+        self._transport = None
+        self._wbuf = []
+        reason = self.lost_reason
+        error = BrokerUnavailable(
+            "redis connection closed" if reason is None else f"redis connection lost: {reason!r}"
+        )
+        pending, self._pending = self._pending, deque()
+        for future in pending:
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: a gathered or cancelled waiter may be gone
+        if not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
+        self._on_lost(reason)
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        """Hook for subclasses, called once."""
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed_waiter)
+
+
+class RespConnection(_RespProtocol):
+    """One connection running commands, auto-pipelined.
+
+    Open it with :meth:`open`. :meth:`execute` is synchronous: it buffers the
+    command and returns the future of its reply; every command buffered in
+    one loop iteration goes out in one write on the next.
+    """
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        *,
+        reply_timeout_s: float | None = REPLY_TIMEOUT_S,
+        max_pending: int = MAX_PENDING,
+        on_lost: Callable[[Exception | None], None] | None = None,
+    ) -> None:
+        super().__init__(address)
+        self._lost_callback = on_lost
+        # False while closed, paused by the transport, or over max_pending:
+        # callers then wait on _writable (RespClient does).
+        self.ready = False
+        self._writable = asyncio.Event()
+        self._max_pending = max_pending
+        self._resume_below = max_pending // 2
+        self._reply_timeout_s = reply_timeout_s
+        self._watch_head: asyncio.Future[Any] | None = None
+        self._watch_ticks = 0
+        self._watch_timer: asyncio.TimerHandle | None = None
+        # Command count at the end of each write not fully answered (in_flight).
+        self._batch_ends: deque[int] = deque()
+
+    @classmethod
+    async def open(
+        cls,
+        address: RedisAddress,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        reply_timeout_s: float | None = REPLY_TIMEOUT_S,
+        max_pending: int = MAX_PENDING,
+        on_lost: Callable[[Exception | None], None] | None = None,
+    ) -> RespConnection:
+        """A connected, authenticated connection.
+
+        Args:
+            reply_timeout_s: no reply for this long drops the connection
+                (None: never).
+            max_pending: beyond this many unanswered commands ``ready`` is
+                False until half of them are answered.
+            on_lost: called once when a connection that was open is lost
+                (with the reason; None when closed by us or by Redis).
+
+        Raises:
+            BrokerUnavailable: refused, unreachable, timed out (TCP, TLS and
+                handshake together within ``connect_timeout_s``), or AUTH or
+                SELECT failed; the cause is chained.
+        """
+        conn = cls(
+            address, reply_timeout_s=reply_timeout_s, max_pending=max_pending, on_lost=on_lost
+        )
+        if ssl_context is None:
+            ssl_context = address.ssl_context()
+        await conn._open(connect_timeout_s, ssl_context)
+        conn._set_ready()
+        if reply_timeout_s is not None:
+            conn._watch_timer = conn._loop.call_later(reply_timeout_s / 4, conn._watch)
+        return conn
+
+    def execute(self, *args: RedisArg) -> asyncio.Future[Any]:
+        """Queue one command; the future gets its reply or its error.
+
+        Raises:
+            BrokerUnavailable: the connection is closed (also set on the
+                future of every pending command when it is lost).
+            TypeError: a bad argument (nothing is queued).
+        """
+        future = self._request(args)
+        if len(self._pending) >= self._max_pending:
+            self._block()
+        return future
+
+    @property
+    def pending(self) -> int:
+        """Commands buffered or awaiting their replies."""
+        return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        """Writes (pipelines) with replies still to come."""
+        answered = self._queued - len(self._pending)
+        ends = self._batch_ends
+        while ends and ends[0] <= answered:
+            ends.popleft()
+        return len(ends)
+
+    async def wait_ready(self) -> None:
+        """Return once commands may be queued again (or the connection closed)."""
+        while not self.ready and not self.closed:
+            await self._writable.wait()
+
+    # --- internals --------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self._wbuf and not self.closed:
+            # Everything queued so far goes out in this write.
+            self._batch_ends.append(self._queued)
+            _ = self.in_flight  # prunes answered writes: the deque stays short
+        super()._flush()
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        pending = self._pending
+        try:
+            reply = reader.gets()
+            while reply is not _NEED_MORE:
+                if not pending:
+                    self._fail(BrokerUnavailable("redis sent a reply nobody asked for"))
+                    return
+                future = pending.popleft()
+                if not future.done():  # done: its caller was cancelled
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+                reply = reader.gets()
+        except hiredis.ProtocolError as exc:
+            self._fail(BrokerUnavailable(f"redis protocol error: {exc}"))
+            return
+        if not self.ready and not self._paused and len(pending) <= self._resume_below:
+            self._set_ready()
+
+    def _block(self) -> None:
+        self.ready = False
+        self._writable.clear()
+
+    def _set_ready(self) -> None:
+        self.ready = True
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._block()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if len(self._pending) < self._max_pending:
+            self._set_ready()
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        self.ready = False
+        self._writable.set()  # wake waiters: they see `closed`
+        self._batch_ends.clear()
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
+        if self._lost_callback is not None and self.ready is False and self._was_open:
+            self._lost_callback(None if self._closing else exc)
+
+    def _watch(self) -> None:
+        """Every quarter of reply_timeout_s: the same oldest command four
+        ticks in a row means no reply for ~reply_timeout_s, a dead peer."""
+        assert self._reply_timeout_s is not None
+        head = self._pending[0] if self._pending else None
+        if head is not None and head is self._watch_head:
+            self._watch_ticks += 1
+            if self._watch_ticks >= 4:
+                self._fail(TimeoutError(f"no reply from redis in {self._reply_timeout_s}s"))
+                return
+        else:
+            self._watch_head = head
+            self._watch_ticks = 0
+        self._watch_timer = self._loop.call_later(self._reply_timeout_s / 4, self._watch)
