@@ -171,12 +171,10 @@ class RedisBroker:
         shard.start()
 
     def _on_reconnected(self) -> None:
-        # Pooled command connections to the old Redis are dead too: drop the
-        # idle ones now rather than fail the next commands on them.
-        if isinstance(self.client, aioredis.Redis):
-            asyncio.get_running_loop().create_task(
-                self.client.connection_pool.disconnect(inuse_connections=False)
-            )
+        # Pooled command connections to a restarted Redis are dead too; they
+        # are not dropped here (that would race with commands taking them),
+        # so the first command on each fails once (error 100, temporary) and
+        # the node's position check retries.
         self._require_handler().on_broker_reconnected()
 
     def _shard_for(self, name: str) -> PubSubShard | None:
