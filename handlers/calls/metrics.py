@@ -69,6 +69,12 @@ class CallMetrics:
         )
         for method in ("join", "renew"):
             self.tokens.labels(method)
+        self.billing_redelivered = Counter(
+            "signal_call_billing_redelivered",
+            "Billing records this instance appended from a call's outbox on behalf of "
+            "another change (its instance died or could not reach the stream).",
+            registry=registry,
+        )
         self.timer_runs = Counter(
             "signal_call_timer_runs",
             "Call timers claimed and run by this instance.",

@@ -7,6 +7,13 @@ instance whose change wins then does the follow-up, once: publish the
 participants' events, append the billing record, release busy flags,
 re-schedule or drop the call's timer, count metrics.
 
+Billing records are durable across the death of that instance: each is
+written into the call's outbox by the compare-and-set of its change, then
+appended to the stream and removed from the outbox (:mod:`handlers.calls.state`).
+Records left there (the instance died, or the stream could not be reached)
+are appended by the call's timer, on whichever instance, before anything
+else; a call's timer is not dropped while its outbox holds anything.
+
 The clock of an accepted call belongs to the server: ``accepted_at``,
 minute ticks at ``accepted_at + n * call_tick_s``, warnings before and the
 end at ``accepted_at + call_max_duration_s``, all in server time, whichever
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -59,6 +67,7 @@ from handlers.calls.state import (
     Change,
     Decide,
     EndReason,
+    OutboxEntry,
     Role,
     invites_key,
     now_ms,
@@ -83,14 +92,26 @@ INVITE_WINDOW_S = 60.0
 _LIVE_CHECK_MIN_MS = 250
 _LIVE_CHECK_MAX_MS = 5000
 
+# A record in a call's outbox is appended by whoever finds it once it is this
+# old (ms): its writer appends it at once, so by then it died or failed.
+OUTBOX_STALE_MS = 2000
+# An outbox that could not be appended is tried again after at least this (ms).
+OUTBOX_RETRY_MS = 1000
+
 # States a participant sees as their current call (pending is not visible yet).
 LIVE_CALL_STATES = frozenset({CallState.RINGING, CallState.ACCEPTED})
 
 _TERMINAL_EVENT = {
-    CallState.REJECTED: (EventType.REJECTED, RecordType.REJECTED),
-    CallState.CANCELLED: (EventType.CANCELLED, RecordType.CANCELLED),
-    CallState.MISSED: (EventType.MISSED, RecordType.MISSED),
-    CallState.ENDED: (EventType.ENDED, RecordType.ENDED),
+    CallState.REJECTED: EventType.REJECTED,
+    CallState.CANCELLED: EventType.CANCELLED,
+    CallState.MISSED: EventType.MISSED,
+    CallState.ENDED: EventType.ENDED,
+}
+_TERMINAL_RECORD = {
+    CallState.REJECTED: RecordType.REJECTED,
+    CallState.CANCELLED: RecordType.CANCELLED,
+    CallState.MISSED: RecordType.MISSED,
+    CallState.ENDED: RecordType.ENDED,
 }
 
 
@@ -226,6 +247,8 @@ class CallService:
                 lambda c: (
                     {"state": CallState.RINGING.value} if c.state == CallState.PENDING else None
                 ),
+                functools.partial(self._billing, at=now),
+                written_ms=self.clock(),
             )
         except BaseException:
             # Best effort: what is left behind (a pending call, busy flags
@@ -236,6 +259,7 @@ class CallService:
         if change is None:  # the pending call timed out meanwhile
             await self._abandon(call_id, (caller, callee))
             raise wrong_state(CallState.MISSED)
+        await self._deliver(change)
         call = change.after
         self.metrics.invites.inc()
         extra: JSONObject = {
@@ -245,7 +269,6 @@ class CallService:
             "ring_deadline_ms": call.ring_deadline_ms,
         }
         await self._publish((callee,), event_data(EventType.INCOMING, call, now, extra))
-        await self._record(RecordType.INVITED, call, now)
         return call
 
     async def _claim_both(self, caller: str, callee: str, call_id: str) -> None:
@@ -363,11 +386,22 @@ class CallService:
             return None
         return call
 
-    async def _update(self, call_id: str, decide: Decide) -> Change | None:
+    async def _update(self, call_id: str, decide: Decide, at: int | None = None) -> Change | None:
+        """Apply a change with its billing records (``at``: the time of a
+        tick), then append them: the winning change, or None."""
+        when = self.clock()
         try:
-            return await self.calls.update(call_id, decide)
+            change = await self.calls.update(
+                call_id,
+                decide,
+                functools.partial(self._billing, at=when if at is None else at),
+                written_ms=when,
+            )
         except LookupError:
             raise SignalError(CALL_NOT_FOUND) from None
+        if change is None:
+            return None
+        return await self._deliver(change)
 
     # --- the clock ------------------------------------------------------------------
 
@@ -377,13 +411,46 @@ class CallService:
 
     async def run_timer(self, call_id: str) -> int | None:
         """Do what is due for the call now; returns when to look again (unix
-        ms), or None once the call is over."""
+        ms), or None once the call is over and its outbox empty.
+
+        First of all, billing records left in the call's outbox by another
+        instance (dead, or unable to append them) are appended.
+        """
         call = await self.calls.get(call_id)
-        if call is None or call.state in TERMINAL_STATES:
+        if call is None:
             return None
-        if call.state in (CallState.PENDING, CallState.RINGING):
-            return await self._ring_timer(call)
-        return await self._call_timer(call_id)
+        unsent = await self._flush(call, frozenset()) if call.outbox else ()
+        if call.state in TERMINAL_STATES:
+            due = None
+        elif call.state in (CallState.PENDING, CallState.RINGING):
+            due = await self._ring_timer(call)
+        else:
+            due = await self._call_timer(call_id)
+        if due is None and call.state not in TERMINAL_STATES:
+            # It ended during this run: its end's record may be in flight or
+            # have failed to append; look at the outbox once more.
+            latest = await self.calls.get(call_id)
+            if latest is None:
+                return None
+            if latest.state not in TERMINAL_STATES:
+                # Not ended: a race this run lost (the ring timer against an
+                # accept just before the deadline). Look again at once.
+                return self.clock()
+            call, unsent = latest, latest.outbox
+        retry = await self._outbox_due(call, unsent)
+        if retry is None:
+            return due
+        return retry if due is None else min(due, retry)
+
+    async def _outbox_due(self, call: Call, unsent: tuple[OutboxEntry, ...]) -> int | None:
+        """When the timer must look at an outbox that still holds ``unsent``
+        (None if empty). Such a call is kept from expiring meanwhile."""
+        if not unsent:
+            return None
+        with contextlib.suppress(BrokerUnavailable):
+            await self.calls.keep(call)
+        oldest = min(e.written_ms for e in unsent)
+        return max(oldest + OUTBOX_STALE_MS, self.clock() + OUTBOX_RETRY_MS)
 
     async def _ring_timer(self, call: Call) -> int | None:
         if self.clock() < call.ring_deadline_ms:
@@ -411,7 +478,7 @@ class CallService:
         # time order, until nothing is due; then liveness.
         while True:
             at = self.clock()
-            change = await self._update(call_id, functools.partial(self._clock_step, at=at))
+            change = await self._update(call_id, functools.partial(self._clock_step, at=at), at)
             if change is None:
                 break
             await self._clock_changed(change, at)
@@ -467,7 +534,6 @@ class CallService:
             duration = after.ticks * self.tick_ms
             extra: JSONObject = {"minute": after.ticks, "duration_ms": duration}
             await self._publish(after.participants, event_data(EventType.TICK, after, at, extra))
-            await self._record(RecordType.TICK, after, at, duration, {"minute": str(after.ticks)})
         elif after.warned > before.warned:
             assert after.accepted_at_ms is not None
             remaining_ms = self.warnings_ms[after.warned - 1]
@@ -534,7 +600,6 @@ class CallService:
         }
         data = event_data(EventType.ACCEPTED, call, call.accepted_at_ms, extra)
         await self._publish(call.participants, data)
-        await self._record(RecordType.ACCEPTED, call, call.accepted_at_ms)
         await self._show_in_call(call, True)
 
     async def _show_in_call(self, call: Call, busy: bool) -> None:
@@ -553,16 +618,20 @@ class CallService:
         call = change.after
         for user in call.participants:
             await self.calls.release_busy(user, call.call_id)
-        await self.timers.cancel(call.call_id)
+        # The timer goes with the call, unless its outbox still holds records
+        # (in flight from another instance, or not appended): it appends them.
+        retry = await self._outbox_due(call, change.unsent)
+        if retry is None:
+            await self.timers.cancel(call.call_id)
+        else:
+            await self.timers.schedule(call.call_id, retry)
         at = call.ended_at_ms if call.ended_at_ms is not None else self.clock()
-        event, record = _TERMINAL_EVENT[call.state]
+        event = _TERMINAL_EVENT[call.state]
         extra: JSONObject = {}
-        record_extra: dict[str, str] = {}
         if call.ended_by is not None:
             # Who hung up, rejected or cancelled; or who was lost.
             who = "lost" if call.reason == EndReason.PARTICIPANT_LOST else "by"
             extra[who] = call.ended_by
-            record_extra[who] = call.ended_by
         duration = call.duration_ms(at)
         if call.state == CallState.ENDED:
             await self.store.zrem(ACTIVE_KEY, call.call_id)
@@ -570,16 +639,13 @@ class CallService:
             extra |= {"reason": call.reason, "duration_ms": duration}
             extra["accepted_at_ms"] = call.accepted_at_ms
             extra["ended_at_ms"] = at
-            record_extra["reason"] = call.reason
             if call.lost_since_ms is not None:
                 extra["lost_since_ms"] = call.lost_since_ms
-                record_extra["lost_since_ms"] = str(call.lost_since_ms)
             self.metrics.calls.labels(call.reason).inc()
             self.metrics.duration.observe(duration / 1000)
         else:
             self.metrics.calls.labels(call.state.value).inc()
         await self._publish(call.participants, event_data(event, call, at, extra))
-        await self._record(record, call, at, duration, record_extra)
         if call.state == CallState.ENDED:
             await self._show_in_call(call, False)
 
@@ -593,23 +659,91 @@ class CallService:
             except (BrokerUnavailable, SignalError) as exc:
                 log.warning("call event to %s not published: %s", user, exc)
 
-    async def _record(
-        self,
-        kind: RecordType,
-        call: Call,
-        at: int,
-        duration_ms: int | None = None,
-        extra: Mapping[str, str] | None = None,
-    ) -> None:
-        duration = call.duration_ms(at) if duration_ms is None else duration_ms
-        fields = record_fields(
-            kind, call, at, duration_ms=duration, node=self.node.name, extra=extra
-        )
+    # --- billing ----------------------------------------------------------------------
+
+    def _billing(self, before: Call, after: Call, at: int) -> list[dict[str, str]]:
+        """The billing records of a change (``at``: the invite's or the
+        tick's time). Written into the outbox with the change itself."""
+
+        def record(
+            kind: RecordType, at_ms: int, duration_ms: int, extra: Mapping[str, str] | None = None
+        ) -> dict[str, str]:
+            return record_fields(
+                kind, after, at_ms, duration_ms=duration_ms, node=self.node.name, extra=extra
+            )
+
+        if before.state == CallState.PENDING:
+            # Ringing: invited. Missed before it rang (its instance died
+            # mid-invite): nobody was told of it, billing neither.
+            return [record(RecordType.INVITED, at, 0)] if after.state == CallState.RINGING else []
+        if before.state in TERMINAL_STATES:
+            return []
+        if after.state in TERMINAL_STATES:
+            end = after.ended_at_ms
+            assert end is not None
+            extra: dict[str, str] = {}
+            if after.ended_by is not None:
+                who = "lost" if after.reason == EndReason.PARTICIPANT_LOST else "by"
+                extra[who] = after.ended_by
+            if after.state == CallState.ENDED:
+                assert after.reason is not None
+                extra["reason"] = after.reason
+                if after.lost_since_ms is not None:
+                    extra["lost_since_ms"] = str(after.lost_since_ms)
+            return [record(_TERMINAL_RECORD[after.state], end, after.duration_ms(end), extra)]
+        if before.state == CallState.RINGING and after.state == CallState.ACCEPTED:
+            assert after.accepted_at_ms is not None
+            return [record(RecordType.ACCEPTED, after.accepted_at_ms, 0)]
+        if after.state == CallState.ACCEPTED and after.ticks > before.ticks:
+            tick = {"minute": str(after.ticks)}
+            return [record(RecordType.TICK, at, after.ticks * self.tick_ms, tick)]
+        return []
+
+    async def _deliver(self, change: Change) -> Change:
+        """Append the change's billing records (and any left behind by
+        others), then take them out of the outbox. Never raises for the store:
+        what could not be appended stays in the outbox for the timer."""
+        if not change.after.outbox:
+            return change
+        mine = frozenset(e.event_id for e in change.records)
+        return dataclasses.replace(change, unsent=await self._flush(change.after, mine))
+
+    async def _flush(self, call: Call, mine: frozenset[str]) -> tuple[OutboxEntry, ...]:
+        """Append, in order, the outbox records of ``call`` that are ``mine``
+        or stale (their writer would have appended them by now), and remove
+        them from the outbox. Returns what the outbox still holds."""
+        stale = self.clock() - OUTBOX_STALE_MS
+        due = [e for e in call.outbox if e.event_id in mine or e.written_ms <= stale]
+        sent: list[str] = []
+        for entry in due:
+            try:
+                await self.billing.append(entry.fields)
+            except BrokerUnavailable as exc:
+                log.warning(
+                    "billing record %s not appended yet, kept in the call's outbox: %s",
+                    entry.event_id,
+                    exc,
+                )
+                break  # in order: the next ones wait too
+            sent.append(entry.event_id)
+            if entry.event_id not in mine:
+                self.metrics.billing_redelivered.inc()
+                log.warning(
+                    "billing record %s appended from the outbox of call %s (left by %s)",
+                    entry.event_id,
+                    call.call_id,
+                    entry.fields.get("node", "?"),
+                )
+        if not sent:
+            return call.outbox
         try:
-            await self.billing.append(fields)
-        except BrokerUnavailable as exc:
-            # Billing lost a record: loud, with what is needed to reconcile.
-            log.error("billing record %s (%s) not appended: %s", fields["event_id"], kind, exc)
+            after = await self.calls.clear_outbox(call, sent)
+        except (BrokerUnavailable, SignalError) as exc:
+            # Appended but still in the outbox: appended again later (a
+            # duplicate event_id, which consumers skip).
+            log.warning("call %s: outbox not cleared: %s", call.call_id, exc)
+            return call.outbox
+        return after.outbox if after is not None else ()
 
     # --- views ------------------------------------------------------------------------
 

@@ -13,13 +13,27 @@ States (docs/calls.md)::
 ``pending`` only exists while ``call.invite`` claims the two participants'
 busy flags; nobody but the inviting instance ever sees it.
 
-Concurrency: every change of a call is a compare-and-set on its ``rev``
+Concurrency: every change of a call is a compare-and-set on its ``ver``
 field (:meth:`CallStore.update`): read the hash, decide, write the changes
-with ``rev + 1`` only if ``rev`` is still what was read, else read again.
+with ``ver + 1`` only if ``ver`` is still what was read, else read again.
 Of two racing changes (two accepts, an accept and a cancel, a hang-up and
 the max-duration timer) exactly one wins and the other decides again from
 the winner's state. The winner alone publishes the event, so every event is
-sent once, and ``rev`` numbers them (``seq`` on the wire).
+sent once. ``rev`` numbers the changes of state (``seq`` on the wire, and
+the billing records' ``event_id``); ``ver`` also counts the outbox's
+clearings, which are not events.
+
+**Billing outbox.** A change's billing records are written into the call's
+hash by the same compare-and-set that makes the change (field ``outbox``, a
+JSON list of the records not yet appended to the billing stream, each with
+the time it was written). The winner then appends them to the stream and
+removes them from the outbox (:meth:`CallStore.clear_outbox`, again a
+compare-and-set on ``ver``). An instance that dies in between leaves them in
+the outbox, where the call's timer (run by any instance) finds them and
+appends them (:meth:`~handlers.calls.service.CallService.run_timer`); the
+timer is not dropped while the outbox holds anything, so a record is never
+lost, only possibly appended twice (dead after the append, before the
+clearing). Single-key operations only: it works on Redis Cluster.
 
 Other keys, one per user, each touched alone (single-key operations, hash
 tags for Redis Cluster):
@@ -35,9 +49,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+
+import orjson
 
 from handlers.calls.errors import CALL_WRONG_STATE
 from signaling.errors import ERROR_INTERNAL, ErrorReply, SignalError
@@ -53,9 +69,13 @@ __all__ = [
     "Change",
     "Decide",
     "EndReason",
+    "OutboxEntry",
+    "Records",
     "Role",
     "busy_key",
     "call_key",
+    "decode_outbox",
+    "encode_outbox",
     "invites_key",
     "now_ms",
     "wrong_state",
@@ -135,6 +155,36 @@ def _opt_str(fields: Mapping[str, str], name: str) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A billing record waiting in a call's outbox for its append to the stream."""
+
+    # Unix ms (server clock) when the change that made it was written.
+    written_ms: int
+    # The record's flat string fields, exactly as they will be appended.
+    fields: Mapping[str, str]
+
+    @property
+    def event_id(self) -> str:
+        return self.fields["event_id"]
+
+
+def encode_outbox(entries: Sequence[OutboxEntry]) -> str:
+    """The ``outbox`` field's text ("" when empty)."""
+    if not entries:
+        return ""
+    return orjson.dumps([{"w": e.written_ms, "f": dict(e.fields)} for e in entries]).decode()
+
+
+def decode_outbox(text: str) -> tuple[OutboxEntry, ...]:
+    if not text:
+        return ()
+    return tuple(
+        OutboxEntry(int(item["w"]), {str(k): str(v) for k, v in item["f"].items()})
+        for item in orjson.loads(text)
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Call:
     """One call, as read from its hash."""
 
@@ -164,6 +214,10 @@ class Call:
     # When the liveness check last saw each participant online.
     caller_seen_ms: int | None = None
     callee_seen_ms: int | None = None
+    # The compare-and-set version: every change and every outbox clearing.
+    ver: int = 0
+    # Billing records written with a change, not yet appended to the stream.
+    outbox: tuple[OutboxEntry, ...] = ()
 
     @classmethod
     def from_hash(cls, call_id: str, fields: Mapping[str, str]) -> Call | None:
@@ -191,6 +245,8 @@ class Call:
             warned=_int(fields, "warned"),
             caller_seen_ms=_opt_int(fields, "caller_seen_ms"),
             callee_seen_ms=_opt_int(fields, "callee_seen_ms"),
+            ver=_int(fields, "ver"),
+            outbox=decode_outbox(fields.get("outbox", "")),
         )
 
     @property
@@ -226,6 +282,10 @@ class Call:
 # "nothing to do". Raises SignalError to refuse. Called again after a lost race.
 Decide = Callable[[Call], Mapping[str, str] | None]
 
+# The billing records of a change, from the call before and after it: written
+# into the outbox with the change itself.
+Records = Callable[[Call, Call], Sequence[Mapping[str, str]]]
+
 
 @dataclass(frozen=True, slots=True)
 class Change:
@@ -233,6 +293,11 @@ class Change:
 
     before: Call
     after: Call
+    # The change's own billing records (also in ``after.outbox``).
+    records: tuple[OutboxEntry, ...] = ()
+    # What the outbox still held once the winner appended its records
+    # (set by the service; others' records in flight, or a failed append).
+    unsent: tuple[OutboxEntry, ...] = ()
 
 
 class CallStore:
@@ -251,19 +316,32 @@ class CallStore:
     async def get(self, call_id: str) -> Call | None:
         return Call.from_hash(call_id, await self.store.hgetall(call_key(call_id)))
 
+    def ttl_s(self, state: CallState) -> float:
+        """The lifetime a call's hash gets with each write."""
+        return self.live_ttl_s if state in LIVE_STATES else RETAIN_S
+
     async def create(self, fields: Mapping[str, str], call_id: str) -> None:
         """Write a new ``pending`` call (short-lived until it becomes ringing)."""
-        values = {**fields, "state": CallState.PENDING.value, "rev": "1"}
+        values = {**fields, "state": CallState.PENDING.value, "rev": "1", "ver": "1"}
         await self.store.hset(call_key(call_id), values, PENDING_TTL_S)
 
     async def discard(self, call_id: str) -> None:
         """Drop a pending call whose invite failed."""
         await self.store.delete(call_key(call_id))
 
-    async def update(self, call_id: str, decide: Decide) -> Change | None:
-        """Apply ``decide``'s change atomically (compare-and-set on ``rev``).
+    async def update(
+        self,
+        call_id: str,
+        decide: Decide,
+        records: Records | None = None,
+        *,
+        written_ms: int | None = None,
+    ) -> Change | None:
+        """Apply ``decide``'s change atomically (compare-and-set on ``ver``),
+        with its billing ``records`` appended to the outbox in the same write.
 
         Returns the change, or None when ``decide`` found nothing to do.
+        ``written_ms`` stamps the outbox entries (default: now).
 
         Raises:
             SignalError: CALL_NOT_FOUND-like refusals come from ``decide``;
@@ -272,21 +350,63 @@ class CallStore:
         """
         key = call_key(call_id)
         for _ in range(_MAX_ATTEMPTS):
-            before = await self.get(call_id)
+            fields = await self.store.hgetall(key)
+            before = Call.from_hash(call_id, fields)
             if before is None:
                 raise LookupError(call_id)
             changes = decide(before)
             if changes is None:
                 return None
             state = CallState(changes.get("state", before.state))
-            ttl = self.live_ttl_s if state in LIVE_STATES else RETAIN_S
-            values = {**changes, "rev": str(before.rev + 1)}
-            fields = await self.store.hcas(key, "rev", (str(before.rev),), values, ttl)
-            if fields is not None:
-                after = Call.from_hash(call_id, fields)
+            values = {**changes, "rev": str(before.rev + 1), "ver": str(before.ver + 1)}
+            entries: tuple[OutboxEntry, ...] = ()
+            if records is not None:
+                predicted = Call.from_hash(call_id, {**fields, **values})
+                assert predicted is not None
+                stamp = now_ms() if written_ms is None else written_ms
+                entries = tuple(OutboxEntry(stamp, dict(r)) for r in records(before, predicted))
+                if entries:
+                    values["outbox"] = encode_outbox(before.outbox + entries)
+            # A hash written before ``ver`` existed is compared on ``rev``.
+            field, current = ("ver", before.ver) if "ver" in fields else ("rev", before.rev)
+            written = await self.store.hcas(key, field, (str(current),), values, self.ttl_s(state))
+            if written is not None:
+                after = Call.from_hash(call_id, written)
                 assert after is not None  # the hash exists: we just wrote it
-                return Change(before, after)
+                return Change(before, after, entries)
         raise SignalError(ERROR_INTERNAL)
+
+    async def clear_outbox(self, call: Call, sent: Collection[str]) -> Call | None:
+        """Remove the records with these event ids (appended to the stream)
+        from the call's outbox; ``call`` is the latest known state. Returns
+        the call as it is afterwards (None if it is gone). Other entries stay.
+
+        Raises:
+            SignalError: ERROR_INTERNAL (100) after too many lost races.
+        """
+        key = call_key(call.call_id)
+        current: Call | None = call
+        for _ in range(_MAX_ATTEMPTS):
+            if current is None:
+                return None
+            remaining = tuple(e for e in current.outbox if e.event_id not in sent)
+            if len(remaining) == len(current.outbox):
+                return current  # none of them there (any more)
+            values = {"outbox": encode_outbox(remaining), "ver": str(current.ver + 1)}
+            written = await self.store.hcas(
+                key, "ver", (str(current.ver),), values, self.ttl_s(current.state)
+            )
+            if written is not None:
+                return Call.from_hash(call.call_id, written)
+            current = await self.get(call.call_id)
+        raise SignalError(ERROR_INTERNAL)
+
+    async def keep(self, call: Call) -> None:
+        """Renew the call's lifetime without changing it (a call whose outbox
+        cannot be appended yet must not expire meanwhile)."""
+        await self.store.hcas(
+            call_key(call.call_id), "state", (call.state.value,), {}, self.ttl_s(call.state)
+        )
 
     async def note_seen(self, call_id: str, values: Mapping[str, str]) -> None:
         """Record liveness observations of an accepted call, without a

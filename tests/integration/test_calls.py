@@ -24,6 +24,8 @@ from centrifuge import Client, ClientState, ReplyError
 from conftest import DEFAULT_SERVER_ENV
 
 from handlers.calls import errors
+from handlers.calls.events import RecordType, record_fields
+from handlers.calls.state import Call, OutboxEntry, encode_outbox
 from support.agora import verify_token
 from support.processes import REPO_ROOT, RedisProcess, ServerProcess
 from support.sdk import ClientEvents, make_client
@@ -721,3 +723,72 @@ async def test_participant_lost_across_instances(server_factory, parties, redis_
     ended = await caller.event("call.ended", call_id, timeout=5)
     assert ended["reason"] == "participant_lost" and ended["lost"] == callee.user
     assert ended["ended_at_ms"] - gone >= 900
+
+
+async def test_an_outbox_left_by_a_dead_instance_is_appended_from_redis(
+    server_factory, parties, redis_server
+) -> None:
+    # What an instance killed between a call's end and its billing append
+    # leaves in Redis: the ended call with the record in its outbox, and the
+    # call's timer. The surviving instances' timers append the record.
+    node_a, node_b, prefix = await two_servers(server_factory, redis_server)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    stream = f"{prefix}signal:call-events"
+    call_id = uuid.uuid4().hex
+    now = int(time.time() * 1000)
+    fields = {
+        "caller": "alice",
+        "callee": "bob",
+        "media": "video",
+        "meta": "",
+        "created_at_ms": str(now - 70_000),
+        "ring_deadline_ms": str(now - 68_000),
+        "caller_uid": "11",
+        "callee_uid": "12",
+        "accepted_at_ms": str(now - 65_000),
+        "ended_at_ms": str(now - 3_000),
+        "state": "ended",
+        "reason": "hangup",
+        "ended_by": "bob",
+        "ticks": "1",
+        "rev": "5",
+        "ver": "6",
+    }
+    call = Call.from_hash(call_id, fields)
+    assert call is not None
+    record = record_fields(
+        RecordType.ENDED,
+        call,
+        now - 3_000,
+        duration_ms=62_000,
+        node="killed",
+        extra={"by": "bob", "reason": "hangup"},
+    )
+    fields["outbox"] = encode_outbox([OutboxEntry(now - 3_000, record)])
+    key = f"{prefix}call:{{{call_id}}}"
+    client.hset(key, mapping=fields)
+    client.pexpire(key, 86_400_000)
+    client.zadd(f"{prefix}calls:{{timers}}", {call_id: now - 2_000})
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if (
+            client.hget(key, "outbox") == ""
+            and client.zscore(f"{prefix}calls:{{timers}}", call_id) is None
+        ):
+            break
+        await asyncio.sleep(0.05)
+    entries = [f for _, f in client.xrange(stream) if f["call_id"] == call_id]
+    assert entries == [record]
+    assert client.hget(key, "outbox") == ""
+    assert client.zscore(f"{prefix}calls:{{timers}}", call_id) is None
+    # Still the ended call, kept a day; the events' seq did not move.
+    assert client.hget(key, "rev") == "5" and client.pttl(key) > 86_000_000
+    redelivered = 0.0
+    for node in (node_a, node_b):
+        _, body = await node.aget("/metrics")
+        for line in body.decode().splitlines():
+            if line.startswith("signal_call_billing_redelivered_total "):
+                redelivered += float(line.split()[1])
+    assert redelivered == 1.0
+    client.close()

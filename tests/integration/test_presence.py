@@ -132,3 +132,61 @@ async def test_offline_after_an_instance_is_killed(server_factory: Any, redis_fa
     # Still connected to the survivor: stays online.
     assert statuses["both"]["online"] is True
     assert await fan.pushes(status_of("both"), within=0.5) == []
+
+
+async def test_busy_while_in_a_call_then_back_to_the_chosen_status(pair: Pair) -> None:
+    # A fan follows a creator and another fan; the two start a call (on two
+    # instances with Redis: the caller on one, the creator on the other).
+    a, b = pair
+    fan = await client(a, "fan")
+    await fan.subscribe("status:cre")
+    await fan.subscribe("status:fan2")
+    creator = await client(b, "cre")
+    caller = await client(a, "fan2")
+    await fan.push(status_of("cre", "available"))
+    await fan.push(status_of("fan2", "available"))
+    await creator.rpc("user.set_status", {"status": "away"})
+    await fan.push(status_of("cre", "away"))
+
+    call_id = (await caller.rpc("call.invite", {"callee": "cre", "media": "video"}))["call_id"]
+    await creator.push(pub_of("user:#cre", "call.incoming"))
+    # Ringing is not busy yet (docs/calls.md: busy while the call is accepted).
+    assert await fan.pushes(status_of("cre"), within=200 * MS) == []
+
+    await creator.rpc("call.accept", {"call_id": call_id})
+    busy = {
+        user: (await fan.push(status_of(user, "busy")))["pub"]["data"] for user in ("cre", "fan2")
+    }
+    assert busy["cre"] == {
+        "user": "cre",
+        "online": True,
+        "status": "busy",
+        "chosen": "away",
+        "in_call": True,
+        "last_seen_ms": None,
+    }
+    assert busy["fan2"] == {**busy["cre"], "user": "fan2", "chosen": "available"}
+    statuses = (await fan.rpc("user.status", {"users": ["cre", "fan2"]}))["statuses"]
+    assert statuses == busy
+
+    # Busy because of the call: an invite to either is refused, callee busy
+    # (1005), from either instance; and one of them calling out, 1004.
+    other = await client(b, "fan3")
+    assert await other.rpc_error("call.invite", {"callee": "cre", "media": "video"}) == 1005
+    assert await fan.rpc_error("call.invite", {"callee": "fan2", "media": "audio"}) == 1005
+    assert await creator.rpc_error("call.invite", {"callee": "fan3", "media": "video"}) == 1004
+    # No further status change while the call goes on.
+    assert await fan.pushes(status_of("cre"), within=200 * MS) == []
+
+    await caller.rpc("call.end", {"call_id": call_id})
+    back = {user: (await fan.push(status_of(user)))["pub"]["data"] for user in ("cre", "fan2")}
+    assert back["cre"] == {**busy["cre"], "status": "away", "in_call": False}
+    assert back["fan2"] == {**busy["fan2"], "status": "available", "in_call": False}
+    statuses = (await fan.rpc("user.status", {"users": ["cre", "fan2"]}))["statuses"]
+    assert statuses == back
+    # The channel keeps the latest state for whoever subscribes later.
+    history = await other.history("status:cre")
+    assert [p["data"]["status"] for p in history] == ["away"]
+    # Free again: the creator can be called.
+    again = await other.rpc("call.invite", {"callee": "cre", "media": "video"})
+    assert again["state"] == "ringing"

@@ -4,8 +4,12 @@ log read back from the memory store (the embedded broker's call-events log)."""
 from __future__ import annotations
 
 import dataclasses
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 import orjson
+import pytest
 
 from handlers.calls.events import (
     BILLING_VERSION,
@@ -18,6 +22,10 @@ from handlers.calls.events import (
 )
 from handlers.calls.state import Call, CallState
 from signaling.state.memory import MemoryStateStore
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 CALL = Call(
     call_id="0123456789abcdef0123456789abcdef",
@@ -115,3 +123,30 @@ async def test_billing_log_is_bounded() -> None:
     for n in range(5):
         await log.append({"event_id": str(n)})
     assert [f["event_id"] for _, f in store.read_stream("calls:bounded")] == ["2", "3", "4"]
+
+
+def test_the_example_consumer_skips_repeated_event_ids() -> None:
+    # The server appends at least once (docs/calls.md): a record may come twice.
+    from examples import billing_consumer
+
+    handled: list[str] = []
+    failing = {"c-3"}
+
+    def handle(entry_id: str, fields: Mapping[str, str]) -> None:
+        if fields["event_id"] in failing:
+            raise RuntimeError("billing database down")
+        handled.append(fields["event_id"])
+
+    once = billing_consumer.deduplicated(handle, capacity=2)
+    for n, event_id in enumerate(["c-1", "c-2", "c-1", "c-2"]):
+        once(f"1-{n}", {"event_id": event_id})
+    assert handled == ["c-1", "c-2"]
+    # A failed entry is not taken as handled: its retry goes through.
+    with pytest.raises(RuntimeError):
+        once("1-5", {"event_id": "c-3"})
+    failing.clear()
+    once("1-6", {"event_id": "c-3"})
+    assert handled == ["c-1", "c-2", "c-3"]
+    # The window is bounded: the oldest id (c-1) was forgotten.
+    once("1-7", {"event_id": "c-1"})
+    assert handled[-1] == "c-1"

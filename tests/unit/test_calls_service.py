@@ -6,8 +6,10 @@ billing records read back from the memory store's log."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,12 +19,12 @@ from test_calls_state import YieldingStore
 
 from handlers.calls.agora import TokenIssuer
 from handlers.calls.metrics import CallMetrics
-from handlers.calls.service import CallService
+from handlers.calls.service import OUTBOX_STALE_MS, CallService
 from handlers.calls.state import CallState, busy_key
 from handlers.calls.timers import LEASE_MS, TIMERS_KEY, TimerQueue
 from handlers.channels import PlatformChannelPolicy, personal_channel
 from signaling.auth import TokenVerifier
-from signaling.broker.base import HistoryOptions
+from signaling.broker.base import BrokerUnavailable, HistoryOptions
 from signaling.broker.memory import MemoryBroker
 from signaling.config import Secret, Settings
 from signaling.errors import SignalError
@@ -30,6 +32,12 @@ from signaling.metrics import Metrics
 from signaling.node import ConnectionEvent, Node
 from signaling.state.memory import MemoryStateStore
 from signaling.transport import encode_text_frame
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from examples import billing_consumer  # noqa: E402
 
 STREAM = "test:call-events"
 APP_ID = "0123456789abcdef0123456789abcdef"
@@ -83,9 +91,10 @@ class Harness:
         self.clock = Clock()
         self.service = self.instance()
 
-    def instance(self, *, yielding: bool = False) -> CallService:
+    def instance(self, *, yielding: bool = False, store: Any = None) -> CallService:
         """A CallService on the same store (another 'instance' of the cluster)."""
-        store = YieldingStore(self.memory) if yielding else self.memory
+        if store is None:
+            store = YieldingStore(self.memory) if yielding else self.memory
         return CallService(
             self.node,
             store=store,  # type: ignore[arg-type]
@@ -373,3 +382,292 @@ async def test_an_instance_crash_counts_from_the_last_time_a_participant_was_see
     await h.service.run_timer(call_id)
     ended = (await h.events("bob"))[-1]
     assert ended["reason"] == "participant_lost" and ended["lost_since_ms"] == seen
+
+
+# --------------------------------------------------------------------------- billing outbox
+
+
+class Died(Exception):
+    """The instance died: nothing after this point of its work happens."""
+
+
+class FailingStream:
+    """The shared store as one instance sees it, with its billing appends
+    failing: ``mode`` "die" kills the instance right before an append (the
+    change is written, the record is not), "die-after" right after it (the
+    record is appended, the outbox not cleared), "unavailable" makes the
+    stream unreachable (the instance lives on)."""
+
+    def __init__(self, inner: MemoryStateStore, mode: str) -> None:
+        self.inner = inner
+        self.mode = mode
+        self.appends = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def xadd(self, stream: str, fields: Any, maxlen: int) -> str:
+        self.appends += 1
+        if self.mode == "die":
+            raise Died
+        if self.mode == "unavailable":
+            raise BrokerUnavailable("stream unreachable")
+        await self.inner.xadd(stream, fields, maxlen)
+        raise Died
+
+
+def records_of(h: Harness, call_id: str) -> list[dict[str, str]]:
+    return [r for r in h.records() if r["call_id"] == call_id]
+
+
+async def run_timers_until(
+    h: Harness, service: CallService, done: Callable[[], bool], *, rounds: int = 10
+) -> None:
+    """Another instance's timer loop, with the clock jumping to each due time."""
+    queue = TimerQueue(h.memory)
+    for _ in range(rounds):
+        if done():
+            return
+        due = await h.memory.zrange_by_score(TIMERS_KEY, float("-inf"), float("inf"))
+        assert due, "no call timer left"
+        h.clock.ms = max(h.clock.ms, int(min(score for _, score in due)))
+        for call_id in await queue.claim(h.clock.ms):
+            await service.fire(call_id)
+    assert done()
+
+
+async def both_online(h: Harness) -> None:
+    for user in ("alice", "bob"):
+        await h.node.user_presence.went_online(user)
+
+
+async def test_a_hangup_record_survives_its_instance_dying_before_the_append(
+    h: Harness,
+) -> None:
+    call_id = await h.accepted_call()
+    await both_online(h)
+    dying = h.instance(store=FailingStream(h.memory, "die"))
+    with pytest.raises(Died):
+        await dying.end("alice", call_id)
+    # The call ended (the change was written), its record is not in the stream...
+    assert [r["type"] for r in records_of(h, call_id)] == ["call.invited", "call.accepted"]
+    call = await h.service.calls.get(call_id)
+    assert call is not None and call.state == CallState.ENDED
+    # ...but in the call's outbox, and the call's timer is still there.
+    assert [e.fields["type"] for e in call.outbox] == ["call.ended"]
+    assert call_id in dict(await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")))
+
+    # Another instance's timer appends it (once it is older than its writer's
+    # own append could take), and only then lets the timer go.
+    survivor = h.instance()
+    await run_timers_until(h, survivor, lambda: len(records_of(h, call_id)) == 3)
+    ended = records_of(h, call_id)[-1]
+    assert ended["type"] == "call.ended" and ended["reason"] == "hangup"
+    assert ended["by"] == "alice" and ended["event_id"] == f"{call_id}-{call.rev}"
+    assert int(ended["duration_ms"]) == call.duration_ms(0)
+    assert int(ended["ended_at_ms"]) == call.ended_at_ms
+    assert survivor.metrics.billing_redelivered._value.get() == 1
+    after = await h.service.calls.get(call_id)
+    assert after is not None and after.outbox == () and after.rev == call.rev
+    assert await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")) == []
+
+
+@pytest.mark.parametrize("transition", ["invite", "accept", "tick", "cancel", "missed", "lost"])
+async def test_every_kind_of_record_survives_its_instance_dying(
+    h: Harness, transition: str
+) -> None:
+    dying = h.instance(store=FailingStream(h.memory, "die"))
+    survivor = h.instance()
+    expected = {
+        "invite": "call.invited",
+        "accept": "call.accepted",
+        "tick": "call.tick",
+        "cancel": "call.cancelled",
+        "missed": "call.missed",
+        "lost": "call.ended",
+    }[transition]
+    await both_online(h)
+    if transition == "invite":
+        with pytest.raises(Died):
+            await dying.invite("alice", "bob", "video", "")
+        (call_id,) = [m for m, _ in await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf"))]
+    else:
+        call = await h.service.invite("alice", "bob", "video", "")
+        call_id = call.call_id
+        if transition in ("tick", "lost"):
+            await h.service.accept("bob", call_id)
+        with pytest.raises(Died):
+            if transition == "accept":
+                await dying.accept("bob", call_id)
+            elif transition == "cancel":
+                await dying.cancel("alice", call_id)
+            elif transition == "missed":
+                h.clock.ms = call.ring_deadline_ms
+                await dying.run_timer(call_id)
+            elif transition == "tick":
+                h.clock.advance(60_000)
+                await dying.run_timer(call_id)
+            else:
+                await h.memory.delete("online:{bob}")  # bob's instance died too
+                h.clock.advance(20_000)
+                await dying.run_timer(call_id)
+    assert expected not in [r["type"] for r in records_of(h, call_id)]
+
+    await run_timers_until(
+        h, survivor, lambda: expected in [r["type"] for r in records_of(h, call_id)]
+    )
+    records = records_of(h, call_id)
+    assert [r["type"] for r in records].count(expected) == 1
+    # Every change of the call's billing is there once, whoever appended it.
+    seqs = sorted(int(r["seq"]) for r in records)
+    assert len(set(seqs)) == len(seqs)
+    call = await h.service.calls.get(call_id)
+    assert call is not None and call.outbox == ()
+    if transition == "tick":
+        tick = next(r for r in records if r["type"] == "call.tick")
+        assert tick["minute"] == "1" and tick["duration_ms"] == "60000"
+    if transition == "lost":
+        assert records[-1]["reason"] == "participant_lost" and records[-1]["lost"] == "bob"
+
+
+async def test_dying_after_the_append_repeats_the_record_with_its_event_id(h: Harness) -> None:
+    call_id = await h.accepted_call()
+    await both_online(h)
+    dying = h.instance(store=FailingStream(h.memory, "die-after"))
+    with pytest.raises(Died):
+        await dying.end("bob", call_id)
+    assert [r["type"] for r in records_of(h, call_id)][-1] == "call.ended"
+    await run_timers_until(
+        h,
+        h.instance(),
+        lambda: [r["type"] for r in records_of(h, call_id)].count("call.ended") == 2,
+    )
+    # At least once: the same record twice, with the same event id, which the
+    # consumer skips (examples/billing_consumer.py).
+    first, again = [r for r in records_of(h, call_id) if r["type"] == "call.ended"]
+    assert first == again
+    handled: list[str] = []
+    handle = billing_consumer.deduplicated(lambda _id, fields: handled.append(fields["event_id"]))
+    for n, record in enumerate(records_of(h, call_id)):
+        handle(f"0-{n}", record)
+    assert handled == [r["event_id"] for r in records_of(h, call_id)[:-1]]
+    assert await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")) == []
+
+
+async def test_an_unreachable_stream_delays_records_without_losing_them(h: Harness) -> None:
+    stream = FailingStream(h.memory, "unavailable")
+    service = h.instance(store=stream)
+    h.service = service
+    # The calls go on while the stream cannot be reached: nothing is refused.
+    call = await service.invite("alice", "bob", "video", "")
+    await service.accept("bob", call.call_id)
+    await both_online(h)
+    h.clock.advance(60_000)
+    await service.run_timer(call.call_id)
+    await service.end("alice", call.call_id)
+    ended = await service.calls.get(call.call_id)
+    assert ended is not None and ended.state == CallState.ENDED
+    assert [e.fields["type"] for e in ended.outbox] == [
+        "call.invited",
+        "call.accepted",
+        "call.tick",
+        "call.ended",
+    ]
+    assert records_of(h, call.call_id) == []
+    # The ended call keeps its timer while its outbox waits, and its timer
+    # keeps failing harmlessly.
+    for _ in range(3):
+        due = await service.run_timer(call.call_id)
+        assert due is not None and due > h.clock.ms
+        h.clock.ms = due
+    assert call.call_id in dict(await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")))
+    # The stream is back: everything goes out, in order, once.
+    stream.mode = "ok"
+    stream.xadd = h.memory.xadd  # type: ignore[method-assign]
+    await run_timers_until(h, service, lambda: len(records_of(h, call.call_id)) == 4)
+    assert [int(r["seq"]) for r in records_of(h, call.call_id)] == [2, 3, 4, 5]
+    assert await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")) == []
+
+
+async def test_racing_changes_append_each_record_once(h: Harness) -> None:
+    # Ticks from two instances' timers racing a hang-up: every record once,
+    # none appended for another (each writer appends its own), and nothing
+    # left in any outbox or timer.
+    a, b = h.instance(yielding=True), h.instance(yielding=True)
+    for n in range(12):
+        caller, callee = f"alice{n}", f"bob{n}"
+        for user in (caller, callee):
+            await h.node.user_presence.went_online(user)
+        call = await a.invite(caller, callee, "video", "")
+        await b.accept(callee, call.call_id)
+        h.clock.advance(180_000)
+        racers = [a.run_timer(call.call_id), b.run_timer(call.call_id), a.end(caller, call.call_id)]
+        await asyncio.gather(*racers[n % 3 :], *racers[: n % 3], return_exceptions=True)
+        final = await h.service.calls.get(call.call_id)
+        assert final is not None and final.state == CallState.ENDED and final.outbox == ()
+        records = sorted(records_of(h, call.call_id), key=lambda r: int(r["seq"]))
+        ids = [r["event_id"] for r in records]
+        assert len(ids) == len(set(ids)), ids
+        kinds = [r["type"] for r in records]
+        assert kinds[:2] == ["call.invited", "call.accepted"] and kinds[-1] == "call.ended"
+        ticks = [int(r["minute"]) for r in records if r["type"] == "call.tick"]
+        assert ticks == list(range(1, len(ticks) + 1)) and len(ticks) + 3 == len(records)
+        # A timer kept for records in flight finds nothing left and goes.
+        for _ in range(3):
+            if not await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")):
+                break
+            h.clock.advance(OUTBOX_STALE_MS)
+            for call_id in await TimerQueue(h.memory).claim(h.clock.ms):
+                await a.fire(call_id)
+        assert await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")) == []
+    assert a.metrics.billing_redelivered._value.get() == 0
+    assert b.metrics.billing_redelivered._value.get() == 0
+
+
+class PausedStream:
+    """The store with billing appends held until ``release`` is set."""
+
+    def __init__(self, inner: MemoryStateStore) -> None:
+        self.inner = inner
+        self.waiting = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def xadd(self, stream: str, fields: Any, maxlen: int) -> str:
+        self.waiting.set()
+        await self.release.wait()
+        return await self.inner.xadd(stream, fields, maxlen)
+
+
+async def test_a_hangup_while_a_tick_is_being_appended_leaves_the_tick_to_its_writer(
+    h: Harness,
+) -> None:
+    call_id = await h.accepted_call()
+    await both_online(h)
+    paused = PausedStream(h.memory)
+    slow = h.instance(store=paused)
+    h.clock.advance(60_000)
+    # The slow instance wrote tick 1 and is appending it when the hang-up comes.
+    ticking = asyncio.create_task(slow.run_timer(call_id))
+    await paused.waiting.wait()
+    await h.service.end("alice", call_id)
+    ended = await h.service.calls.get(call_id)
+    assert ended is not None
+    assert [e.fields["type"] for e in ended.outbox] == ["call.tick"]
+    assert [r["type"] for r in records_of(h, call_id)][-1] == "call.ended"
+    # The hang-up's instance did not append the tick (it is in flight), and
+    # kept the call's timer for it rather than dropping it.
+    assert call_id in dict(await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")))
+    paused.release.set()
+    await ticking
+    kinds = [r["type"] for r in records_of(h, call_id)]
+    assert sorted(kinds) == sorted(["call.invited", "call.accepted", "call.ended", "call.tick"])
+    # The kept timer then finds the outbox empty and goes.
+    h.clock.advance(OUTBOX_STALE_MS)
+    for claimed in await TimerQueue(h.memory).claim(h.clock.ms):
+        await h.service.fire(claimed)
+    assert await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")) == []
+    assert len(records_of(h, call_id)) == 4
+    assert h.service.metrics.billing_redelivered._value.get() == 0

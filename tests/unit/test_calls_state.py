@@ -13,9 +13,12 @@ from handlers.calls.state import (
     Call,
     CallState,
     CallStore,
+    OutboxEntry,
     Role,
     busy_key,
     call_key,
+    decode_outbox,
+    encode_outbox,
     invites_key,
     wrong_state,
 )
@@ -178,3 +181,119 @@ async def test_note_seen_writes_only_accepted_calls_without_a_revision() -> None
     assert call is not None and call.caller_seen_ms == 5 and call.rev == 2
     await store.note_seen("missing", {"caller_seen_ms": "5"})
     assert await store.store.hgetall(call_key("missing")) == {}
+
+
+# --------------------------------------------------------------------------- billing outbox
+
+
+def _records(kind: str) -> Any:
+    """A Records callable: one record of ``kind`` for the change."""
+
+    def records(before: Call, after: Call) -> list[dict[str, str]]:
+        return [{"event_id": f"{after.call_id}-{after.rev}", "type": kind}]
+
+    return records
+
+
+def test_outbox_encoding_round_trips() -> None:
+    entries = (
+        OutboxEntry(5, {"event_id": "c-2", "type": "call.invited"}),
+        OutboxEntry(7, {"event_id": "c-3", "type": "call.accepted", "by": 'a "quoted" id'}),
+    )
+    assert decode_outbox(encode_outbox(entries)) == entries
+    assert encode_outbox(()) == "" and decode_outbox("") == ()
+    assert entries[1].event_id == "c-3"
+
+
+async def test_update_writes_its_records_into_the_outbox_in_the_same_write() -> None:
+    store = CallStore(MemoryStateStore(), live_ttl_s=60)
+    await store.create(BASE, "c")
+    change = await store.update(
+        "c", lambda c: {"state": "ringing"}, _records("call.invited"), written_ms=123
+    )
+    assert change is not None
+    assert change.records == (OutboxEntry(123, {"event_id": "c-2", "type": "call.invited"}),)
+    assert change.after.outbox == change.records and change.after.ver == 2
+    # The next change appends: an unsent record is never overwritten.
+    change = await store.update("c", lambda c: {"state": "accepted"}, _records("call.accepted"))
+    assert change is not None
+    assert [e.event_id for e in change.after.outbox] == ["c-2", "c-3"]
+    # A change without records leaves the outbox as it is.
+    change = await store.update("c", lambda c: {"warned": "1"}, lambda b, a: [])
+    assert change is not None and len(change.after.outbox) == 2 and change.after.rev == 4
+
+    # Clearing removes only the given records, as a compare-and-set of its own
+    # (ver moves, rev, the events' seq, does not).
+    call = await store.clear_outbox(change.after, ["c-2"])
+    assert call is not None and [e.event_id for e in call.outbox] == ["c-3"]
+    assert (call.rev, call.ver) == (4, 5)
+    # From an out-of-date view, it reads again.
+    call = await store.clear_outbox(change.after, ["c-3", "c-9"])
+    assert call is not None and call.outbox == () and call.ver == 6
+    assert (await store.store.hgetall(call_key("c")))["outbox"] == ""
+    assert await store.clear_outbox(call, ["c-3"]) == call  # nothing left to clear
+    # A call gone meanwhile (expired): nothing to clear.
+    await store.discard("c")
+    assert await store.clear_outbox(change.after, ["c-3"]) is None
+
+
+async def test_a_change_racing_a_clearing_never_brings_a_sent_record_back() -> None:
+    # A change reads the outbox, a clearing empties it, then the change writes:
+    # the change must lose its compare-and-set and decide again from the
+    # cleared outbox (else the sent record would be in the outbox again, and
+    # appended twice by a timer).
+    store = CallStore(MemoryStateStore(), live_ttl_s=60)
+    await store.create(BASE, "c")
+    first = await store.update("c", lambda c: {"state": "ringing"}, _records("call.invited"))
+    assert first is not None
+    reads = 0
+
+    def decide(c: Call) -> dict[str, str]:
+        nonlocal reads
+        reads += 1
+        return {"state": "accepted"}
+
+    class ClearsOnFirstWrite:
+        """The store, with a clearing slipped in before the change's first write."""
+
+        def __init__(self, inner: MemoryStateStore) -> None:
+            self.inner = inner
+            self.cleared = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        async def hcas(self, *args: Any, **kwargs: Any) -> Any:
+            if not self.cleared:
+                self.cleared = True
+                assert first is not None
+                await CallStore(self.inner, 60).clear_outbox(first.after, ["c-2"])
+            return await self.inner.hcas(*args, **kwargs)
+
+    racing = CallStore(ClearsOnFirstWrite(store.store), live_ttl_s=60)  # type: ignore[arg-type]
+    change = await racing.update("c", decide, _records("call.accepted"))
+    assert change is not None and reads == 2
+    assert [e.event_id for e in change.after.outbox] == ["c-3"]
+
+
+async def test_a_hash_written_before_ver_existed_is_still_updated() -> None:
+    memory = MemoryStateStore()
+    store = CallStore(memory, live_ttl_s=60)
+    await memory.hset(call_key("old"), {**BASE, "state": "ringing", "rev": "2"}, 60)
+    change = await store.update("old", lambda c: {"state": "accepted"}, _records("call.accepted"))
+    assert change is not None and (change.after.rev, change.after.ver) == (3, 1)
+    assert [e.event_id for e in change.after.outbox] == ["old-3"]
+
+
+async def test_keep_renews_a_finished_call_whose_outbox_waits() -> None:
+    now = [0.0]
+    memory = MemoryStateStore(clock=lambda: now[0])
+    store = CallStore(memory, live_ttl_s=100)
+    await store.create(BASE, "c")
+    change = await store.update("c", lambda c: {"state": "missed"}, _records("call.missed"))
+    assert change is not None
+    now[0] += 86000
+    await store.keep(change.after)
+    now[0] += 86000  # two days after the end, the outbox is still there
+    call = await store.get("c")
+    assert call is not None and [e.event_id for e in call.outbox] == ["c-2"]
