@@ -181,19 +181,31 @@ async def status_view(node: Node, user: str, *, online: bool | None = None) -> S
 
 async def publish_if_changed(node: Node, view: StatusView) -> bool:
     """Publish ``view`` to ``status:<user>`` if it differs from the last one
-    published; True if published. Concurrent calls for one user may both
-    publish the same state, which subscribers take as a no-op."""
+    published; True if published. Calls for one user on one node are
+    serialized (two connect hooks racing would both publish); calls on two
+    nodes at once may still both publish the same state, which subscribers
+    take as a no-op."""
     channel = status_channel(view.user)
     if node.policy.options(channel) is None:
         # A user id that cannot name a channel: nobody can follow it.
         return False
     store = node.store
     key = _last_key(view.user)
-    if await store.get(key) == view.signature:
-        return False
-    await node.publish(channel, orjson.dumps(view.to_json()))
-    await store.set(key, view.signature, CHOSEN_TTL_S)
-    return True
+    lock = _publish_locks.setdefault((id(node), view.user), asyncio.Lock())
+    try:
+        async with lock:
+            if await store.get(key) == view.signature:
+                return False
+            await node.publish(channel, orjson.dumps(view.to_json()))
+            await store.set(key, view.signature, CHOSEN_TTL_S)
+            return True
+    finally:
+        if not lock.locked() and not getattr(lock, "_waiters", None):
+            _publish_locks.pop((id(node), view.user), None)
+
+
+# One lock per (node, user) while a status publish is in flight.
+_publish_locks: dict[tuple[int, str], asyncio.Lock] = {}
 
 
 async def set_status(
