@@ -44,8 +44,8 @@ from signaling.broker.base import (
     UnrecoverablePosition,
 )
 from signaling.broker.memory import new_epoch
-from signaling.broker.redis_exec import AutoPipeline, RedisClient, connect_client, node_client
-from signaling.broker.redis_pubsub import PubSubShard
+from signaling.broker.redis_exec import AutoPipeline, connect_client, node_client
+from signaling.broker.redis_pubsub import PubSubShard, RespPubSubShard
 from signaling.broker.redis_scripts import (
     HISTORY,
     POSITIONS,
@@ -54,6 +54,7 @@ from signaling.broker.redis_scripts import (
     PRESENCE_REMOVE,
     PUBLISH,
 )
+from signaling.broker.resp import RespClient, parse_redis_url
 from signaling.protocol import (
     ClientInfo,
     Publication,
@@ -85,15 +86,24 @@ class RedisBroker:
         pool_size: int = 16,
         prefix: str = "sig:",
     ) -> None:
-        self.client: RedisClient = connect_client(url, cluster=cluster, pool_size=pool_size)
-        self.executor = AutoPipeline(self.client)
+        # Standalone Redis: the lean RESP client for commands and pub/sub
+        # (signaling.broker.resp); Redis Cluster: redis-py (slots, MOVED/ASK).
+        self.client: RedisCluster | None = None
+        self.executor: AutoPipeline | RespClient
+        if cluster:
+            client = connect_client(url, cluster=True, pool_size=pool_size)
+            assert isinstance(client, RedisCluster)
+            self.client = client
+            self.executor = AutoPipeline(client)
+        else:
+            self.executor = RespClient(url)
         self.prefix = prefix
         self._cluster = cluster
         self._publish_cmd = "SPUBLISH" if cluster else "PUBLISH"
         self._control_name = f"{prefix}control"
         self._handler: BrokerHandler | None = None
         self._url = url
-        self._shards: dict[str, PubSubShard] = {}
+        self._shards: dict[str, PubSubShard | RespPubSubShard] = {}
         self._setup: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -126,8 +136,7 @@ class RedisBroker:
         if self._cluster:
             self._setup = asyncio.create_task(self._discover_forever(), name="redis-cluster")
         else:
-            assert isinstance(self.client, aioredis.Redis)
-            self._add_shard("redis", self.client, control=True)
+            self._add_resp_shard()
         # Give a reachable Redis a moment so that a healthy start is ready.
         for _ in range(60):
             if self.is_ready():
@@ -170,14 +179,28 @@ class RedisBroker:
         self._shards[label] = shard
         shard.start()
 
+    def _add_resp_shard(self) -> None:
+        def wanted() -> list[str]:
+            return [self._ps_name(c) for c in self._require_handler().channels()]
+
+        shard = RespPubSubShard(
+            parse_redis_url(self._url),
+            label="redis",
+            control=self._control_name,
+            wanted=wanted,
+            on_message=self._on_message,
+            on_reconnected=self._on_reconnected,
+        )
+        self._shards["redis"] = shard
+        shard.start()
+
     def _on_reconnected(self) -> None:
-        # Pooled command connections to a restarted Redis are dead too; they
-        # are not dropped here (that would race with commands taking them),
-        # so the first command on each fails once (error 100, temporary) and
-        # the node's position check retries.
+        # The command connection needs no help: RespClient (standalone) sees
+        # its connection closed and the next command reconnects; redis-py's
+        # cluster client handles its own.
         self._require_handler().on_broker_reconnected()
 
-    def _shard_for(self, name: str) -> PubSubShard | None:
+    def _shard_for(self, name: str) -> PubSubShard | RespPubSubShard | None:
         if not self._cluster:
             return self._shards.get("redis")
         assert isinstance(self.client, RedisCluster)
@@ -203,9 +226,8 @@ class RedisBroker:
                 await shard.close()
         standalone = self._shards.get("redis")
         if standalone is not None:
-            await standalone.close()  # also closes the shared client
-        else:
-            await self.executor.close()
+            await standalone.close()
+        await self.executor.close()
 
     # --- pub/sub ------------------------------------------------------------------
 

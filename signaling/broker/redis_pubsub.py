@@ -22,8 +22,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
 from signaling.broker.base import BrokerUnavailable
+from signaling.broker.resp import RedisAddress
+from signaling.broker.resp_pubsub import RespPubSub
 
-__all__ = ["PubSubShard"]
+__all__ = ["PubSubShard", "RespPubSubShard"]
 
 log = logging.getLogger("signaling.redis")
 
@@ -210,3 +212,142 @@ class PubSubShard:
                 future = self._confirm.pop(name, None)
                 if future is not None and not future.done():
                     future.set_result(None)
+
+
+# Liveness of a RespPubSubShard's connection: a PING after this much silence...
+HEALTH_CHECK_S = 15.0
+# ...must come back within this.
+PING_TIMEOUT_S = 5.0
+
+
+class RespPubSubShard:
+    """:class:`PubSubShard` on a standalone Redis over :class:`RespPubSub`:
+    messages are handed over from ``data_received``, with no reader task
+    polling and no parsing in redis-py. Same contract: ``subscribe`` returns
+    once Redis confirmed; a lost connection is reopened with full-jitter
+    backoff, resubscribed from ``wanted()`` and reported."""
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        *,
+        label: str,
+        control: str | None,
+        wanted: Callable[[], list[str]],
+        on_message: Callable[[str, bytes], None],
+        on_reconnected: Callable[[], None],
+    ) -> None:
+        self._address = address
+        self._ssl_context = address.ssl_context()
+        self.label = label
+        self._control = control
+        self._wanted = wanted
+        self._on_message = on_message
+        self._on_reconnected = on_reconnected
+        self._ps: RespPubSub | None = None
+        self.ready = False
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._confirm: dict[str, asyncio.Future[None]] = {}
+        self.reconnects = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run_forever(), name=f"redis-pubsub-{self.label}")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._ps is not None:
+            self._ps.close()
+
+    async def subscribe(self, name: str) -> None:
+        ps = self._ps
+        if not self.ready or ps is None:
+            raise BrokerUnavailable(f"redis pub/sub unavailable ({self.label})")
+        future = self._confirm.get(name)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._confirm[name] = future
+            ps.subscribe(name)  # batched per loop iteration by RespPubSub
+        try:
+            await asyncio.wait_for(asyncio.shield(future), SUBSCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            self._confirm.pop(name, None)
+            raise BrokerUnavailable("redis subscribe not confirmed") from None
+
+    def unsubscribe(self, name: str) -> None:
+        if self._ps is not None and self.ready:
+            self._ps.unsubscribe(name)
+
+    def _subscribed(self, channel: bytes) -> None:
+        future = self._confirm.pop(channel.decode(), None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def _message(self, channel: bytes, data: bytes) -> None:
+        self._on_message(channel.decode(), data)
+
+    async def _run_forever(self) -> None:
+        backoff = BACKOFF_MIN_S
+        connected_before = False
+        while not self._closing:
+            try:
+                ps = await self._open()
+                if connected_before:
+                    self.reconnects += 1
+                    log.warning("redis pub/sub %s reconnected; checking positions", self.label)
+                    self._on_reconnected()
+                else:
+                    log.info("redis pub/sub %s connected", self.label)
+                connected_before = True
+                backoff = BACKOFF_MIN_S
+                await self._watch(ps)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.ready or not connected_before:
+                    log.warning("redis pub/sub %s unavailable: %s", self.label, exc)
+                self._lost()
+            # Full jitter: instances do not reconnect in lockstep.
+            await asyncio.sleep(random.uniform(BACKOFF_MIN_S, backoff))
+            backoff = min(BACKOFF_MAX_S, backoff * 2)
+        self._lost()
+
+    async def _open(self) -> RespPubSub:
+        if self._ps is not None:
+            self._ps.close()
+        ps = self._ps = RespPubSub(
+            self._address, on_message=self._message, on_subscribed=self._subscribed
+        )
+        await ps.connect(ssl_context=self._ssl_context)
+        names = self._wanted()
+        if self._control is not None:
+            names.insert(0, self._control)
+        if names:
+            ps.subscribe(*names)
+        # The PONG comes after every confirmation (or the connection drops).
+        await ps.ping(PING_TIMEOUT_S)
+        self.ready = True
+        return ps
+
+    async def _watch(self, ps: RespPubSub) -> None:
+        """Return... never: raise once the connection is lost or a PING after
+        HEALTH_CHECK_S of waiting does not come back."""
+        while True:
+            try:
+                await asyncio.wait_for(ps.wait_closed(), HEALTH_CHECK_S)
+            except TimeoutError:
+                await ps.ping(PING_TIMEOUT_S)
+                continue
+            raise BrokerUnavailable(f"redis pub/sub connection lost: {ps.lost_reason!r}")
+
+    def _lost(self) -> None:
+        self.ready = False
+        confirm, self._confirm = self._confirm, {}
+        for future in confirm.values():
+            if not future.done():
+                future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
+                future.exception()  # retrieved: a waiter may have timed out
