@@ -145,7 +145,9 @@ class Settings:
     # --- broker --------------------------------------------------------------------
     redis_url: str | None = None  # redis://, rediss:// or unix:// URL; default None = in memory
     redis_cluster: bool = False  # treat redis_url as a Redis Cluster node; default off
-    redis_pool_size: int = 16  # Redis connections per process (commands queue beyond), >= 2
+    # Redis Cluster client connections per process, >= 2; default 16 (standalone Redis
+    # uses one pipelined command connection).
+    redis_pool_size: int = 16
     redis_prefix: str = "sig:"  # prefix of every Redis key and channel; default "sig:"
 
     # --- authentication (JWT) ------------------------------------------------------
