@@ -107,7 +107,9 @@ def build_broker(settings: Settings, metrics: Metrics) -> tuple[Broker, Presence
         pool_size=settings.redis_pool_size,
         prefix=settings.redis_prefix,
     )
-    metrics.watch_redis(redis.executor, settings.redis_pool_size)
+    # Standalone: one pipelined command connection; cluster: the client pool.
+    pool = settings.redis_pool_size if settings.redis_cluster else 1
+    metrics.watch_redis(redis.executor, pool)
     return redis, redis, RedisStateStore(redis.executor, prefix=settings.redis_prefix)
 
 
