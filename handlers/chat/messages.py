@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
 from typing import Final
 
 from handlers.channels import dm_members, room_owner
@@ -34,6 +33,7 @@ from handlers.chat.moderation import Moderation
 from handlers.chat.schema import ChatMessage, Typing, parse_publication
 from signaling.broker.base import BrokerUnavailable
 from signaling.errors import SignalError
+from signaling.ids import unique_id
 from signaling.node import Node, PublishContext, PublishDecision
 
 __all__ = ["ChatPublisher", "channel_kind", "typing_window"]
@@ -108,7 +108,7 @@ class ChatPublisher:
         store = self._store
         dedupe: tuple[str, str] | None = None
         if pub.client_msg_id is not None:
-            dedupe = (_dedupe_key(ctx.channel, pub.client_msg_id, ctx.user), uuid.uuid4().hex)
+            dedupe = (_dedupe_key(ctx.channel, pub.client_msg_id, ctx.user), unique_id())
             if not await store.set_if_absent(*dedupe, self._dedupe_window_s):
                 self._metrics.deduplicated.labels(kind).inc()
                 return SKIP

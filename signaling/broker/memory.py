@@ -12,7 +12,6 @@ dropped with its epoch by :meth:`MemoryBroker.sweep` (run periodically).
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from signaling.broker.base import (
     HistoryPage,
     UnrecoverablePosition,
 )
+from signaling.ids import unique_id
 from signaling.protocol import ClientInfo, Publication, StreamPosition
 from signaling.values import compact
 
@@ -32,7 +32,9 @@ SWEEP_INTERVAL_S = 10.0
 
 
 def new_epoch() -> str:
-    return secrets.token_hex(4)
+    """A fresh stream epoch, unique across processes and restarts. (It is
+    passed to every publish script, used only when a stream starts.)"""
+    return unique_id()
 
 
 @dataclass(slots=True)
