@@ -563,3 +563,59 @@ async def test_graceful_shutdown_closes_with_3001_and_exits_0(server_factory: An
     assert {code for code, _ in codes} == {3001}
     assert await srv.await_exit(10) == 0
     assert "draining 20 connections" in srv.log_text()
+
+
+# --- token expiry ------------------------------------------------------------------------
+
+EXPIRY_ENV = {
+    "SIGNAL_PING_INTERVAL_S": "1",
+    "SIGNAL_PONG_TIMEOUT_S": "0.5",
+    "SIGNAL_EXPIRED_CLOSE_DELAY_S": "0.5",
+    **QUIET,
+}
+
+
+async def test_expired_connection_closed_with_3005(server_factory: Any) -> None:
+    srv = await server_factory(EXPIRY_ENV, name="expiry")
+    client = await Raw.open(srv)
+    reply = await client.call("connect", {"token": srv.token("alice", ttl_s=2)})
+    assert reply["connect"]["expires"] is True and reply["connect"]["ttl"] <= 2
+    started = time.monotonic()
+    # Answer pings while waiting, so that only the expiry can close it.
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await client._fill()
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (3005, "connection expired")
+    assert time.monotonic() - started >= 1.5
+
+
+async def test_refreshed_connection_stays_open(server_factory: Any) -> None:
+    srv = await server_factory(EXPIRY_ENV, name="refresh")
+    client = await Raw.open(srv)
+    await client.call("connect", {"token": srv.token("alice", ttl_s=2)})
+    reply = await client.call("refresh", {"token": srv.token("alice", ttl_s=120)})
+    assert reply["refresh"]["ttl"] > 60
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(client._fill(), 0.5)
+    assert "rpc" in await client.call("rpc", {"method": "server.info"})
+    await client.close()
+
+
+async def test_expired_subscription_token_unsubscribes_with_2501(server_factory: Any) -> None:
+    import jwt
+
+    srv = await server_factory(EXPIRY_ENV, name="sub-expiry")
+    client = await connected(srv, "alice")
+    claims = {"sub": "alice", "channel": "private:vip", "exp": int(time.time()) + 2}
+    token = jwt.encode(claims, srv.secret, algorithm="HS256")
+    reply = await client.call("subscribe", {"channel": "private:vip", "token": token})
+    assert reply["subscribe"]["expires"] is True
+    push = await client.push("unsubscribe")
+    assert push["channel"] == "private:vip"
+    assert push["unsubscribe"] == {"code": 2501, "reason": "subscription expired"}
+    # The connection itself stays.
+    assert "rpc" in await client.call("rpc", {"method": "server.info"})
+    await client.close()
