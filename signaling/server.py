@@ -192,10 +192,13 @@ async def run_server(
 
 
 async def drain(node: Node, transport: Transport, drain_s: float) -> None:
-    """Stop accepting and close every connection with 3001, spread evenly
-    over ``drain_s`` seconds in a random order."""
+    """Close every connection with 3001, spread evenly over ``drain_s``
+    seconds in a random order, then stop listening.
+
+    The listener stays open during the window so that health checks see
+    ``/readyz`` answer 503 (and take the instance out of rotation); new
+    WebSocket upgrades are answered 503 meanwhile."""
     node.draining = True
-    transport.stop_accepting()
     sessions = list(node.sessions)
     random.shuffle(sessions)
     log.info("draining %d connections over %.1f s", len(sessions), drain_s)
@@ -206,6 +209,7 @@ async def drain(node: Node, transport: Transport, drain_s: float) -> None:
             session.disconnect(DISCONNECT_SHUTDOWN)
         if start + per_step < len(sessions):
             await asyncio.sleep(DRAIN_STEP_S)
+    transport.stop_accepting()
     # Connections opened meanwhile (handshakes in flight) go too.
     for session in list(node.sessions):
         session.disconnect(DISCONNECT_SHUTDOWN)

@@ -565,6 +565,27 @@ async def test_graceful_shutdown_closes_with_3001_and_exits_0(server_factory: An
     assert "draining 20 connections" in srv.log_text()
 
 
+async def test_draining_server_answers_readyz_503_and_refuses_upgrades(
+    server_factory: Any,
+) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    srv = await server_factory({"SIGNAL_DRAIN_S": "3"}, name="drain-ready")
+    keep = [await connected(srv, f"u{i}") for i in range(50)]
+    srv.signal(15)
+    deadline = time.monotonic() + 2
+    status = 200
+    while status == 200 and time.monotonic() < deadline:
+        status, _ = await srv.aget("/readyz")
+    assert status == 503
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(srv.ws_url, open_timeout=TIMEOUT)
+    assert refused.value.response.status_code == 503
+    codes = await asyncio.gather(*(c.closed_with() for c in keep))
+    assert {code for code, _ in codes} == {3001}
+    assert await srv.await_exit(15) == 0
+
+
 # --- token expiry ------------------------------------------------------------------------
 
 EXPIRY_ENV = {
