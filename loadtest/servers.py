@@ -220,7 +220,10 @@ class ServerGroup:
         for server in self.servers:
             server.stop()
         for server in self.servers:
-            server.start()
+            # Under a reconnect storm of tens of thousands the new server's /readyz can
+            # take longer than start()'s default 20 s; giving up then stopped the server
+            # mid-recovery (seen at 40,000 with --workers 2).
+            server.start(timeout=120.0)
         return sent, time.time()
 
     def stop(self) -> None:

@@ -297,14 +297,18 @@ async def open_raw(
         "Sec-WebSocket-Version: 13\r\nUser-Agent: digis-signal-loadtest\r\n\r\n"
     ).encode()
     async with asyncio.timeout(timeout):
-        sock = await connect_socket(host, port, source)
-        try:
-            _, proto = await loop.create_connection(
-                lambda: RawWebSocket(request, key, handler), sock=sock
-            )
-        except BaseException:
-            sock.close()
-            raise
+        # The event loop connects (not loop.sock_connect + sock=): under uvloop, a
+        # sock_connect cancelled by the time-out while the fd number is reused raises
+        # "File descriptor N is used by transport" inside the cancel and leaves the task
+        # pending forever (seen in reconnect storms of 20,000). Loses
+        # IP_BIND_ADDRESS_NO_PORT: each source address's ports are then shared by all
+        # destinations (~28k per address; 4 addresses cover 100,000 connections).
+        _, proto = await loop.create_connection(
+            lambda: RawWebSocket(request, key, handler),
+            host,
+            port,
+            local_addr=(source, 0) if source is not None else None,
+        )
         opened = proto._opened
         try:
             if opened is not None:
