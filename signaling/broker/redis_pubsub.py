@@ -36,7 +36,120 @@ BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
 
 
-class PubSubShard:
+class _Shard:
+    """What both shards share: readiness, subscribe confirmations, and the
+    reconnect loop. Subclasses open the connection (``_open``), serve it
+    until it fails (``_serve``) and send (un)subscribes (``_send_subscribe``)."""
+
+    def __init__(
+        self,
+        *,
+        label: str,
+        control: str | None,
+        wanted: Callable[[], list[str]],
+        on_message: Callable[[str, bytes], None],
+        on_reconnected: Callable[[], None],
+    ) -> None:
+        self.label = label
+        self._control = control
+        self._wanted = wanted
+        self._on_message = on_message
+        self._on_reconnected = on_reconnected
+        self.ready = False
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._confirm: dict[str, asyncio.Future[None]] = {}
+        self.reconnects = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run_forever(), name=f"redis-pubsub-{self.label}")
+
+    async def _stop_task(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def subscribe(self, name: str) -> None:
+        """Subscribe to ``name``; returns once Redis confirmed it."""
+        if not self.ready or not self._connected():
+            raise BrokerUnavailable(f"redis pub/sub unavailable ({self.label})")
+        future = self._confirm.get(name)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._confirm[name] = future
+            self._send_subscribe(True, name)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), SUBSCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            self._confirm.pop(name, None)
+            raise BrokerUnavailable("redis subscribe not confirmed") from None
+
+    def unsubscribe(self, name: str) -> None:
+        if self.ready and self._connected():
+            self._send_subscribe(False, name)
+
+    def _confirmed(self, name: str) -> None:
+        future = self._confirm.pop(name, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def _run_forever(self) -> None:
+        backoff = BACKOFF_MIN_S
+        connected_before = False
+        while not self._closing:
+            try:
+                await self._open()
+                self.ready = True
+                if connected_before:
+                    self.reconnects += 1
+                    log.warning("redis pub/sub %s reconnected; checking positions", self.label)
+                    self._on_reconnected()
+                else:
+                    log.info("redis pub/sub %s connected", self.label)
+                connected_before = True
+                backoff = BACKOFF_MIN_S
+                await self._serve()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.ready or not connected_before:
+                    log.warning("redis pub/sub %s unavailable: %s", self.label, exc)
+                self._lost()
+            # Full jitter: instances do not reconnect in lockstep.
+            await asyncio.sleep(random.uniform(BACKOFF_MIN_S, backoff))
+            backoff = min(BACKOFF_MAX_S, backoff * 2)
+        self._lost()
+
+    def _lost(self) -> None:
+        self.ready = False
+        confirm, self._confirm = self._confirm, {}
+        for future in confirm.values():
+            if not future.done():
+                future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
+                future.exception()  # retrieved: a waiter may have timed out
+
+    # --- for subclasses --------------------------------------------------------------
+
+    def _connected(self) -> bool:
+        raise NotImplementedError
+
+    def _send_subscribe(self, subscribe: bool, name: str) -> None:
+        raise NotImplementedError
+
+    async def _open(self) -> None:
+        """Connect and subscribe to the control channel and ``wanted()``."""
+        raise NotImplementedError
+
+    async def _serve(self) -> None:
+        """Deliver messages until the connection fails (then raise)."""
+        raise NotImplementedError
+
+
+class PubSubShard(_Shard):
+    """A shard over redis-py's pub/sub (Redis Cluster: sharded pub/sub)."""
+
     def __init__(
         self,
         client: aioredis.Redis,
@@ -48,34 +161,22 @@ class PubSubShard:
         on_message: Callable[[str, bytes], None],
         on_reconnected: Callable[[], None],
     ) -> None:
+        super().__init__(
+            label=label,
+            control=control,
+            wanted=wanted,
+            on_message=on_message,
+            on_reconnected=on_reconnected,
+        )
         self._client = client
-        self.label = label
         # Sharded pub/sub (SSUBSCRIBE) for channels; classic for control.
         self._sharded = sharded
-        self._control = control
-        self._wanted = wanted
-        self._on_message = on_message
-        self._on_reconnected = on_reconnected
         self._pubsub: PubSub | None = None
-        self.ready = False
-        self._closing = False
-        self._task: asyncio.Task[None] | None = None
-        self._confirm: dict[str, asyncio.Future[None]] = {}
         self._ops: list[tuple[bool, str]] = []
         self._ops_scheduled = False
-        self.reconnects = 0
-
-    # --- lifecycle ------------------------------------------------------------
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._read_forever(), name=f"redis-pubsub-{self.label}")
 
     async def close(self) -> None:
-        self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await self._stop_task()
         await self._close_pubsub()
         with contextlib.suppress(Exception):
             await self._client.aclose()
@@ -86,27 +187,10 @@ class PubSubShard:
                 await self._pubsub.aclose()  # type: ignore[no-untyped-call]
             self._pubsub = None
 
-    # --- subscriptions ------------------------------------------------------------
+    def _connected(self) -> bool:
+        return self._pubsub is not None
 
-    async def subscribe(self, name: str) -> None:
-        if not self.ready or self._pubsub is None:
-            raise BrokerUnavailable(f"redis pub/sub unavailable ({self.label})")
-        future = self._confirm.get(name)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._confirm[name] = future
-            self._queue_op(True, name)
-        try:
-            await asyncio.wait_for(asyncio.shield(future), SUBSCRIBE_TIMEOUT_S)
-        except TimeoutError:
-            self._confirm.pop(name, None)
-            raise BrokerUnavailable("redis subscribe not confirmed") from None
-
-    def unsubscribe(self, name: str) -> None:
-        if self._pubsub is not None and self.ready:
-            self._queue_op(False, name)
-
-    def _queue_op(self, subscribe: bool, name: str) -> None:
+    def _send_subscribe(self, subscribe: bool, name: str) -> None:
         self._ops.append((subscribe, name))
         if not self._ops_scheduled:
             self._ops_scheduled = True
@@ -147,34 +231,6 @@ class PubSubShard:
         else:
             await pubsub.subscribe(*names)
 
-    # --- reading -------------------------------------------------------------------
-
-    async def _read_forever(self) -> None:
-        backoff = BACKOFF_MIN_S
-        connected_before = False
-        while not self._closing:
-            try:
-                await self._open()
-                if connected_before:
-                    self.reconnects += 1
-                    log.warning("redis pub/sub %s reconnected; checking positions", self.label)
-                    self._on_reconnected()
-                else:
-                    log.info("redis pub/sub %s connected", self.label)
-                connected_before = True
-                backoff = BACKOFF_MIN_S
-                await self._read()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.ready or not connected_before:
-                    log.warning("redis pub/sub %s unavailable: %s", self.label, exc)
-                self._lost()
-            # Full jitter: instances do not reconnect in lockstep.
-            await asyncio.sleep(random.uniform(BACKOFF_MIN_S, backoff))
-            backoff = min(BACKOFF_MAX_S, backoff * 2)
-        self._lost()
-
     async def _open(self) -> None:
         await self._close_pubsub()
         pubsub = self._pubsub = self._client.pubsub()
@@ -186,17 +242,8 @@ class PubSubShard:
         if self._control is None and not names:
             # Nothing to subscribe yet: prove the connection with a PING.
             await pubsub.ping()
-        self.ready = True
 
-    def _lost(self) -> None:
-        self.ready = False
-        confirm, self._confirm = self._confirm, {}
-        for future in confirm.values():
-            if not future.done():
-                future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
-                future.exception()  # retrieved: a waiter may have timed out
-
-    async def _read(self) -> None:
+    async def _serve(self) -> None:
         pubsub = self._pubsub
         assert pubsub is not None
         while True:
@@ -209,9 +256,7 @@ class PubSubShard:
             if kind in ("message", "smessage"):
                 self._on_message(name, message["data"])
             elif kind in ("subscribe", "ssubscribe"):
-                future = self._confirm.pop(name, None)
-                if future is not None and not future.done():
-                    future.set_result(None)
+                self._confirmed(name)
 
 
 # Liveness of a RespPubSubShard's connection: a PING after this much silence...
@@ -220,12 +265,10 @@ HEALTH_CHECK_S = 15.0
 PING_TIMEOUT_S = 5.0
 
 
-class RespPubSubShard:
-    """:class:`PubSubShard` on a standalone Redis over :class:`RespPubSub`:
-    messages are handed over from ``data_received``, with no reader task
-    polling and no parsing in redis-py. Same contract: ``subscribe`` returns
-    once Redis confirmed; a lost connection is reopened with full-jitter
-    backoff, resubscribed from ``wanted()`` and reported."""
+class RespPubSubShard(_Shard):
+    """A shard on a standalone Redis over :class:`RespPubSub`: messages are
+    handed over from ``data_received``, with no reader task polling and no
+    parsing in redis-py."""
 
     def __init__(
         self,
@@ -237,90 +280,43 @@ class RespPubSubShard:
         on_message: Callable[[str, bytes], None],
         on_reconnected: Callable[[], None],
     ) -> None:
+        super().__init__(
+            label=label,
+            control=control,
+            wanted=wanted,
+            on_message=on_message,
+            on_reconnected=on_reconnected,
+        )
         self._address = address
         self._ssl_context = address.ssl_context()
-        self.label = label
-        self._control = control
-        self._wanted = wanted
-        self._on_message = on_message
-        self._on_reconnected = on_reconnected
         self._ps: RespPubSub | None = None
-        self.ready = False
-        self._closing = False
-        self._task: asyncio.Task[None] | None = None
-        self._confirm: dict[str, asyncio.Future[None]] = {}
-        self.reconnects = 0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run_forever(), name=f"redis-pubsub-{self.label}")
 
     async def close(self) -> None:
-        self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await self._stop_task()
         if self._ps is not None:
             self._ps.close()
 
-    async def subscribe(self, name: str) -> None:
-        ps = self._ps
-        if not self.ready or ps is None:
-            raise BrokerUnavailable(f"redis pub/sub unavailable ({self.label})")
-        future = self._confirm.get(name)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._confirm[name] = future
-            ps.subscribe(name)  # batched per loop iteration by RespPubSub
-        try:
-            await asyncio.wait_for(asyncio.shield(future), SUBSCRIBE_TIMEOUT_S)
-        except TimeoutError:
-            self._confirm.pop(name, None)
-            raise BrokerUnavailable("redis subscribe not confirmed") from None
+    def _connected(self) -> bool:
+        return self._ps is not None
 
-    def unsubscribe(self, name: str) -> None:
-        if self._ps is not None and self.ready:
+    def _send_subscribe(self, subscribe: bool, name: str) -> None:
+        assert self._ps is not None
+        # Batched per loop iteration by RespPubSub.
+        if subscribe:
+            self._ps.subscribe(name)
+        else:
             self._ps.unsubscribe(name)
-
-    def _subscribed(self, channel: bytes) -> None:
-        future = self._confirm.pop(channel.decode(), None)
-        if future is not None and not future.done():
-            future.set_result(None)
 
     def _message(self, channel: bytes, data: bytes) -> None:
         self._on_message(channel.decode(), data)
 
-    async def _run_forever(self) -> None:
-        backoff = BACKOFF_MIN_S
-        connected_before = False
-        while not self._closing:
-            try:
-                ps = await self._open()
-                if connected_before:
-                    self.reconnects += 1
-                    log.warning("redis pub/sub %s reconnected; checking positions", self.label)
-                    self._on_reconnected()
-                else:
-                    log.info("redis pub/sub %s connected", self.label)
-                connected_before = True
-                backoff = BACKOFF_MIN_S
-                await self._watch(ps)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.ready or not connected_before:
-                    log.warning("redis pub/sub %s unavailable: %s", self.label, exc)
-                self._lost()
-            # Full jitter: instances do not reconnect in lockstep.
-            await asyncio.sleep(random.uniform(BACKOFF_MIN_S, backoff))
-            backoff = min(BACKOFF_MAX_S, backoff * 2)
-        self._lost()
-
-    async def _open(self) -> RespPubSub:
+    async def _open(self) -> None:
         if self._ps is not None:
             self._ps.close()
         ps = self._ps = RespPubSub(
-            self._address, on_message=self._message, on_subscribed=self._subscribed
+            self._address,
+            on_message=self._message,
+            on_subscribed=lambda channel: self._confirmed(channel.decode()),
         )
         await ps.connect(ssl_context=self._ssl_context)
         names = self._wanted()
@@ -330,12 +326,12 @@ class RespPubSubShard:
             ps.subscribe(*names)
         # The PONG comes after every confirmation (or the connection drops).
         await ps.ping(PING_TIMEOUT_S)
-        self.ready = True
-        return ps
 
-    async def _watch(self, ps: RespPubSub) -> None:
-        """Return... never: raise once the connection is lost or a PING after
-        HEALTH_CHECK_S of waiting does not come back."""
+    async def _serve(self) -> None:
+        """Raise once the connection is lost or a PING after HEALTH_CHECK_S
+        of waiting does not come back."""
+        ps = self._ps
+        assert ps is not None
         while True:
             try:
                 await asyncio.wait_for(ps.wait_closed(), HEALTH_CHECK_S)
@@ -343,11 +339,3 @@ class RespPubSubShard:
                 await ps.ping(PING_TIMEOUT_S)
                 continue
             raise BrokerUnavailable(f"redis pub/sub connection lost: {ps.lost_reason!r}")
-
-    def _lost(self) -> None:
-        self.ready = False
-        confirm, self._confirm = self._confirm, {}
-        for future in confirm.values():
-            if not future.done():
-                future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
-                future.exception()  # retrieved: a waiter may have timed out
