@@ -345,11 +345,14 @@ class Node:
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
         history: bool = True,
+        options: ChannelOptions | None = None,
     ) -> StreamPosition:
         """Publish raw JSON ``data`` to ``channel`` on every instance; returns
         once the broker accepted it. ``history=False`` delivers live only
-        (no offset). Raises BrokerUnavailable."""
-        options = self.channel_options(channel)
+        (no offset); ``options`` saves asking the policy again when the
+        caller already did. Raises BrokerUnavailable."""
+        if options is None:
+            options = self.channel_options(channel)
         pub = Publication(data, info, 0, tags, int(time.time() * 1000))
         kept = options.history if history else HistoryOptions()
         position = await self.broker.publish(channel, pub, kept)

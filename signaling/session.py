@@ -712,7 +712,9 @@ class ClientSession:
                 raw = decision.raw if decision.raw is not None else raw
                 history = history and decision.history
                 tags = decision.tags or tags
-        await node.publish(req.channel, raw, info=identity.info, tags=tags, history=history)
+        await node.publish(
+            req.channel, raw, info=identity.info, tags=tags, history=history, options=options
+        )
 
     def _check_read(self, channel: str) -> ChannelOptions:
         """Presence and history are for those who may subscribe."""
