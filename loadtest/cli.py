@@ -138,8 +138,18 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--no-restart", action="store_true", help="connect: skip the server restart phase"
     )
-    load.add_argument("--reconnect-min", type=float, default=0.1)
-    load.add_argument("--reconnect-max", type=float, default=2.0)
+    load.add_argument(
+        "--reconnect-min",
+        type=float,
+        default=0.5,
+        help="connect: backoff floor, s (centrifuge-js's default: 0.5)",
+    )
+    load.add_argument(
+        "--reconnect-max",
+        type=float,
+        default=20.0,
+        help="connect: backoff cap, s (centrifuge-js's default: 20)",
+    )
     c = p.add_argument_group("clients")
     c.add_argument("--workers", type=int, help="client processes (default: by CPUs and load)")
     c.add_argument(

@@ -32,8 +32,10 @@ class RunSettings:
     dm_fraction: float = 0.5  # chat: share of users in 2-member DMs
     max_inflight: int = 1000  # publications awaiting their ack per connection
     reconnect: bool = False  # connect: reconnect (and recover) after a server close
-    reconnect_min_s: float = 0.1
-    reconnect_max_s: float = 2.0
+    # centrifuge-js's defaults (minReconnectDelay 500 ms, maxReconnectDelay 20 s):
+    # the storm real browsers make after a deploy.
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 20.0
     drain_timeout_s: float = 10.0
     settle_s: float = 1.0  # after setup, before RSS is sampled and the run starts
     run_id: str = "lt"

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from loadtest.procstat import with_descendants
+
 __all__ = [
     "REPO_ROOT",
     "RedisServer",
@@ -143,14 +145,26 @@ class SpawnedServer:
             return False
         return True
 
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds, by PID."""
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds, by PID: the server and every
+        process it started (``--workers N``: a supervisor's workers must not outlive it
+        on the SO_REUSEPORT port). Returns once all of them are gone."""
         if self.proc is not None:
+            # Listed before the signal: once the supervisor is gone its workers are
+            # re-parented and no longer found as its descendants.
+            family = with_descendants([self.proc.pid])
             self.terminate()
-            if not self.wait(grace):
+            deadline = time.monotonic() + grace
+            while _alive(family) and time.monotonic() < deadline:
+                self.proc.poll()  # reap the supervisor itself
+                time.sleep(0.05)
+            for pid in _alive(family):
                 with contextlib.suppress(OSError):
-                    self.proc.kill()
-                self.proc.wait(10)
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.wait(10)
+            deadline = time.monotonic() + 10
+            while _alive(family) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -229,6 +243,20 @@ class ServerGroup:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
+
+
+def _alive(pids: Sequence[int]) -> list[int]:
+    """Those of ``pids`` still running (zombies count as gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        if raw[raw.rfind(b")") + 2 : raw.rfind(b")") + 3] != b"Z":
+            alive.append(pid)
+    return alive
 
 
 def _server_env(

@@ -178,6 +178,9 @@ class Settings:
 
     # --- limits --------------------------------------------------------------------
     max_connections_per_user: int = 32  # concurrent connections per user, 0 = unlimited; def 32
+    # Connections opened but not yet through their connect command, per process;
+    # beyond it upgrades are answered 503 (reconnect storms), 0 = unlimited; def 500
+    max_connecting: int = 500
     commands_per_second: float = 20.0  # token-bucket refill per connection, 0 = unlimited; def 20
     command_burst: int = 50  # token-bucket size, commands >= 1; default 50
     max_publication_bytes: int = 16384  # publication data, bytes < max_frame_bytes; default 16 KiB
@@ -246,6 +249,7 @@ ENV_NAMES: dict[str, str] = {
     "connect_timeout_s": "SIGNAL_CONNECT_TIMEOUT_S",
     "expired_close_delay_s": "SIGNAL_EXPIRED_CLOSE_DELAY_S",
     "max_connections_per_user": "SIGNAL_MAX_CONNECTIONS_PER_USER",
+    "max_connecting": "SIGNAL_MAX_CONNECTING",
     "commands_per_second": "SIGNAL_COMMANDS_PER_SECOND",
     "command_burst": "SIGNAL_COMMAND_BURST",
     "max_publication_bytes": "SIGNAL_MAX_PUBLICATION_BYTES",
@@ -281,6 +285,7 @@ _INT_FIELDS = frozenset(
         "max_frame_bytes",
         "send_buffer_max_bytes",
         "max_connections_per_user",
+        "max_connecting",
         "command_burst",
         "max_publication_bytes",
         "max_subscriptions_per_connection",
@@ -493,6 +498,7 @@ def _validate(s: Settings) -> None:
     _check(s.connect_timeout_s > 0, "connect_timeout_s", "must be > 0")
     _check_range(s, "expired_close_delay_s", 0.0)
     _check_range(s, "max_connections_per_user", 0)
+    _check_range(s, "max_connecting", 0)
     _check_range(s, "commands_per_second", 0.0)
     _check_range(s, "command_burst", 1)
     _check_range(s, "max_publication_bytes", 1)

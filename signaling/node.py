@@ -173,6 +173,8 @@ class Node:
         self.on_connect: list[ConnectionHook] = []
         self.on_disconnect: list[ConnectionHook] = []
         self.draining = False
+        # Sessions opened but not yet through their connect command.
+        self.connecting = 0
         self._started = False
         self._deferred: list[tuple[Callable[[], Awaitable[None]], str]] = []
         # Every open connection, authenticated or not (drain closes them all).

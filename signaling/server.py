@@ -26,6 +26,7 @@ from signaling.broker.redis import RedisBroker
 from signaling.channels import ChannelPolicy
 from signaling.config import Settings, describe
 from signaling.errors import DISCONNECT_SHUTDOWN
+from signaling.logs import Throttle
 from signaling.metrics import CONTENT_TYPE, Metrics, watch_loop_lag
 from signaling.node import Node
 from signaling.session import ClientSession
@@ -45,6 +46,8 @@ from signaling.transport import (
 __all__ = ["App", "build_node", "raise_file_limit", "run_server"]
 
 log = logging.getLogger("signaling.server")
+# One line per burst of refusals, not one per refused upgrade.
+_overload_log = Throttle(log, burst=1, window_s=10.0)
 
 DEFAULT_APP = "handlers.app"
 # Drain in steps of this many seconds.
@@ -76,8 +79,23 @@ class App:
         return None
 
     def websocket_allowed(self) -> HttpResponse | None:
-        if self.node.draining:
+        node = self.node
+        if node.draining:
             return HttpResponse(503, b"shutting down\n")
+        limit = node.settings.max_connecting
+        if limit and node.connecting >= limit:
+            # Admission control. Under a reconnect storm, accepting every upgrade
+            # makes each connect wait behind thousands of others until clients
+            # time out and retry, and the server does all that work for nothing
+            # (congestion collapse). A cheap 503 sends the client to its backoff;
+            # the connections admitted finish quickly.
+            node.metrics.limit_refusals.labels("connecting").inc()
+            _overload_log.log(
+                logging.WARNING,
+                "%d connections in set-up (SIGNAL_MAX_CONNECTING): refusing upgrades with 503",
+                node.connecting,
+            )
+            return HttpResponse(503, b"too many connections in progress, retry later\n")
         return None
 
     def websocket_opened(self, conn: WebSocketConnection) -> ConnectionHandler:

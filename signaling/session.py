@@ -163,9 +163,12 @@ class ClientSession:
         settings = node.settings
         self._tokens = float(settings.command_burst)
         self._last_refill = time.monotonic()
+        # Runs while the connection is not through its connect command; the
+        # node counts such connections (admission control, App.websocket_allowed).
         self._stale_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             settings.connect_timeout_s, self.disconnect, DISCONNECT_STALE
         )
+        node.connecting += 1
         node.metrics.active_connections.inc()
         node.sessions.add(self)
 
@@ -215,9 +218,7 @@ class ClientSession:
             # Closed by the transport itself (slow client, oversized or invalid frame).
             self.node.metrics.disconnects.labels(str(code)).inc()
         self._closed = True
-        if self._stale_timer is not None:
-            self._stale_timer.cancel()
-            self._stale_timer = None
+        self._end_connecting()
         node = self.node
         node.metrics.active_connections.dec()
         node.sessions.discard(self)
@@ -283,6 +284,13 @@ class ClientSession:
             if sub.expires_at is not None and wall > sub.expires_at:
                 self.server_unsubscribe(channel, *UNSUBSCRIBE_EXPIRED)
         return False
+
+    def _end_connecting(self) -> None:
+        """Connected, or closed before: no longer counted as connecting."""
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
+            self._stale_timer = None
+            self.node.connecting -= 1
 
     # --- public API (node, handlers) --------------------------------------------
 
@@ -474,9 +482,7 @@ class ClientSession:
             self.subs[personal].server_side = True
         if self._closed:
             return
-        if self._stale_timer is not None:
-            self._stale_timer.cancel()
-            self._stale_timer = None
+        self._end_connecting()
         node.session_connected(self, user)
         node.metrics.connection_attempts.labels("ok").inc()
         expires, ttl = _ttl(credentials.expires_at)

@@ -208,6 +208,33 @@ async def test_connection_limit_per_user(server_factory: Any) -> None:
         await c.close()
 
 
+async def test_upgrades_refused_with_503_while_too_many_connections_are_in_set_up(
+    server_factory: Any,
+) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    srv = await server_factory({"SIGNAL_MAX_CONNECTING": "2"}, name="connecting")
+    # Two sockets upgraded but not through their connect command fill the limit.
+    pending = [await Raw.open(srv), await Raw.open(srv)]
+    with pytest.raises(InvalidStatus) as refused:
+        await Raw.open(srv)
+    assert refused.value.response.status_code == 503
+    # Plain HTTP is not affected.
+    assert await srv.aget("/readyz") == (200, b"ready\n")
+    # One of them connects: a slot frees, and a new client gets all the way in.
+    await pending[0].send({"connect": {"token": srv.token("alice")}})
+    assert "connect" in await pending[0].reply(1)
+    newcomer = await connected(srv, "bob")
+    # A refused connect (bad token) keeps its connection counted only until it closes.
+    await pending[1].send({"connect": {"token": "not-a-token"}})
+    assert (await pending[1].closed_with())[0] == 3500
+    third = await connected(srv, "carol")
+    _, body = await srv.aget("/metrics")
+    assert metric_value(body, "signal_limit_refusals_total", limit="connecting") == 1
+    for c in (pending[0], newcomer, third):
+        await c.close()
+
+
 # --- malformed input -----------------------------------------------------------------
 
 
