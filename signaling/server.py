@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import logging
 import random
@@ -46,6 +47,8 @@ from signaling.transport import (
 __all__ = ["App", "build_node", "raise_file_limit", "run_server"]
 
 log = logging.getLogger("signaling.server")
+# Container allocations between two young-generation collections (default 700).
+GC_YOUNG_THRESHOLD = 50_000
 # One line per burst of refusals, not one per refused upgrade.
 _overload_log = Throttle(log, burst=1, window_s=10.0)
 
@@ -181,6 +184,7 @@ async def run_server(
     transport = await start_transport(
         App(node), settings.host, settings.port, options, reuse_port=reuse_port
     )
+    tune_gc()
     lag_watch = asyncio.create_task(watch_loop_lag(metrics), name="loop-lag")
     log.info(
         "digis-signal node %s listening on http://%s:%d (websocket /connection/websocket, "
@@ -207,6 +211,24 @@ async def run_server(
     await node.close()
     log.info("stopped")
     return 0
+
+
+def tune_gc() -> None:
+    """Fit CPython's cyclic garbage collector to a server's heap.
+
+    Most of the heap is long-lived: sessions, transports, subscriptions. With
+    the default thresholds (700, 10, 10) the collector runs every 700 new
+    container objects and walks the older generations again and again:
+    profiles showed it as 7 % of connection set-up and 40 % of a drain (10,000
+    connections). Objects alive once the server is set up are frozen (never
+    examined again), and young collections wait for far more garbage. Cycles
+    are rare here (most objects die by reference counting), so memory hardly
+    moves. Measured at 10,000 connections on Redis (docs/benchmarks.md): idle
+    CPU 6.5 % -> 3.7 % of a core, set-up 762 -> 697 µs per connection.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
 async def drain(node: Node, transport: Transport, drain_s: float) -> None:
