@@ -74,6 +74,7 @@ class SpawnedServer:
         self.cpus = tuple(cpus) if cpus else None
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._terminated = False
         self._log: IO[bytes] | None = None
 
     @property
@@ -103,6 +104,7 @@ class SpawnedServer:
         self._log.write(f"=== {time.strftime('%H:%M:%S')} {' '.join(self.argv)}\n".encode())
         self._log.flush()
         # taskset execs the command, so the PID is the server's own.
+        self._terminated = False
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -130,8 +132,9 @@ class SpawnedServer:
             return False
 
     def terminate(self) -> None:
-        """SIGTERM (the server drains), without waiting."""
-        if self.proc is not None and self.proc.poll() is None:
+        """SIGTERM (the server drains), without waiting. Sent once per process."""
+        if self.proc is not None and self.proc.poll() is None and not self._terminated:
+            self._terminated = True
             with contextlib.suppress(OSError):
                 os.kill(self.proc.pid, signal.SIGTERM)
 
@@ -306,6 +309,7 @@ class RedisServer:
         return self.proc.pid
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        self._terminated = False
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=self.dir
         )

@@ -203,14 +203,24 @@ async def run_server(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    # Still handled during the drain: a platform that signals every process of
+    # the dyno (Heroku) and our own supervisor both send SIGTERM to a worker,
+    # and the default action of the second one would end it at once, dropping
+    # every connection with no close frame.
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(signum)
+        loop.add_signal_handler(signum, _already_draining, signum)
 
     await drain(node, transport, settings.drain_s)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
     lag_watch.cancel()
     await node.close()
     log.info("stopped")
     return 0
+
+
+def _already_draining(signum: int) -> None:
+    log.info("%s received while draining: the drain goes on", signal.Signals(signum).name)
 
 
 def tune_gc() -> None:

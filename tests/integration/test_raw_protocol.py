@@ -592,6 +592,20 @@ async def test_graceful_shutdown_closes_with_3001_and_exits_0(server_factory: An
     assert "draining 20 connections" in srv.log_text()
 
 
+async def test_a_second_sigterm_does_not_cut_the_drain_short(server_factory: Any) -> None:
+    # Heroku signals every process of a dyno and our supervisor forwards the
+    # signal too: a worker gets SIGTERM twice and must still drain.
+    srv = await server_factory({"SIGNAL_DRAIN_S": "1"}, name="drain-twice")
+    clients = [await connected(srv, f"u{i}") for i in range(20)]
+    srv.signal(15)
+    await asyncio.sleep(0.2)
+    srv.signal(15)
+    codes = await asyncio.gather(*(c.closed_with() for c in clients))
+    assert {code for code, _ in codes} == {3001}
+    assert await srv.await_exit(10) == 0
+    assert "SIGTERM received while draining" in srv.log_text()
+
+
 async def test_draining_server_answers_readyz_503_and_refuses_upgrades(
     server_factory: Any,
 ) -> None:
