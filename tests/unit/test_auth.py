@@ -201,6 +201,48 @@ async def test_info_and_name_claims(hs_verifier: TokenVerifier) -> None:
     assert (credentials.info, credentials.name) == (None, None)
 
 
+async def test_hmac_fast_path_skips_pyjwt_and_asymmetric_uses_it(
+    rsa_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HS* tokens are verified by signaling.jwt_hmac (tests/unit/test_jwt_hmac.py holds
+    # the differential tests against pyjwt); every other algorithm still by pyjwt.
+    settings = Settings(
+        jwt_secret=Secret(SECRET),
+        jwt_public_key=Secret(_public_pem(rsa_key)),
+        jwt_algorithms=("HS256", "RS256"),
+    )
+    verifier = TokenVerifier(settings)
+    pyjwt_calls: list[str] = []
+    pyjwt_decode = verifier._jwt.decode
+
+    def counting_decode(token: str, *args: Any, **kwargs: Any) -> Any:
+        pyjwt_calls.append(token)
+        return pyjwt_decode(token, *args, **kwargs)
+
+    monkeypatch.setattr(verifier._jwt, "decode", counting_decode)
+    assert not verifier._pyjwt_only
+    assert (await verifier.verify_connection(_hs(_claims()))).user == "alice"
+    await _refused(verifier.verify_connection, _hs(_claims(), OTHER_SECRET))
+    assert pyjwt_calls == []
+    rs_token = _signed(rsa_key, "RS256", _claims())
+    assert (await verifier.verify_connection(rs_token)).user == "alice"
+    assert pyjwt_calls == [rs_token]
+
+
+@pytest.mark.parametrize("pyjwt_only", [False, True])
+async def test_secret_pyjwt_refuses_refuses_every_hmac_token(pyjwt_only: bool) -> None:
+    # Settings refuses such secrets at load; bypassed here to show both paths refuse the
+    # key itself (short, or shaped like a PEM key) before looking at the signature.
+    for bad_secret in ("short", "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"):
+        settings = Settings(jwt_secret=Secret(SECRET))
+        object.__setattr__(settings, "jwt_secret", Secret(bad_secret))
+        verifier = TokenVerifier(settings)
+        verifier._pyjwt_only = pyjwt_only
+        forged = _hand_token({"alg": "HS256"}, _claims(), bad_secret.encode())
+        error = await _refused(verifier.verify_connection, forged)
+        assert str(error) == "signing key refused"
+
+
 # --- audience and issuer -------------------------------------------------------------------
 
 
