@@ -14,6 +14,12 @@ every instance enforces the same bars (keys share the room's hash tag
 * ``chat:deleted:{room}`` - deleted offsets (sorted set), kept as long as
   history is.
 
+The shared tag is also what lets a message's checks take one store command:
+the ban, timeout and slow-mode keys, and the message's dedupe claim
+(``chat:dedupe:{room}:...``, :mod:`handlers.chat.messages`), are read and
+taken together (MGET, or one script), which Redis Cluster allows only for keys
+of one slot. A new key read on that path must carry the same tag.
+
 A bar ends the user's subscriptions on every node with the protocol's
 unsubscribe push (code :data:`UNSUBSCRIBE_BANNED`, below 2500 so the SDKs
 do not resubscribe) and refuses subscribing and publishing (1110) until it
@@ -102,6 +108,17 @@ def _deleted_key(room: str) -> str:
     return f"chat:deleted:{{{room}}}"
 
 
+def _raise_if_barred(banned: str | None, timed_out: str | None) -> None:
+    """1110 before 1111: a barred user who is also timed out is told "banned".
+    A bar is a key that exists, as for ``claim_unless``'s guards: a claim not
+    taken with no bar raised is then always a duplicate. (Bar values are never
+    empty: they hold the until time.)"""
+    if banned is not None:
+        raise SignalError(ERROR_CHAT_BANNED)
+    if timed_out is not None:
+        raise SignalError(ERROR_CHAT_TIMED_OUT)
+
+
 def _until_ms(until: float) -> int | None:
     """Unix ms for a client, None for "for good"."""
     return None if until >= _FOREVER else int(until * 1000)
@@ -149,18 +166,43 @@ class Moderation:
             raise SignalError(ERROR_CHAT_BANNED)
 
     async def check_publish(self, room: str, user: str) -> None:
-        """Raise 1110 if ``user`` is barred from ``room``, 1111 if timed out."""
-        bars = await self.bars(room, user)
-        if bars.banned_until is not None:
-            raise SignalError(ERROR_CHAT_BANNED)
-        if bars.timed_out_until is not None:
-            raise SignalError(ERROR_CHAT_TIMED_OUT)
+        """Raise 1110 if ``user`` is barred from ``room``, 1111 if timed out
+        (typing: one MGET)."""
+        banned, timed_out = await self._store.get_many(
+            (_ban_key(room, user), _timeout_key(room, user))
+        )
+        _raise_if_barred(banned, timed_out)
 
-    async def claim_slow_mode(self, room: str, user: str) -> str | None:
-        """Take ``user``'s slow-mode slot in ``room`` (1112 if taken). Returns
-        the claim's key, to release if the message is not published after all,
-        or None when slow mode is off or the user moderates the room."""
-        interval = await self._store.get(_slow_key(room))
+    async def admit_message(
+        self, room: str, user: str, claim: tuple[str, str, float] | None
+    ) -> tuple[bool, str | None]:
+        """A message's first step in ``room``, in ONE store command: raise 1110
+        if ``user`` is barred, 1111 if timed out; otherwise take ``claim`` (the
+        dedupe claim: key, value, TTL; its key must carry the room's hash tag),
+        and read the slow-mode interval for :meth:`claim_slow_mode`.
+
+        The claim is taken in the same atomic step only if no bar holds
+        (:meth:`StateStore.claim_unless`), so a refused message never leaves a
+        claim that would make its retry, after the bar is lifted, be taken for
+        a duplicate. Returns (claimed: False means a duplicate; True without
+        a claim, the slow-mode interval or None when off)."""
+        keys = (_ban_key(room, user), _timeout_key(room, user), _slow_key(room))
+        if claim is None:
+            banned, timed_out, interval = await self._store.get_many(keys)
+            claimed = True
+        else:
+            key, value, ttl_s = claim
+            (banned, timed_out, interval), claimed = await self._store.claim_unless(
+                key, value, ttl_s, guards=keys[:2], reads=keys[2:]
+            )
+        _raise_if_barred(banned, timed_out)
+        return claimed, interval
+
+    async def claim_slow_mode(self, room: str, user: str, interval: str | None) -> str | None:
+        """Take ``user``'s slow-mode slot in ``room`` (1112 if taken), given the
+        interval :meth:`admit_message` read. Returns the claim's key, to release
+        if the message is not published after all, or None when slow mode is
+        off or the user moderates the room."""
         if not interval or await self.is_moderator(room, user):
             return None
         key = _slow_user_key(room, user)
@@ -185,8 +227,9 @@ class Moderation:
         return [member for member, _ in members]
 
     async def bars(self, room: str, user: str) -> Bars:
-        banned, timed_out = await asyncio.gather(
-            self._store.get(_ban_key(room, user)), self._store.get(_timeout_key(room, user))
+        # One MGET (the keys share the room's hash tag), no task per key.
+        banned, timed_out = await self._store.get_many(
+            (_ban_key(room, user), _timeout_key(room, user))
         )
         return Bars(float(banned) if banned else None, float(timed_out) if timed_out else None)
 

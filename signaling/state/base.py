@@ -4,9 +4,11 @@ Handlers keep shared state through it (call state machines, busy flags,
 bans, rate windows, scheduled timers) and it is implemented twice: in memory
 (:mod:`signaling.state.memory`, one process) and on Redis
 (:mod:`signaling.state.redis`, every instance). Every method is atomic on its
-own and touches **one key**, so the Redis implementation also works on a
-Redis Cluster; handlers compose multi-key work from single-key claims and
-undo on failure.
+own. Most touch **one key**; the two that read several (:meth:`get_many`,
+:meth:`claim_unless`) need all the keys of one call in one Redis Cluster slot,
+i.e. sharing one hash tag (``chat:ban:{room:1}:u``, ``chat:slow:{room:1}``), so
+the Redis implementation also works on a Redis Cluster. Handlers compose other
+multi-key work from single-key claims and undo on failure.
 
 Values are strings; hashes map strings to strings. ``ttl_s`` None means the
 key never expires; a positive value (re)sets its expiry.
@@ -36,6 +38,25 @@ class StateStore(Protocol):
     async def delete_if_equals(self, key: str, value: str) -> bool:
         """Delete ``key`` only while it still holds ``value`` (release a claim
         without releasing someone else's)."""
+
+    async def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        """The values of ``keys`` in order (None: absent), read at one instant,
+        in one command. All keys must share a hash tag (one cluster slot)."""
+
+    async def claim_unless(
+        self,
+        key: str,
+        value: str,
+        ttl_s: float | None,
+        *,
+        guards: Sequence[str],
+        reads: Sequence[str] = (),
+    ) -> tuple[list[str | None], bool]:
+        """Read ``guards`` then ``reads`` and, only if no guard exists, claim
+        ``key`` as :meth:`set_if_absent` would, atomically: a claim is never
+        taken for a request that a guard refuses (nothing to undo). Returns
+        (the values of guards then reads, True if ``key`` was set). All keys,
+        ``key`` included, must share a hash tag (one cluster slot)."""
 
     async def incr(self, key: str, ttl_s: float) -> int:
         """Increment a counter; its expiry is set when it is created, so

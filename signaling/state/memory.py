@@ -84,6 +84,25 @@ class MemoryStateStore:
             return True
         return False
 
+    async def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        strings = self._strings
+        return [strings.get(key) if self._alive(key) else None for key in keys]
+
+    async def claim_unless(
+        self,
+        key: str,
+        value: str,
+        ttl_s: float | None,
+        *,
+        guards: Sequence[str],
+        reads: Sequence[str] = (),
+    ) -> tuple[list[str | None], bool]:
+        # Nothing awaits in between: atomic like the Redis script.
+        values = await self.get_many([*guards, *reads])
+        if any(found is not None for found in values[: len(guards)]):
+            return values, False
+        return values, await self.set_if_absent(key, value, ttl_s)
+
     async def incr(self, key: str, ttl_s: float) -> int:
         if not self._alive(key) or key not in self._strings:
             self._strings[key] = "0"

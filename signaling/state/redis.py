@@ -9,8 +9,12 @@ Key layout and cluster safety:
 * Every key is ``prefix + key``. Callers put hash tags (``{call:42}``) in their
   keys so that related keys share a cluster slot; prepending the prefix keeps
   the tag, so the prefix itself must not contain ``{`` or ``}``.
-* Every method touches one key, and every script declares that key in
-  ``KEYS``, so all of it runs unchanged on Redis Cluster.
+* Every method touches one key, except ``get_many`` (MGET) and
+  ``claim_unless`` (a script) whose keys must share a hash tag; every script
+  declares its keys in ``KEYS``. So all of it runs unchanged on Redis Cluster,
+  where a call whose keys span slots fails instead of running on one node with
+  another node's keys (Redis answers CROSSSLOT to the MGET; redis-py's
+  cluster client refuses a script's keys before sending).
 
 Semantics follow :class:`~signaling.state.memory.MemoryStateStore` (the
 reference), with these Redis facts the memory store does not share:
@@ -44,6 +48,7 @@ from typing import Any, Protocol
 from redis.exceptions import NoScriptError
 
 __all__ = [
+    "CLAIM_UNLESS",
     "DELETE_IF_EQUALS",
     "HCAS",
     "HSET_EXPIRE",
@@ -119,7 +124,8 @@ async def run_script_many(
 
 
 # --- scripts ------------------------------------------------------------------------------
-# Each touches KEYS[1] only. A Lua ``false`` return is a nil reply.
+# Each touches KEYS[1] only, except CLAIM_UNLESS (its keys share a hash tag). A Lua
+# ``false`` return is a nil reply.
 
 DELETE_IF_EQUALS = LuaScript(
     """
@@ -130,6 +136,40 @@ return 0
 """
 )
 """ARGV: value. Delete the string key only while it holds ``value``; 1 or 0."""
+
+CLAIM_UNLESS = LuaScript(
+    """
+local values = {}
+if #KEYS > 1 then
+  values = redis.call('MGET', unpack(KEYS, 2))
+end
+local claimed = 0
+local guarded = false
+for i = 1, tonumber(ARGV[3]) do
+  if values[i] then
+    guarded = true
+    break
+  end
+end
+if not guarded then
+  local ttl = tonumber(ARGV[2])
+  local set
+  if ttl > 0 then
+    set = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ttl)
+  else
+    set = redis.call('SET', KEYS[1], ARGV[1], 'NX')
+  end
+  if set then
+    claimed = 1
+  end
+end
+table.insert(values, 1, claimed)
+return values
+"""
+)
+"""KEYS: the claim, then n guards, then the keys only read. ARGV: value, ttl_ms
+(0 = none), n. MGET the guards and reads; unless a guard exists, SET the claim
+NX (PX). Returns {1 or 0 (claimed), value or nil per guard and read}."""
 
 INCR_WINDOW = LuaScript(
     """
@@ -205,6 +245,7 @@ return due
 lowest ``limit`` members with score <= max_score: one claimer gets each."""
 
 SCRIPTS: tuple[LuaScript, ...] = (
+    CLAIM_UNLESS,
     DELETE_IF_EQUALS,
     INCR_WINDOW,
     HCAS,
@@ -325,6 +366,29 @@ class RedisStateStore:
     async def delete_if_equals(self, key: str, value: str) -> bool:
         raw = await self._exec.run_script(DELETE_IF_EQUALS, [self.key(key)], [value])
         return int(raw) > 0
+
+    async def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        if not keys:  # MGET needs a key
+            return []
+        prefix = self._prefix
+        raw = await self._exec.execute("MGET", *[prefix + key for key in keys])
+        return [None if value is None else _text(value) for value in raw]
+
+    async def claim_unless(
+        self,
+        key: str,
+        value: str,
+        ttl_s: float | None,
+        *,
+        guards: Sequence[str],
+        reads: Sequence[str] = (),
+    ) -> tuple[list[str | None], bool]:
+        prefix = self._prefix
+        keys = [prefix + key, *[prefix + k for k in guards], *[prefix + k for k in reads]]
+        ttl_ms = 0 if ttl_s is None else _ttl_ms(ttl_s)
+        raw = await self._exec.run_script(CLAIM_UNLESS, keys, [value, ttl_ms, len(guards)])
+        claimed, *values = raw
+        return [None if found is None else _text(found) for found in values], int(claimed) == 1
 
     async def incr(self, key: str, ttl_s: float) -> int:
         return int(await self._exec.run_script(INCR_WINDOW, [self.key(key)], [_ttl_ms(ttl_s)]))

@@ -458,6 +458,33 @@ async def test_permanent_ban_and_unban(pair: Pair) -> None:
     await fan.subscribe(room)
 
 
+async def test_message_refused_for_a_bar_is_delivered_when_retried_after(pair: Pair) -> None:
+    """A refused message takes no dedupe claim (the bars and the claim are one
+    atomic step): its retry once the bar is lifted is published, on either
+    instance, instead of being acknowledged as a duplicate and lost."""
+    a, b = pair
+    room = "room:cre"
+    creator = await client(a, "cre")
+    fan = await client(b, "fan")
+    fan_a = await client(a, "fan")
+    message = {"type": "message", "text": "let me speak", "client_msg_id": "r-1"}
+    await creator.rpc("room.timeout", {"channel": room, "user": "fan", "duration_s": 60})
+    assert await fan.publish_error(room, message) == 1111
+    await creator.rpc("room.ban", {"channel": room, "user": "fan"})
+    assert await fan_a.publish_error(room, message) == 1110
+    await creator.rpc("room.unban", {"channel": room, "user": "fan"})
+    assert await fan.publish_error(room, message) == 1111
+    await creator.rpc("room.timeout", {"channel": room, "user": "fan", "duration_s": 0})
+    await fan_a.publish(room, message)
+    await fan.publish(room, message)  # a real retry now: acknowledged, not published
+    assert [p["data"] for p in await creator.history(room)] == [message]
+    dedupes = 0.0
+    for server in {a, b}:
+        _, body = await server.aget("/metrics")
+        dedupes += metric(body, "chat_deduplicated_retries_total")
+    assert dedupes == 1
+
+
 async def test_timeout_enforced_across_instances(pair: Pair) -> None:
     a, b = pair
     room = "room:cre"

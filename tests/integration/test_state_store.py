@@ -18,23 +18,25 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.exceptions import ClusterCrossSlotError, NoScriptError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 
 from signaling.broker.base import BrokerUnavailable
 from signaling.broker.redis_exec import AutoPipeline, connect_client
 from signaling.state.base import StateStore
 from signaling.state.memory import MemoryStateStore, StreamEntry
 from signaling.state.redis import INCR_WINDOW, LuaScript, RedisArg, RedisExecutor, RedisStateStore
+from support.cluster import RedisCluster
 from support.processes import RedisProcess
 
 # Real-time unit for the Redis backend; TTLs are multiples of it.
@@ -272,6 +274,85 @@ async def test_delete_if_equals_after_someone_else_reclaimed(h: Harness) -> None
     assert await h.store.get("lock") == "B"
 
 
+# --- several keys of one hash tag ---------------------------------------------------------
+# Keys read together share a tag ({room:1}): on Redis Cluster they must be in one slot.
+
+ROOM_KEYS = ("ban:{room:1}:u", "timeout:{room:1}:u", "slow:{room:1}")
+
+
+async def test_get_many_reads_in_order_absent_expired_and_non_strings(h: Harness) -> None:
+    ban, timeout, slow = ROOM_KEYS
+    await h.store.set(ban, "b")
+    await h.store.set(timeout, "t", ttl_s=TTL_S)
+    await h.store.hset("hash:{room:1}", {"f": "v"})
+    assert await h.store.get_many([slow, ban, timeout, "hash:{room:1}", ban]) == [
+        None,
+        "b",
+        "t",
+        None,  # not a string: absent, as MGET answers
+        "b",
+    ]
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.get_many(ROOM_KEYS) == ["b", None, None]
+    assert await h.store.get_many([]) == []
+
+
+async def test_claim_unless_claims_when_no_guard_exists(h: Harness) -> None:
+    ban, timeout, slow = ROOM_KEYS
+    await h.store.set(slow, "30")  # read, never a guard
+    values, claimed = await h.store.claim_unless(
+        "dedupe:{room:1}:m", "a", TTL_S, guards=(ban, timeout), reads=(slow,)
+    )
+    assert (values, claimed) == ([None, None, "30"], True)
+    assert await h.store.get("dedupe:{room:1}:m") == "a"
+    # Taken: a second claim fails and changes nothing, whatever its value.
+    values, claimed = await h.store.claim_unless(
+        "dedupe:{room:1}:m", "b", TTL_S, guards=(ban, timeout), reads=(slow,)
+    )
+    assert (values, claimed) == ([None, None, "30"], False)
+    assert await h.store.get("dedupe:{room:1}:m") == "a"
+    # The claim lives for its TTL, like set_if_absent's.
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.get("dedupe:{room:1}:m") is None
+    _, claimed = await h.store.claim_unless("dedupe:{room:1}:m", "c", None, guards=(ban,))
+    assert claimed is True
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.get("dedupe:{room:1}:m") == "c"  # no TTL: kept
+
+
+@pytest.mark.parametrize("guard", [0, 1])
+async def test_claim_unless_takes_no_claim_while_a_guard_exists(h: Harness, guard: int) -> None:
+    guards = ROOM_KEYS[:2]
+    await h.store.set(guards[guard], "until")
+    values, claimed = await h.store.claim_unless("dedupe:{room:1}:m", "a", 60, guards=guards)
+    expected: list[str | None] = [None, None]
+    expected[guard] = "until"
+    assert (values, claimed) == (expected, False)
+    # Nothing was taken: once the guard is gone the same claim succeeds.
+    assert await h.store.get("dedupe:{room:1}:m") is None
+    await h.store.delete(guards[guard])
+    values, claimed = await h.store.claim_unless("dedupe:{room:1}:m", "a", 60, guards=guards)
+    assert (values, claimed) == ([None, None], True)
+
+
+async def test_claim_unless_without_keys_to_read_is_set_if_absent(h: Harness) -> None:
+    assert await h.store.claim_unless("k{x}", "a", None, guards=()) == ([], True)
+    assert await h.store.claim_unless("k{x}", "b", None, guards=()) == ([], False)
+    assert await h.store.get("k{x}") == "a"
+
+
+async def test_claim_unless_race_has_one_winner(h: Harness) -> None:
+    results = await asyncio.gather(
+        *(
+            h.store.claim_unless("dedupe:{room:1}:m", f"v{i}", 5, guards=ROOM_KEYS[:2])
+            for i in range(20)
+        )
+    )
+    claimed = [ok for _, ok in results]
+    assert claimed.count(True) == 1
+    assert await h.store.get("dedupe:{room:1}:m") == f"v{claimed.index(True)}"
+
+
 # --- counters ----------------------------------------------------------------------------
 
 
@@ -506,6 +587,20 @@ async def test_redis_ttls_are_set_on_the_key(rh: RedisHarness) -> None:
         assert 4000 < await rh.raw.pttl(rh.key(key)) <= 5000, key
 
 
+async def test_redis_claim_unless_prefixes_every_key(rh: RedisHarness) -> None:
+    await rh.raw.set(rh.key("ban:{room:1}:u"), "x")
+    assert await rh.raw.get(rh.key("dedupe:{room:1}:m")) is None
+    values, claimed = await rh.store.claim_unless(
+        "dedupe:{room:1}:m", "a", 5, guards=("ban:{room:1}:u",)
+    )
+    assert (values, claimed) == (["x"], False)
+    await rh.raw.delete(rh.key("ban:{room:1}:u"))
+    assert (await rh.store.claim_unless("dedupe:{room:1}:m", "a", 5, guards=("ban:{room:1}:u",)))[1]
+    assert await rh.raw.get(rh.key("dedupe:{room:1}:m")) == b"a"
+    assert 4000 < await rh.raw.pttl(rh.key("dedupe:{room:1}:m")) <= 5000
+    assert await rh.raw.get("dedupe:{room:1}:m") is None  # only under the prefix
+
+
 async def test_redis_prefixes_isolate_stores(rh: RedisHarness) -> None:
     other = RedisStateStore(rh.executor, prefix=rh.store.prefix + "other:")
     await rh.store.set("k", "mine")
@@ -559,3 +654,71 @@ async def test_zadd_many_sets_members_and_ttl(h: Harness) -> None:
     await h.store.zadd_many([("a{x}", "n1", 1.0), ("b{x}", "n2", 2.0)], 60.0)
     assert await h.store.zrange_by_score("a{x}", -INF, INF) == [("n1", 1.0)]
     assert await h.store.zrange_by_score("b{x}", -INF, INF) == [("n2", 2.0)]
+
+
+# --- Redis Cluster ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(tmp_path / "cluster").start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+async def cluster_store(redis_cluster: RedisCluster) -> AsyncIterator[RedisStateStore]:
+    """The production cluster executor (redis-py's cluster client, auto-pipelined)."""
+    executor = AutoPipeline(connect_client(redis_cluster.url, cluster=True, pool_size=4))
+    try:
+        yield RedisStateStore(executor, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    finally:
+        await executor.close()
+
+
+def _tags_on_every_node(cluster: RedisCluster) -> list[str]:
+    """One hash tag per cluster node (redis-cli --cluster create splits the slots
+    in equal ranges, in order)."""
+    per_node = 16384 // len(cluster.nodes)
+    found: dict[int, str] = {}
+    for i in range(10000):
+        tag = f"room:c{i}"
+        found.setdefault(min(key_slot(tag.encode()) // per_node, len(cluster.nodes) - 1), tag)
+        if len(found) == len(cluster.nodes):
+            return [found[n] for n in sorted(found)]
+    raise AssertionError("no tag for some node")
+
+
+class TestRedisCluster:
+    """Multi-key calls on a 3-node Redis Cluster. A class, not test_ functions:
+    tests/integration/test_resp.py re-runs this module's test_ functions through
+    the standalone RespClient, which has no cluster."""
+
+    async def test_get_many_and_claim_unless_on_every_node(
+        self, redis_cluster: RedisCluster, cluster_store: RedisStateStore
+    ) -> None:
+        store = cluster_store
+        for tag in _tags_on_every_node(redis_cluster):
+            ban, timeout, slow = (f"ban:{{{tag}}}:u", f"timeout:{{{tag}}}:u", f"slow:{{{tag}}}")
+            await store.set(slow, "5")
+            assert await store.get_many([ban, timeout, slow]) == [None, None, "5"]
+            claim = f"dedupe:{{{tag}}}:m:u"
+            assert await store.claim_unless(
+                claim, "a", 60, guards=(ban, timeout), reads=(slow,)
+            ) == ([None, None, "5"], True)
+            await store.set(timeout, "until", ttl_s=60)
+            await store.delete(claim)
+            assert await store.claim_unless(
+                claim, "a", 60, guards=(ban, timeout), reads=(slow,)
+            ) == ([None, "until", "5"], False)
+            assert await store.get(claim) is None
+
+    async def test_keys_of_different_slots_are_refused(
+        self, redis_cluster: RedisCluster, cluster_store: RedisStateStore
+    ) -> None:
+        """What a key layout without a shared tag would meet: an error (CROSSSLOT),
+        not a read of another node's keys. (A script's keys across slots make
+        redis-py's cluster client raise RedisClusterException before sending.)"""
+        first, second = _tags_on_every_node(redis_cluster)[:2]
+        with pytest.raises(ClusterCrossSlotError):
+            await cluster_store.get_many([f"a:{{{first}}}", f"b:{{{second}}}"])

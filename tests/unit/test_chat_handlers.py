@@ -11,8 +11,11 @@ from typing import Any
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
+from redis.crc import key_slot
 
 from handlers import app
+from handlers.chat import messages as messages_keys
+from handlers.chat import moderation as moderation_keys
 from handlers.chat.messages import ChatPublisher
 from handlers.chat.metrics import ChatMetrics
 from handlers.chat.moderation import Moderation
@@ -120,6 +123,100 @@ async def test_slow_mode_refusal_releases_the_dedupe_claim(node: Node) -> None:
             await publisher.on_publish(context(node, message))
         # Refused again, not taken for an already-delivered duplicate.
         assert refused.value.value.code == 1112
+
+
+@pytest.mark.parametrize(("bar", "code"), [("ban", 1110), ("timeout", 1111)])
+async def test_barred_message_takes_no_dedupe_claim(node: Node, bar: str, code: int) -> None:
+    """Refused for a bar, a message must leave no dedupe claim behind: its retry
+    once the bar is lifted is published, not acknowledged as a duplicate and lost."""
+    publisher, metrics, _ = chat(node)
+    bar_key = f"chat:{bar}:{{{ROOM}}}:fan"
+    await node.store.set(bar_key, f"{time.time() + 60:.3f}")
+    message = {"type": "message", "text": "hi", "client_msg_id": "m1"}
+    with pytest.raises(SignalError) as refused:
+        await publisher.on_publish(context(node, message))
+    assert refused.value.value.code == code
+    assert await node.store.get(f"chat:dedupe:{{{ROOM}}}:m1:fan") is None
+    await node.store.delete(bar_key)
+    assert await publisher.on_publish(context(node, message)) == PublishDecision(skip=True)
+    assert await history(node, ROOM) == [message]
+    assert metrics.deduplicated.labels("room")._value.get() == 0
+    assert metrics.refusals.labels(str(code))._value.get() == 1
+
+
+class CountingStore:
+    """The node's store, counting the commands the chat hook issues."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return await method(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize(
+    ("channel", "data", "commands"),
+    [
+        # Bars, dedupe claim and slow-mode interval: one command.
+        (ROOM, {"type": "message", "text": "hi", "client_msg_id": "m1"}, ["claim_unless"]),
+        (ROOM, {"type": "message", "text": "hi"}, ["get_many"]),
+        ("dm:#a,fan", {"type": "message", "text": "hi", "client_msg_id": "m1"}, ["set_if_absent"]),
+        ("dm:#a,fan", {"type": "message", "text": "hi"}, []),
+        (ROOM, {"type": "typing"}, ["get_many", "incr"]),
+        ("dm:#a,fan", {"type": "typing"}, ["incr"]),
+    ],
+)
+async def test_store_commands_per_publication(
+    node: Node, monkeypatch: pytest.MonkeyPatch, channel: str, data: Any, commands: list[str]
+) -> None:
+    """The performance budget rests on these counts (each command is a round trip
+    and Python work per publication on Redis)."""
+    store = CountingStore(node.store)
+    monkeypatch.setattr(node, "store", store)
+    publisher, _, _ = chat(node)
+    await publisher.on_publish(context(node, data, channel=channel))
+    assert store.calls == commands
+
+
+async def test_slow_mode_reads_the_interval_with_the_bars(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await node.store.set("chat:slow:{room:cre}", "60")
+    store = CountingStore(node.store)
+    monkeypatch.setattr(node, "store", store)
+    publisher, _, _ = chat(node)
+    await publisher.on_publish(context(node, {"type": "message", "text": "hi"}))
+    # The interval came with the bars: no separate read of chat:slow.
+    assert store.calls == ["get_many", "zrange_by_score", "set_if_absent"]
+    with pytest.raises(SignalError) as refused:
+        await publisher.on_publish(context(node, {"type": "message", "text": "again"}))
+    assert refused.value.value.code == 1112
+    # The owner is exempt without asking the store who moderates.
+    store.calls.clear()
+    await publisher.on_publish(context(node, {"type": "message", "text": "mine"}, user="cre"))
+    assert store.calls == ["get_many"]
+
+
+def test_keys_read_together_share_a_cluster_slot() -> None:
+    """A room message reads the ban, timeout and slow-mode keys and takes the
+    dedupe claim in one command: on Redis Cluster they must hash to one slot,
+    whatever the prefix, user or client_msg_id."""
+    user, room = "u{1}:x", "room:c-9.z"
+    keys = [
+        moderation_keys._ban_key(room, user),
+        moderation_keys._timeout_key(room, user),
+        moderation_keys._slow_key(room),
+        messages_keys._dedupe_key(room, "id-1", user),
+    ]
+    slots = {key_slot(f"sig:{key}".encode()) for key in keys}
+    assert slots == {key_slot(room.encode())}
 
 
 async def test_typing_over_the_rate_is_dropped_and_counted(node: Node) -> None:
