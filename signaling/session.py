@@ -165,7 +165,7 @@ class ClientSession:
         self._last_refill = time.monotonic()
         # Runs while the connection is not through its connect command; the
         # node counts such connections (admission control, App.websocket_allowed).
-        self._stale_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+        self._stale_timer: asyncio.TimerHandle | None = node.loop.call_later(
             settings.connect_timeout_s, self.disconnect, DISCONNECT_STALE
         )
         node.connecting += 1
@@ -204,7 +204,7 @@ class ClientSession:
             self.disconnect(DISCONNECT_TOO_MANY_REQUESTS)
             return
         if queue and self._runner is None:
-            self._runner = asyncio.create_task(self._run_commands())
+            self._runner = self.node.loop.create_task(self._run_commands())
 
     def on_binary(self, data: bytes) -> None:
         # JSON protocol only: binary frames are not ours (decode would fail).
