@@ -85,7 +85,7 @@ from signaling.protocol import (
     encode_reply,
     encode_unsubscribe_push,
 )
-from signaling.transport import WebSocketConnection
+from signaling.transport import WebSocketConnection, encode_text_frame
 from signaling.values import JSON, compact
 
 __all__ = ["SERVER_VERSION", "ClientSession"]
@@ -93,6 +93,7 @@ __all__ = ["SERVER_VERSION", "ClientSession"]
 log = logging.getLogger("signaling.session")
 # Client mistakes are logged at INFO, but a flood of them cannot flood the log.
 refusals_log = Throttle(log)
+_PING_WIRE = encode_text_frame(PING_FRAME)
 
 SERVER_VERSION = "digis-signal 0.1"
 # Commands queued behind a slow one before the client counts as flooding.
@@ -256,7 +257,9 @@ class ClientSession:
         if self._check_expiry(now):
             return
         self._pong_deadline = now + self.node.settings.pong_timeout_s
-        self.conn.send_text(PING_FRAME)
+        # The same pre-built frame for every connection: pings are most of an
+        # idle server's writes, and framing each one in Python cost 2-3 µs.
+        self.conn.write_frame(_PING_WIRE)
 
     def check_pong(self, now: float) -> None:
         if self._pong_deadline and now >= self._pong_deadline:

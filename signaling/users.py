@@ -42,7 +42,11 @@ class UserStatus:
 
 
 class UserPresence:
-    def __init__(self, store: StateStore, node_name: str, ttl_s: float = 30.0) -> None:
+    # A backstop only: a node that dies has its users' records removed by the
+    # presence handler's node reaping; the TTL bounds what is left otherwise.
+    # Refreshing every record each ttl/3 is an idle server's second cost after
+    # pings, so the TTL is not short.
+    def __init__(self, store: StateStore, node_name: str, ttl_s: float = 60.0) -> None:
         self._store = store
         self._node = node_name
         self.ttl_s = ttl_s

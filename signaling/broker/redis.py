@@ -52,6 +52,7 @@ from signaling.broker.redis_scripts import (
     PRESENCE_ADD,
     PRESENCE_GET,
     PRESENCE_REMOVE,
+    PRESENCE_STATS,
     PUBLISH,
 )
 from signaling.broker.resp import RespClient, parse_redis_url
@@ -398,8 +399,9 @@ class RedisBroker:
         return {_text(client): decode_client_info(info) for client, info in pairs}
 
     async def presence_stats(self, channel: str) -> tuple[int, int]:
-        clients = await self.presence(channel)
-        return len(clients), len({info.user for info in clients.values()})
+        keys = list(self._presence_keys(channel))
+        clients, users = await self._script(PRESENCE_STATS, keys, [f"{time.time():.3f}"])
+        return int(clients), int(users)
 
     # --- plumbing ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ __all__ = [
     "PRESENCE_ADD",
     "PRESENCE_GET",
     "PRESENCE_REMOVE",
+    "PRESENCE_STATS",
     "PUBLISH",
 ]
 
@@ -119,5 +120,28 @@ if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 end
 return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+# Counts of PRESENCE_GET's entries: (clients, distinct users). Counted in Redis:
+# fetching and decoding every entry in Python only to count them was 11 % of an
+# idle server's CPU (room viewer counts every few seconds).
+PRESENCE_STATS = LuaScript(
+    """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+if #expired > 0 then
+  redis.call('HDEL', KEYS[1], unpack(expired))
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+end
+local values = redis.call('HVALS', KEYS[1])
+local seen, users = {}, 0
+for _, raw in ipairs(values) do
+  local user = cjson.decode(raw)['user']
+  if user ~= nil and not seen[user] then
+    seen[user] = true
+    users = users + 1
+  end
+end
+return {#values, users}
 """
 )
