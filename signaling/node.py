@@ -121,8 +121,12 @@ SubscribeHook = Callable[[SubscribeContext], Awaitable[None]]
 
 # Presence entries refreshed per broker batch (one round trip on Redis).
 PRESENCE_REFRESH_BATCH = 2000
-# How often each channel's position is compared with its stream.
-POSITION_CHECK_S = 15.0
+# How often each channel's position is compared with its stream: Centrifuge's
+# default (ClientChannelPositionCheckDelay, 40 s). A safety net for pub/sub
+# messages lost without a disconnect; a gap is also caught by the next
+# publication's offset and by the check after every broker reconnect. It
+# covers every channel of the node, so it is a large share of idle CPU.
+POSITION_CHECK_S = 40.0
 
 
 def _behind(position: tuple[int, str] | None, top: StreamPosition) -> bool:
