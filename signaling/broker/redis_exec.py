@@ -154,6 +154,11 @@ class AutoPipeline:
             results = [error] * len(batch)
         except RedisError as exc:
             results = [exc] * len(batch)
+        except Exception as exc:
+            # Not a RedisError, e.g. RedisClusterException for a script whose
+            # keys span slots (a bug in a key layout): every caller of the batch
+            # gets it rather than waiting forever on its future.
+            results = [exc] * len(batch)
         finally:
             self._in_flight -= 1
             if self._queue and not self._scheduled:

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import ClusterCrossSlotError, NoScriptError
+from redis.exceptions import ClusterCrossSlotError, NoScriptError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from signaling.broker.base import BrokerUnavailable
@@ -722,3 +722,10 @@ class TestRedisCluster:
         first, second = _tags_on_every_node(redis_cluster)[:2]
         with pytest.raises(ClusterCrossSlotError):
             await cluster_store.get_many([f"a:{{{first}}}", f"b:{{{second}}}"])
+        # A script refused before it is sent fails its caller, and does not hang.
+        with pytest.raises(RedisClusterException):
+            await asyncio.wait_for(
+                cluster_store.claim_unless(f"a:{{{first}}}", "v", 5, guards=[f"b:{{{second}}}"]),
+                5,
+            )
+        assert await cluster_store.get_many([f"a:{{{first}}}"]) == [None]
