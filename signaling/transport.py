@@ -584,7 +584,7 @@ def _truncate_reason(reason: str) -> str:
 class _HttpConnection(asyncio.Protocol):
     """Owns a socket from accept until its HTTP request is answered or upgraded."""
 
-    __slots__ = ("_protocol", "_remote_address", "_server", "_timer", "_transport")
+    __slots__ = ("_first_data", "_protocol", "_remote_address", "_server", "_timer", "_transport")
 
     _transport: asyncio.Transport
     _remote_address: str
@@ -593,6 +593,7 @@ class _HttpConnection(asyncio.Protocol):
     def __init__(self, server: Transport) -> None:
         self._server = server
         self._protocol = server._new_protocol()
+        self._first_data = True
 
     def abort(self) -> None:
         self._transport.abort()
@@ -605,6 +606,10 @@ class _HttpConnection(asyncio.Protocol):
         server._handshakes.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._first_data:
+            self._first_data = False
+            if self._refused_early(data):
+                return
         protocol = self._protocol
         protocol.receive_data(data)
         events = protocol.events_received()
@@ -616,6 +621,32 @@ class _HttpConnection(asyncio.Protocol):
         # No request: websockets may have queued an error response (414, 431)
         # or EOF for a malformed request.
         self._flush()
+
+    def _refused_early(self, data: bytes) -> bool:
+        """Answer an upgrade the app refuses anyway (draining, overloaded) from
+        the request line alone, before websockets parses the request.
+
+        Under a reconnect storm most upgrades are refused; parsing each one
+        and serializing a ``Response`` cost several times what the refusal
+        itself does. Plain HTTP (health checks, metrics) is never refused here.
+        """
+        server = self._server
+        prefix = server._upgrade_prefix
+        if not data.startswith(prefix) or data[len(prefix) : len(prefix) + 1] not in (b" ", b"?"):
+            return False
+        try:
+            answer = server._app.websocket_allowed()
+        except Exception:
+            _log.error("websocket_allowed failed", exc_info=True)
+            return False
+        if answer is None:
+            return False
+        self._timer.cancel()
+        transport = self._transport
+        transport.write(_raw_response(answer))
+        if _half_close(transport):
+            self._timer = server._loop.call_later(server._options.close_timeout_s, transport.abort)
+        return True
 
     def eof_received(self) -> bool | None:
         self._protocol.receive_eof()
@@ -744,6 +775,20 @@ def _is_websocket_upgrade(headers: Headers) -> bool:
     return any("websocket" in value.lower() for value in headers.get_all("Upgrade"))
 
 
+def _raw_response(answer: HttpResponse) -> bytes:
+    """``answer`` as HTTP/1.1 bytes that close the connection (no Date header:
+    optional on 5xx responses, RFC 9110 6.6.1)."""
+    try:
+        phrase = http.HTTPStatus(answer.status).phrase
+    except ValueError:
+        phrase = ""
+    head = (
+        f"HTTP/1.1 {answer.status} {phrase}\r\nConnection: close\r\n"
+        f"Content-Length: {len(answer.body)}\r\nContent-Type: {answer.content_type}\r\n\r\n"
+    )
+    return head.encode("latin-1") + answer.body
+
+
 def _http_response(
     status: int, body: bytes, content_type: str = "text/plain; charset=utf-8"
 ) -> Response:
@@ -786,6 +831,7 @@ class Transport:
         "_origins",
         "_server",
         "_serving",
+        "_upgrade_prefix",
     )
 
     _server: asyncio.Server
@@ -796,6 +842,8 @@ class Transport:
         self._app = app
         self._options = options
         self._loop = loop
+        # The start of an upgrade's request line, for refusals before parsing.
+        self._upgrade_prefix = b"GET " + options.websocket_path.encode()
         self._connections: set[WebSocketConnection] = set()
         self._handshakes: set[_HttpConnection] = set()
         self._serving = True
