@@ -178,8 +178,8 @@ class Settings:
 
     # --- limits --------------------------------------------------------------------
     max_connections_per_user: int = 32  # concurrent connections per user, 0 = unlimited; def 32
-    # Connections opened but not yet through their connect command, per process;
-    # beyond it upgrades are answered 503 (reconnect storms), 0 = unlimited; def 500
+    # Connect commands being processed at once, per process; beyond it upgrades
+    # are answered 503 (reconnect storms), 0 = unlimited; default 500
     max_connecting: int = 500
     commands_per_second: float = 20.0  # token-bucket refill per connection, 0 = unlimited; def 20
     command_burst: int = 50  # token-bucket size, commands >= 1; default 50

@@ -177,7 +177,7 @@ class Node:
         self.on_connect: list[ConnectionHook] = []
         self.on_disconnect: list[ConnectionHook] = []
         self.draining = False
-        # Sessions opened but not yet through their connect command.
+        # Connect commands being processed (admission control).
         self.connecting = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False

@@ -95,10 +95,10 @@ class App:
             node.metrics.limit_refusals.labels("connecting").inc()
             _overload_log.log(
                 logging.WARNING,
-                "%d connections in set-up (SIGNAL_MAX_CONNECTING): refusing upgrades with 503",
+                "%d connects in progress (SIGNAL_MAX_CONNECTING): refusing upgrades with 503",
                 node.connecting,
             )
-            return HttpResponse(503, b"too many connections in progress, retry later\n")
+            return HttpResponse(503, b"too many connects in progress, retry later\n")
         return None
 
     def websocket_opened(self, conn: WebSocketConnection) -> ConnectionHandler:

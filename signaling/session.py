@@ -164,12 +164,10 @@ class ClientSession:
         settings = node.settings
         self._tokens = float(settings.command_burst)
         self._last_refill = time.monotonic()
-        # Runs while the connection is not through its connect command; the
-        # node counts such connections (admission control, App.websocket_allowed).
+        # Runs while the connection is not through its connect command.
         self._stale_timer: asyncio.TimerHandle | None = node.loop.call_later(
             settings.connect_timeout_s, self.disconnect, DISCONNECT_STALE
         )
-        node.connecting += 1
         node.metrics.active_connections.inc()
         node.sessions.add(self)
 
@@ -289,11 +287,10 @@ class ClientSession:
         return False
 
     def _end_connecting(self) -> None:
-        """Connected, or closed before: no longer counted as connecting."""
+        """Connected, or closed before: the connect deadline no longer applies."""
         if self._stale_timer is not None:
             self._stale_timer.cancel()
             self._stale_timer = None
-            self.node.connecting -= 1
 
     # --- public API (node, handlers) --------------------------------------------
 
@@ -410,7 +407,14 @@ class ClientSession:
         elif isinstance(req, RpcRequest):
             self._send(encode_reply(cmd.id, "rpc", await self._rpc(req)))
         elif isinstance(req, ConnectRequest):
-            await self._connect(cmd.id, req)
+            # Counted while the server works on it (admission control in
+            # App.websocket_allowed): the count grows when set-ups queue for
+            # the CPU or the broker, not when clients are slow to send connect.
+            self.node.connecting += 1
+            try:
+                await self._connect(cmd.id, req)
+            finally:
+                self.node.connecting -= 1
         elif isinstance(req, PresenceRequest):
             self._send(encode_reply(cmd.id, "presence", await self._presence(req.channel)))
         elif isinstance(req, PresenceStatsRequest):

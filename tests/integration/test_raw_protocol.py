@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import jwt
 import orjson
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -208,31 +214,79 @@ async def test_connection_limit_per_user(server_factory: Any) -> None:
         await c.close()
 
 
-async def test_upgrades_refused_with_503_while_too_many_connections_are_in_set_up(
+class SlowJwks:
+    """A JWKS endpoint that answers after ``delay_s``: connect commands with RS256
+    tokens stay in progress on the server until it does."""
+
+    def __init__(self, key: rsa.RSAPrivateKey, delay_s: float) -> None:
+        jwk = {**RSAAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": "k1"}
+        body = json.dumps({"keys": [{**jwk, "alg": "RS256", "use": "sig"}]}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                time.sleep(delay_s)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/jwks.json"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+async def test_upgrades_refused_with_503_while_too_many_connects_are_in_progress(
     server_factory: Any,
 ) -> None:
     from websockets.exceptions import InvalidStatus
 
-    srv = await server_factory({"SIGNAL_MAX_CONNECTING": "2"}, name="connecting")
-    # Two sockets upgraded but not through their connect command fill the limit.
-    pending = [await Raw.open(srv), await Raw.open(srv)]
-    with pytest.raises(InvalidStatus) as refused:
-        await Raw.open(srv)
-    assert refused.value.response.status_code == 503
-    # Plain HTTP is not affected.
-    assert await srv.aget("/readyz") == (200, b"ready\n")
-    # One of them connects: a slot frees, and a new client gets all the way in.
-    await pending[0].send({"connect": {"token": srv.token("alice")}})
-    assert "connect" in await pending[0].reply(1)
-    newcomer = await connected(srv, "bob")
-    # A refused connect (bad token) keeps its connection counted only until it closes.
-    await pending[1].send({"connect": {"token": "not-a-token"}})
-    assert (await pending[1].closed_with())[0] == 3500
-    third = await connected(srv, "carol")
-    _, body = await srv.aget("/metrics")
-    assert metric_value(body, "signal_limit_refusals_total", limit="connecting") == 1
-    for c in (pending[0], newcomer, third):
-        await c.close()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwks = SlowJwks(key, delay_s=2.0)
+    try:
+        srv = await server_factory(
+            {
+                "SIGNAL_MAX_CONNECTING": "2",
+                "SIGNAL_JWT_JWKS_URL": jwks.url,
+                "SIGNAL_JWT_ALGORITHMS": "HS256,RS256",
+            },
+            name="connecting",
+        )
+
+        def rs256(user: str) -> str:
+            claims = {"sub": user, "exp": int(time.time()) + 600}
+            return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
+
+        # Upgraded sockets that have not sent connect cost nothing: not counted.
+        idle = [await Raw.open(srv) for _ in range(3)]
+        # Two connects waiting for the (slow) key fetch fill the limit.
+        waiting = [await Raw.open(srv), await Raw.open(srv)]
+        ids = [
+            (await c.send({"connect": {"token": rs256(f"w{i}")}}))[0] for i, c in enumerate(waiting)
+        ]
+        await asyncio.sleep(0.5)
+        with pytest.raises(InvalidStatus) as refused:
+            await Raw.open(srv)
+        assert refused.value.response.status_code == 503
+        # Plain HTTP is not affected.
+        assert await srv.aget("/readyz") == (200, b"ready\n")
+        # Once the keys arrive both connects complete, and upgrades are admitted again.
+        for client, cmd_id in zip(waiting, ids, strict=True):
+            assert "connect" in await client.reply(cmd_id)
+        newcomer = await connected(srv, "bob")
+        _, body = await srv.aget("/metrics")
+        assert metric_value(body, "signal_limit_refusals_total", limit="connecting") == 1
+        for c in (*idle, *waiting, newcomer):
+            await c.close()
+    finally:
+        jwks.close()
 
 
 # --- malformed input -----------------------------------------------------------------
