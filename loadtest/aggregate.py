@@ -227,6 +227,10 @@ def _scenario_section(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str
             "reconnect_failures": _merge_counts(p["reconnect_failures"] for p in parts),
             "recovered": sum(p["recovered"] for p in parts),
             "not_recovered": sum(p["not_recovered"] for p in parts),
+            "still_out_at_end": sum(p.get("still_out_at_end", 0) for p in parts),
+            "deliveries_owed_to_still_out": sum(
+                p.get("deliveries_owed_to_still_out", 0) for p in parts
+            ),
             "reconnect_latency_ms": _hist(p["reconnect_latency"] for p in parts).summary_ms(),
             "restart": facts.restart,
         }

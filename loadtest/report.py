@@ -200,11 +200,19 @@ def _scenario_lines(r: dict[str, Any]) -> list[str]:
         lines = []
         restart = sr.get("restart") or {}
         if "down_s" in restart:
+            out = sr.get("still_out_at_end", 0)
             lines.append(
-                f"restart: server down {restart['down_s']}s (SIGTERM → ready); all "
-                f"{sr['reconnected_clients']:,} clients back "
+                f"restart: server down {restart['down_s']}s (SIGTERM → ready); "
+                f"{sr['reconnected_clients']:,} clients back, the last "
                 f"{_fmt(sr.get('all_recovered_after_ready_s'), 2)}s after ready "
                 f"({_fmt(sr.get('all_recovered_after_sigterm_s'), 2)}s after SIGTERM)"
+                + (
+                    f"; {out:,} still reconnecting at the end "
+                    f"({sr.get('deliveries_owed_to_still_out', 0):,} deliveries owed to them, "
+                    "not counted as lost)"
+                    if out
+                    else ""
+                )
             )
             lines.append(
                 f"recovery: {sr['recovered']:,} recovered, {sr['not_recovered']:,} not; "

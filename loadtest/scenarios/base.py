@@ -208,12 +208,15 @@ class Scenario:
 
     # --- after the run ------------------------------------------------------------------------
 
-    def missing(self, acked: dict[int, bytes]) -> tuple[int, int]:
-        """(expected deliveries, deliveries still missing) over all set-up subscribers."""
+    def missing(
+        self, acked: dict[int, bytes], clients: Iterable[Client] | None = None
+    ) -> tuple[int, int]:
+        """(expected deliveries, deliveries still missing) over the set-up subscribers
+        (or over ``clients``)."""
         expected = 0
         missing = 0
         empty = b""
-        for client in self.subscribers:
+        for client in self.subscribers if clients is None else clients:
             if not client.ready:
                 continue  # never set up: nothing was promised to it
             received = client.received or {}

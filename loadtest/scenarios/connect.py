@@ -46,6 +46,8 @@ class Connect(Scenario):
         self.reconnect_failures: dict[str, int] = {}
         self.recovered = 0
         self.not_recovered = 0
+        self.still_out = 0
+        self.owed_to_still_out = 0
         self.attempts = 0
         self.first_closed_at: float | None = None
         self.last_recovered_at: float | None = None
@@ -76,6 +78,20 @@ class Connect(Scenario):
                     self.recovered += 1
                 else:
                     self.not_recovered += 1
+
+    def missing(
+        self, acked: dict[int, bytes], clients: Iterable[Client] | None = None
+    ) -> tuple[int, int]:
+        """As in every scenario, but a client still reconnecting when the run ends
+        is left out: it could not have received anything yet, and would recover it
+        on its way back. Its share is reported apart (``still_out_at_end``)."""
+        if clients is not None:
+            return super().missing(acked, clients)
+        out = [c for c in self.subscribers if c.ready and not c.connected]
+        self.still_out = len(out)
+        self.owed_to_still_out = super().missing(acked, out)[1] if out else 0
+        back = [c for c in self.subscribers if not c.ready or c.connected]
+        return super().missing(acked, back)
 
     def expected_streams(self, client: Client) -> Iterable[int]:
         if self.s.rate <= 0:
@@ -156,6 +172,8 @@ class Connect(Scenario):
             "reconnect_failures": self.reconnect_failures,
             "recovered": self.recovered,
             "not_recovered": self.not_recovered,
+            "still_out_at_end": self.still_out,
+            "deliveries_owed_to_still_out": self.owed_to_still_out,
             "first_closed_at": self.first_closed_at,
             "last_recovered_at": self.last_recovered_at,
             "reconnect_latency": self.reconnect_latency.to_wire(),
