@@ -412,8 +412,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     code = EXIT_OK
     try:
-        for factory in factories:
-            for rate in rates:
+        # Rate by rate, every target in turn: digis-signal and the baseline are then
+        # measured minutes apart at most, not one after all the other's rates (this
+        # machine's speed was seen to move 10-25 % within minutes).
+        for rate in rates:
+            for factory in factories:
                 # A fresh server per run: RSS per connection and CPU are then this run's
                 # alone, not what an earlier run left behind.
                 if args.wait_quiet > 0:
