@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ProcSample",
+    "alive",
     "cpu_seconds",
     "cpu_ticks",
     "discover_listeners",
@@ -182,3 +183,18 @@ def with_descendants(pids: Iterable[int]) -> list[int]:
             found.append(pid)
             todo.extend(children.get(pid, ()))
     return sorted(found)
+
+
+def alive(pids: Iterable[int]) -> list[int]:
+    """Those of ``pids`` still running (zombies count as gone)."""
+    running = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        state = raw[raw.rfind(b")") + 2 : raw.rfind(b")") + 3]
+        if state != b"Z":
+            running.append(pid)
+    return running

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from loadtest.procstat import with_descendants
+from loadtest.procstat import alive, with_descendants
 
 __all__ = [
     "REPO_ROOT",
@@ -158,15 +158,15 @@ class SpawnedServer:
             family = with_descendants([self.proc.pid])
             self.terminate()
             deadline = time.monotonic() + grace
-            while _alive(family) and time.monotonic() < deadline:
+            while alive(family) and time.monotonic() < deadline:
                 self.proc.poll()  # reap the supervisor itself
                 time.sleep(0.05)
-            for pid in _alive(family):
+            for pid in alive(family):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
             self.proc.wait(10)
             deadline = time.monotonic() + 10
-            while _alive(family) and time.monotonic() < deadline:
+            while alive(family) and time.monotonic() < deadline:
                 time.sleep(0.05)
         if self._log is not None:
             self._log.close()
@@ -246,20 +246,6 @@ class ServerGroup:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
-
-
-def _alive(pids: Sequence[int]) -> list[int]:
-    """Those of ``pids`` still running (zombies count as gone)."""
-    alive = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        if raw[raw.rfind(b")") + 2 : raw.rfind(b")") + 3] != b"Z":
-            alive.append(pid)
-    return alive
 
 
 def _server_env(

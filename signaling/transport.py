@@ -634,11 +634,7 @@ class _HttpConnection(asyncio.Protocol):
         prefix = server._upgrade_prefix
         if not data.startswith(prefix) or data[len(prefix) : len(prefix) + 1] not in (b" ", b"?"):
             return False
-        try:
-            answer = server._app.websocket_allowed()
-        except Exception:
-            _log.error("websocket_allowed failed", exc_info=True)
-            return False
+        answer = server._upgrade_refusal()
         if answer is None:
             return False
         self._timer.cancel()
@@ -778,24 +774,24 @@ def _is_websocket_upgrade(headers: Headers) -> bool:
 def _raw_response(answer: HttpResponse) -> bytes:
     """``answer`` as HTTP/1.1 bytes that close the connection (no Date header:
     optional on 5xx responses, RFC 9110 6.6.1)."""
-    try:
-        phrase = http.HTTPStatus(answer.status).phrase
-    except ValueError:
-        phrase = ""
     head = (
-        f"HTTP/1.1 {answer.status} {phrase}\r\nConnection: close\r\n"
+        f"HTTP/1.1 {answer.status} {_reason_phrase(answer.status)}\r\nConnection: close\r\n"
         f"Content-Length: {len(answer.body)}\r\nContent-Type: {answer.content_type}\r\n\r\n"
     )
     return head.encode("latin-1") + answer.body
 
 
+def _reason_phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
 def _http_response(
     status: int, body: bytes, content_type: str = "text/plain; charset=utf-8"
 ) -> Response:
-    try:
-        phrase = http.HTTPStatus(status).phrase
-    except ValueError:
-        phrase = ""
+    phrase = _reason_phrase(status)
     headers = Headers(
         [
             ("Date", email.utils.formatdate(usegmt=True)),
@@ -965,15 +961,19 @@ class Transport:
             response.body = b""  # Content-Length still describes the GET body
         return response
 
-    def _websocket_rejection(self) -> Response | None:
+    def _upgrade_refusal(self) -> HttpResponse | None:
+        """The answer to an upgrade that is refused now, or None to admit it."""
         if not self._serving:
             # stop_accepting() raced with a handshake in progress.
-            return _http_response(503, b"Server is shutting down.\n")
+            return HttpResponse(503, b"Server is shutting down.\n")
         try:
-            answer = self._app.websocket_allowed()
+            return self._app.websocket_allowed()
         except Exception:
             _log.error("websocket_allowed failed", exc_info=True)
-            return _http_response(500, b"Internal Server Error\n")
+            return HttpResponse(500, b"Internal Server Error\n")
+
+    def _websocket_rejection(self) -> Response | None:
+        answer = self._upgrade_refusal()
         if answer is None:
             return None
         return _http_response(answer.status, answer.body, answer.content_type)

@@ -353,10 +353,7 @@ class RedisBroker:
             calls: list[tuple[Sequence[str], Sequence[RedisArg]]] = [
                 ([self._stream_keys(c)[1]], []) for c in channels[start : start + POSITIONS_BATCH]
             ]
-            try:
-                results += await run_script_many(self.executor, POSITIONS, calls)
-            except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
-                raise BrokerUnavailable(str(exc)) from exc
+            results += await self._script_many(POSITIONS, calls)
         out: dict[str, StreamPosition] = {}
         for channel, (offset, epoch) in zip(channels, results, strict=True):
             if epoch is not None:
@@ -384,10 +381,7 @@ class RedisBroker:
             (list(self._presence_keys(c)), [i.client, encode_client_info(i), expires_at, ttl_ms])
             for c, i in entries
         ]
-        try:
-            await run_script_many(self.executor, PRESENCE_ADD, calls)
-        except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
-            raise BrokerUnavailable(str(exc)) from exc
+        await self._script_many(PRESENCE_ADD, calls)
 
     async def remove_presence(self, channel: str, client_id: str) -> None:
         await self._script(PRESENCE_REMOVE, list(self._presence_keys(channel)), [client_id])
@@ -420,6 +414,15 @@ class RedisBroker:
             # A Redis-side script error is a bug or a broken Redis: temporary
             # for the client, loud in the log.
             log.error("redis script failed: %s", exc)
+            raise BrokerUnavailable(str(exc)) from exc
+
+    async def _script_many(
+        self, script: Any, calls: Sequence[tuple[Sequence[str], Sequence[RedisArg]]]
+    ) -> list[Any]:
+        """``script`` once per (keys, args), in one batch."""
+        try:
+            return await run_script_many(self.executor, script, calls)
+        except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
             raise BrokerUnavailable(str(exc)) from exc
 
     def _require_handler(self) -> BrokerHandler:

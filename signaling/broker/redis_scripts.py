@@ -110,15 +110,20 @@ return 1
 """
 )
 
-# Drop expired entries (of crashed instances), then return the rest.
-# KEYS: hash, zset. ARGV: now (unix s).
-PRESENCE_GET = LuaScript(
-    """
+# The start of every presence read: drop the expired entries (of crashed
+# instances). KEYS: hash, zset. ARGV: now (unix s).
+_DROP_EXPIRED_PRESENCE = """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 if #expired > 0 then
   redis.call('HDEL', KEYS[1], unpack(expired))
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 end
+"""
+
+# The live entries. KEYS, ARGV: as _DROP_EXPIRED_PRESENCE.
+PRESENCE_GET = LuaScript(
+    _DROP_EXPIRED_PRESENCE
+    + """
 return redis.call('HGETALL', KEYS[1])
 """
 )
@@ -127,12 +132,8 @@ return redis.call('HGETALL', KEYS[1])
 # fetching and decoding every entry in Python only to count them was 11 % of an
 # idle server's CPU (room viewer counts every few seconds).
 PRESENCE_STATS = LuaScript(
-    """
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-if #expired > 0 then
-  redis.call('HDEL', KEYS[1], unpack(expired))
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-end
+    _DROP_EXPIRED_PRESENCE
+    + """
 local values = redis.call('HVALS', KEYS[1])
 local seen, users = {}, 0
 for _, raw in ipairs(values) do
