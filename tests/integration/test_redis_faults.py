@@ -632,6 +632,12 @@ async def test_redis_down_commands_fail_temporarily_and_server_survives(
     await asyncio.to_thread(redis_server.start)
     await wait_ready(a, 200, 10.0)
     await sub_events.wait_for("subscribed", timeout=TIMEOUT)
+    # Redis came back empty: the stream (and epoch) of first's personal channel, a
+    # server-side subscription, is gone, so the position check after the reconnect
+    # tells first to reconnect and recover (3010). Wait for it rather than race it.
+    await asyncio.wait_for(first.closed.wait(), TIMEOUT)
+    assert first.close_code == 3010, first.close_code
+    first = await harness.connected(a, "first")
     assert "subscribe" in await first.call("subscribe", {"channel": "room:new"})
     # A subscriber that recovers when told to (first's position in the stream
     # Redis lost makes the channel's subscribers recover at its next publication).
