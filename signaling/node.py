@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING
 import orjson
 
 from signaling.auth import Credentials, TokenVerifier
-from signaling.broker.base import Broker, BrokerUnavailable, HistoryOptions, PresenceStore
+from signaling.broker.base import (
+    Broker,
+    BrokerUnavailable,
+    Claim,
+    ClaimResult,
+    HistoryOptions,
+    PresenceStore,
+)
 from signaling.channels import ChannelOptions, ChannelPolicy
 from signaling.config import Settings
 from signaling.errors import ERROR_UNKNOWN_CHANNEL, Disconnect, SignalError
@@ -37,6 +44,7 @@ if TYPE_CHECKING:
     from signaling.session import ClientSession
 
 __all__ = [
+    "ClaimedPublisher",
     "ConnectionEvent",
     "Node",
     "PublishContext",
@@ -76,6 +84,9 @@ class ConnectionEvent:
 
 
 ConnectionHook = Callable[[ConnectionEvent], Awaitable[None]]
+
+# A broker's one-step Node.publish_claimed (RedisBroker.publish_claimed).
+ClaimedPublisher = Callable[[str, Publication, HistoryOptions, Claim], Awaitable[ClaimResult]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +164,7 @@ class Node:
         metrics: Metrics,
         frame_encoder: Callable[[bytes], bytes],
         name: str | None = None,
+        publish_claimed: ClaimedPublisher | None = None,
     ) -> None:
         self.settings = settings
         self.name = name or uuid.uuid4().hex[:12]
@@ -160,6 +172,9 @@ class Node:
         self.presence = presence
         # Shared domain state (calls, moderation...) and users' online state.
         self.store = store
+        # The broker's one-step claim + publish when it can run one against
+        # ``store`` (Redis: one script); otherwise publish_claimed takes two.
+        self._publish_claimed = publish_claimed
         self.user_presence = UserPresence(store, self.name)
         self.policy = policy
         self.verifier = verifier
@@ -376,6 +391,50 @@ class Node:
         position = await self.broker.publish(channel, pub, kept)
         self.metrics.publications.inc()
         return position
+
+    async def publish_claimed(
+        self,
+        channel: str,
+        data: bytes,
+        claim: Claim,
+        *,
+        info: ClientInfo | None = None,
+        options: ChannelOptions | None = None,
+    ) -> ClaimResult:
+        """:meth:`publish`, only if no ``claim.guards`` key exists in the state
+        store and ``claim.key`` can be taken (as ``set_if_absent``); on Redis
+        the checks, the claim and the publish are one script and one round
+        trip. Returns the position, or why nothing was published: a guard
+        found (nothing claimed) or the claim taken already. Raises
+        BrokerUnavailable, after which the claim may or may not be held: a
+        caller that wants the client's retry to go through releases it
+        (``store.delete_if_equals``)."""
+        if options is None:
+            options = self.channel_options(channel)
+        pub = Publication(data, info, 0, None, int(time.time() * 1000))
+        kept = options.history
+        if self._publish_claimed is not None and kept.enabled:
+            result = await self._publish_claimed(channel, pub, kept, claim)
+        else:
+            result = await self._claim_then_publish(channel, pub, kept, claim)
+        if result.position is not None:
+            self.metrics.publications.inc()
+        return result
+
+    async def _claim_then_publish(
+        self, channel: str, pub: Publication, history: HistoryOptions, claim: Claim
+    ) -> ClaimResult:
+        # The embedded store never awaits inside claim_unless, so with the
+        # memory broker this is as atomic as the Redis script.
+        found, claimed = await self.store.claim_unless(
+            claim.key, claim.value, claim.ttl_s, guards=claim.guards
+        )
+        for key, value in zip(claim.guards, found, strict=False):
+            if value is not None:
+                return ClaimResult(None, key)
+        if not claimed:
+            return ClaimResult(None)
+        return ClaimResult(await self.broker.publish(channel, pub, history))
 
     # --- users ------------------------------------------------------------------
 

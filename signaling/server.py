@@ -18,6 +18,7 @@ import random
 import resource
 import signal
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import ModuleType
 
 from signaling.auth import TokenVerifier
@@ -29,11 +30,10 @@ from signaling.config import Settings, describe
 from signaling.errors import DISCONNECT_SHUTDOWN
 from signaling.logs import Throttle
 from signaling.metrics import CONTENT_TYPE, Metrics, watch_loop_lag
-from signaling.node import Node
+from signaling.node import ClaimedPublisher, Node
 from signaling.session import ClientSession
 from signaling.state.base import StateStore
 from signaling.state.memory import MemoryStateStore
-from signaling.state.redis import RedisStateStore
 from signaling.transport import (
     ConnectionHandler,
     HttpResponse,
@@ -115,13 +115,24 @@ def load_app(module_name: str) -> ModuleType:
     return module
 
 
-def build_broker(settings: Settings, metrics: Metrics) -> tuple[Broker, PresenceStore, StateStore]:
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """What the node runs on: the broker, presence, the state store, and the
+    broker's one-step claimed publish when it has one (Redis)."""
+
+    broker: Broker
+    presence: PresenceStore
+    store: StateStore
+    publish_claimed: ClaimedPublisher | None = None
+
+
+def build_engine(settings: Settings, metrics: Metrics) -> Engine:
     """The embedded broker, or Redis when ``REDIS_URL`` is set."""
     if settings.redis_url is None:
         memory = MemoryBroker()
         memory_store = MemoryStateStore()
         memory.on_sweep(memory_store.sweep)
-        return memory, memory, memory_store
+        return Engine(memory, memory, memory_store)
     redis = RedisBroker(
         settings.redis_url,
         cluster=settings.redis_cluster,
@@ -131,21 +142,22 @@ def build_broker(settings: Settings, metrics: Metrics) -> tuple[Broker, Presence
     # Standalone: one pipelined command connection; cluster: the client pool.
     pool = settings.redis_pool_size if settings.redis_cluster else 1
     metrics.watch_redis(redis.executor, pool)
-    return redis, redis, RedisStateStore(redis.executor, prefix=settings.redis_prefix)
+    return Engine(redis, redis, redis.state_store(), redis.publish_claimed)
 
 
 def build_node(settings: Settings, app_module: ModuleType, metrics: Metrics) -> Node:
-    broker, presence, store = build_broker(settings, metrics)
+    engine = build_engine(settings, metrics)
     policy: ChannelPolicy = app_module.channel_policy(settings)
     node = Node(
         settings,
-        broker=broker,
-        presence=presence,
-        store=store,
+        broker=engine.broker,
+        presence=engine.presence,
+        store=engine.store,
         policy=policy,
         verifier=TokenVerifier(settings),
         metrics=metrics,
         frame_encoder=encode_text_frame,
+        publish_claimed=engine.publish_claimed,
     )
     app_module.install(node)
     return node

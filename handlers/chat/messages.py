@@ -14,14 +14,19 @@ Order of checks for a client's publication (each refusal has its code):
    acknowledged without publishing (across instances: the store is shared);
 5. slow mode in a live room: 1112 if the user's slot is taken.
 
-Store round trips, in that order. A room message: ONE command for steps 2 and
-4 together, which also reads the slow-mode interval
+Store round trips. A message with a ``client_msg_id`` (the SDKs' retry-safe
+send): ONE, in the common case: the bars (rooms), the dedupe claim and the
+publish are a single claimed publish (``Node.publish_claimed``; on Redis one
+script), which publishes nothing and claims nothing when a bar or the room's
+slow mode is on. In slow mode the message then takes the steps below. Without
+a ``client_msg_id``, or in slow mode: a room message makes ONE command for
+steps 2 and 4 together, which also reads the slow-mode interval
 (:meth:`Moderation.admit_message`: ``claim_unless``, atomic, so a barred
 message takes no claim), then the slow-mode claim only while slow mode is on,
-then the publish. A DM message: the dedupe claim, then the publish. Typing:
-the bars (rooms, one MGET), then the rate counter; these two stay apart
-because their keys are in different cluster slots and a barred user's typing
-must not use up their rate.
+then the publish; a DM message is published directly. Typing: the bars
+(rooms, one MGET), then the rate counter; these two stay apart because their
+keys are in different cluster slots and a barred user's typing must not use
+up their rate.
 
 Messages are published by this hook itself (it then tells the core to skip
 its own publish): if the broker fails, the dedupe and slow-mode claims are
@@ -42,7 +47,7 @@ from handlers.channels import dm_members, room_owner
 from handlers.chat.metrics import ChatMetrics
 from handlers.chat.moderation import Moderation
 from handlers.chat.schema import ChatMessage, Typing, parse_publication
-from signaling.broker.base import BrokerUnavailable
+from signaling.broker.base import BrokerUnavailable, Claim
 from signaling.errors import SignalError
 from signaling.ids import unique_id
 from signaling.node import Node, PublishContext, PublishDecision
@@ -121,10 +126,41 @@ class ChatPublisher:
         return PublishDecision(raw=pub.encode(), history=False)
 
     async def _message(self, ctx: PublishContext, kind: str, pub: ChatMessage) -> PublishDecision:
-        metrics = self._metrics
         dedupe: tuple[str, str] | None = None
         if pub.client_msg_id is not None:
             dedupe = (_dedupe_key(ctx.channel, pub.client_msg_id, ctx.user), unique_id())
+            decision = await self._message_in_one_step(ctx, kind, pub, dedupe)
+            if decision is not None:
+                return decision
+        # A room in slow mode, or a message without client_msg_id.
+        return await self._message_in_steps(ctx, kind, pub, dedupe)
+
+    async def _message_in_one_step(
+        self, ctx: PublishContext, kind: str, pub: ChatMessage, dedupe: tuple[str, str]
+    ) -> PublishDecision | None:
+        """Bars, dedupe claim and publish as one store step (one Redis script):
+        the common case. None when the room is in slow mode, which needs the
+        moderator check and the user's slot first (nothing claimed then)."""
+        room = kind == "room"
+        guards = self._moderation.message_guards(ctx.channel, ctx.user) if room else ()
+        claim = Claim(*dedupe, self._dedupe_window_s, guards)
+        try:
+            result = await self._node.publish_claimed(
+                ctx.channel, pub.encode(), claim, info=ctx.info, options=ctx.options
+            )
+        except BaseException:
+            await self._release(dedupe, None)
+            raise
+        if result.position is not None:
+            return self._published(kind)
+        if result.guard is None:
+            return self._duplicate(kind)
+        self._moderation.raise_if_bar(ctx.channel, ctx.user, result.guard)
+        return None
+
+    async def _message_in_steps(
+        self, ctx: PublishContext, kind: str, pub: ChatMessage, dedupe: tuple[str, str] | None
+    ) -> PublishDecision:
         interval: str | None = None
         if kind == "room":
             # Bars, dedupe claim and slow-mode interval in one round trip; raises
@@ -136,8 +172,7 @@ class ChatPublisher:
         else:
             claimed = True
         if not claimed:
-            metrics.child(metrics.deduplicated, kind).inc()
-            return SKIP
+            return self._duplicate(kind)
         slow_key: str | None = None
         try:
             if interval:
@@ -147,8 +182,17 @@ class ChatPublisher:
         except BaseException:
             await self._release(dedupe, slow_key)
             raise
+        return self._published(kind)
+
+    def _published(self, kind: str) -> PublishDecision:
+        metrics = self._metrics
         metrics.child(metrics.publications, kind, "message").inc()
-        # Published above: the core only acknowledges.
+        # Published by this hook: the core only acknowledges.
+        return SKIP
+
+    def _duplicate(self, kind: str) -> PublishDecision:
+        metrics = self._metrics
+        metrics.child(metrics.deduplicated, kind).inc()
         return SKIP
 
     async def _release(self, dedupe: tuple[str, str] | None, slow_key: str | None) -> None:

@@ -198,6 +198,21 @@ class Moderation:
         _raise_if_barred(banned, timed_out)
         return claimed, interval
 
+    def message_guards(self, room: str, user: str) -> tuple[str, str, str]:
+        """Keys that stop ``user``'s message in ``room`` when they exist, for a
+        one-step claimed publish (``Node.publish_claimed``): the two bars,
+        then the room's slow-mode interval. Pass the guard found to
+        :meth:`raise_if_bar`; slow mode is left to :meth:`admit_message` and
+        :meth:`claim_slow_mode` (moderators are exempt, slots are per user)."""
+        return _ban_key(room, user), _timeout_key(room, user), _slow_key(room)
+
+    def raise_if_bar(self, room: str, user: str, guard: str) -> None:
+        """1110 or 1111 if ``guard`` is one of ``user``'s bars in ``room``."""
+        if guard == _ban_key(room, user):
+            raise SignalError(ERROR_CHAT_BANNED)
+        if guard == _timeout_key(room, user):
+            raise SignalError(ERROR_CHAT_TIMED_OUT)
+
     async def claim_slow_mode(self, room: str, user: str, interval: str | None) -> str | None:
         """Take ``user``'s slow-mode slot in ``room`` (1112 if taken), given the
         interval :meth:`admit_message` read. Returns the claim's key, to release

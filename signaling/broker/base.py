@@ -27,6 +27,8 @@ __all__ = [
     "BrokerError",
     "BrokerHandler",
     "BrokerUnavailable",
+    "Claim",
+    "ClaimResult",
     "HistoryOptions",
     "HistoryPage",
     "PresenceStore",
@@ -57,6 +59,30 @@ class HistoryOptions:
     @property
     def enabled(self) -> bool:
         return self.size > 0 and self.ttl_s > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A state-store key to take with a publication (``Node.publish_claimed``):
+    the publication goes out only if no ``guards`` key exists and ``key`` is
+    absent, and then ``key`` holds ``value`` for ``ttl_s`` (> 0). Keys are the
+    state store's, and all of them must carry the channel's hash tag
+    (``{<channel>}``) so that one script can touch them with the stream."""
+
+    key: str
+    value: str
+    ttl_s: float
+    guards: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """What became of a claimed publication: ``position`` when published;
+    otherwise ``guard`` is the first guard key found (nothing claimed), or
+    None when the claim was taken already (a duplicate)."""
+
+    position: StreamPosition | None
+    guard: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

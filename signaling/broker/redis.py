@@ -39,6 +39,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from signaling.broker.base import (
     BrokerHandler,
     BrokerUnavailable,
+    Claim,
+    ClaimResult,
     HistoryOptions,
     HistoryPage,
     UnrecoverablePosition,
@@ -54,6 +56,7 @@ from signaling.broker.redis_scripts import (
     PRESENCE_REMOVE,
     PRESENCE_STATS,
     PUBLISH,
+    PUBLISH_CLAIMED,
 )
 from signaling.broker.resp import RespClient, parse_redis_url
 from signaling.protocol import (
@@ -64,7 +67,7 @@ from signaling.protocol import (
     encode_client_info,
     publication_body,
 )
-from signaling.state.redis import RedisArg, run_script_many
+from signaling.state.redis import RedisArg, RedisStateStore, run_script_many, ttl_ms
 
 __all__ = ["RedisBroker"]
 
@@ -109,6 +112,11 @@ class RedisBroker:
         self._shards: dict[str, PubSubShard | RespPubSubShard] = {}
         self._setup: asyncio.Task[None] | None = None
         self._closing = False
+
+    def state_store(self) -> RedisStateStore:
+        """The state store on this broker's Redis and key prefix: the one
+        whose keys :meth:`publish_claimed` takes."""
+        return RedisStateStore(self.executor, prefix=self.prefix)
 
     # --- names ------------------------------------------------------------------
 
@@ -279,21 +287,42 @@ class RedisBroker:
         if not history.enabled:
             await self._execute(self._publish_cmd, self._ps_name(channel), b"p0::" + body)
             return StreamPosition(0, "")
-        stream, meta = self._stream_keys(channel)
         offset, epoch = await self._script(
-            PUBLISH,
-            [stream, meta],
-            [
-                body,
-                history.size,
-                int(history.ttl_s * 1000),
-                self._ps_name(channel),
-                META_TTL_S * 1000,
-                new_epoch(),
-                self._publish_cmd,
-            ],
+            PUBLISH, list(self._stream_keys(channel)), self._publish_args(channel, body, history)
         )
         return StreamPosition(int(offset), _text(epoch))
+
+    def _publish_args(self, channel: str, body: bytes, history: HistoryOptions) -> list[RedisArg]:
+        """ARGV of the PUBLISH script (PUBLISH_CLAIMED's first ones)."""
+        return [
+            body,
+            history.size,
+            int(history.ttl_s * 1000),
+            self._ps_name(channel),
+            META_TTL_S * 1000,
+            new_epoch(),
+            self._publish_cmd,
+        ]
+
+    async def publish_claimed(
+        self, channel: str, pub: Publication, history: HistoryOptions, claim: Claim
+    ) -> ClaimResult:
+        """Take ``claim`` (keys of :meth:`state_store`) and publish, in one
+        script and one round trip: see :meth:`signaling.node.Node.publish_claimed`.
+        Channels with history only (the script joins the stream's)."""
+        if not history.enabled:
+            raise ValueError("publish_claimed needs a channel with history")
+        prefix = self.prefix
+        keys = [*self._stream_keys(channel), prefix + claim.key]
+        keys += [prefix + key for key in claim.guards]
+        args = self._publish_args(channel, publication_body(pub), history)
+        args += [claim.value, ttl_ms(claim.ttl_s)]
+        first, second = await self._script(PUBLISH_CLAIMED, keys, args)
+        offset = int(first)
+        if offset:
+            return ClaimResult(StreamPosition(offset, _text(second)))
+        guard = int(second)
+        return ClaimResult(None, claim.guards[guard - 1] if guard else None)
 
     async def publish_join(self, channel: str, info: ClientInfo) -> None:
         await self._execute(

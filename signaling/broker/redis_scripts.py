@@ -17,6 +17,7 @@ __all__ = [
     "PRESENCE_REMOVE",
     "PRESENCE_STATS",
     "PUBLISH",
+    "PUBLISH_CLAIMED",
 ]
 
 # Append to the channel's stream and publish, atomically.
@@ -25,8 +26,7 @@ __all__ = [
 # The offset is the stream entry id; the epoch changes whenever the meta hash
 # is lost (expiry, eviction, restart), which tells clients their position is
 # gone. A new epoch (offset 1) drops entries of an older one.
-PUBLISH = LuaScript(
-    """
+_PUBLISH_BODY = """
 local epoch = redis.call('HGET', KEYS[2], 'e')
 if not epoch then
   epoch = ARGV[6]
@@ -42,6 +42,27 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call(ARGV[7], ARGV[4], 'p' .. offset .. ':' .. epoch .. ':' .. ARGV[1])
 return {offset, epoch}
 """
+
+PUBLISH = LuaScript(_PUBLISH_BODY)
+
+# PUBLISH behind a claim of the state store, in one step (Node.publish_claimed).
+# KEYS: stream, meta, the claim, then its guards. ARGV: PUBLISH's, then the
+# claim's value and TTL in ms. Returns {0, 0} when the claim is taken already,
+# {0, i} when the i-th guard exists (nothing claimed), else PUBLISH's {offset,
+# epoch} (offsets start at 1). Scripts are not rolled back: the claim comes
+# last among the checks and nothing below it can fail but Redis itself.
+PUBLISH_CLAIMED = LuaScript(
+    """
+for i = 4, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    return {0, i - 3}
+  end
+end
+if not redis.call('SET', KEYS[3], ARGV[8], 'NX', 'PX', ARGV[9]) then
+  return {0, 0}
+end
+"""
+    + _PUBLISH_BODY
 )
 
 # Read the stream top and a range of entries.

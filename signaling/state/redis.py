@@ -61,6 +61,7 @@ __all__ = [
     "RedisExecutor",
     "RedisStateStore",
     "run_script_many",
+    "ttl_ms",
 ]
 
 RedisArg = str | bytes | int | float
@@ -259,7 +260,8 @@ SCRIPTS: tuple[LuaScript, ...] = (
 # --- argument and reply conversion -------------------------------------------------------
 
 
-def _ttl_ms(ttl_s: float) -> int:
+def ttl_ms(ttl_s: float) -> int:
+    """A TTL in whole milliseconds, at least 1 (PX 0 is an error)."""
     return max(1, round(ttl_s * 1000))
 
 
@@ -350,12 +352,12 @@ class RedisStateStore:
         if ttl_s is None:
             await self._exec.execute("SET", self.key(key), value)
         else:
-            await self._exec.execute("SET", self.key(key), value, "PX", _ttl_ms(ttl_s))
+            await self._exec.execute("SET", self.key(key), value, "PX", ttl_ms(ttl_s))
 
     async def set_if_absent(self, key: str, value: str, ttl_s: float | None = None) -> bool:
         args: list[RedisArg] = ["SET", self.key(key), value, "NX"]
         if ttl_s is not None:
-            args += ("PX", _ttl_ms(ttl_s))
+            args += ("PX", ttl_ms(ttl_s))
         raw = await self._exec.execute(*args)
         # "OK" on the wire, True through redis-py's SET callback; nil when the key exists.
         return raw is not None and raw is not False
@@ -385,13 +387,13 @@ class RedisStateStore:
     ) -> tuple[list[str | None], bool]:
         prefix = self._prefix
         keys = [prefix + key, *[prefix + k for k in guards], *[prefix + k for k in reads]]
-        ttl_ms = 0 if ttl_s is None else _ttl_ms(ttl_s)
-        raw = await self._exec.run_script(CLAIM_UNLESS, keys, [value, ttl_ms, len(guards)])
+        px = 0 if ttl_s is None else ttl_ms(ttl_s)
+        raw = await self._exec.run_script(CLAIM_UNLESS, keys, [value, px, len(guards)])
         claimed, *values = raw
         return [None if found is None else _text(found) for found in values], int(claimed) == 1
 
     async def incr(self, key: str, ttl_s: float) -> int:
-        return int(await self._exec.run_script(INCR_WINDOW, [self.key(key)], [_ttl_ms(ttl_s)]))
+        return int(await self._exec.run_script(INCR_WINDOW, [self.key(key)], [ttl_ms(ttl_s)]))
 
     # --- hashes -----------------------------------------------------------------------------
 
@@ -401,7 +403,7 @@ class RedisStateStore:
     async def hset(self, key: str, values: Mapping[str, str], ttl_s: float | None = None) -> None:
         if ttl_s is not None:
             await self._exec.run_script(
-                HSET_EXPIRE, [self.key(key)], [_ttl_ms(ttl_s), *_pairs(values)]
+                HSET_EXPIRE, [self.key(key)], [ttl_ms(ttl_s), *_pairs(values)]
             )
         elif values:  # HSET needs at least one pair
             await self._exec.execute("HSET", self.key(key), *_pairs(values))
@@ -423,8 +425,8 @@ class RedisStateStore:
         if isinstance(expected, str):
             raise TypeError("hcas expected must be a collection of values, not a str")
         wanted = list(expected)
-        ttl_ms = 0 if ttl_s is None else _ttl_ms(ttl_s)
-        args: list[RedisArg] = [field, ttl_ms, len(wanted), *wanted, *_pairs(values)]
+        px = 0 if ttl_s is None else ttl_ms(ttl_s)
+        args: list[RedisArg] = [field, px, len(wanted), *wanted, *_pairs(values)]
         raw = await self._exec.run_script(HCAS, [self.key(key)], args)
         return None if raw is None else _hash(raw)
 
@@ -435,14 +437,14 @@ class RedisStateStore:
             await self._exec.execute("ZADD", self.key(key), _score(score), member)
         else:
             await self._exec.run_script(
-                ZADD_EXPIRE, [self.key(key)], [_ttl_ms(ttl_s), _score(score), member]
+                ZADD_EXPIRE, [self.key(key)], [ttl_ms(ttl_s), _score(score), member]
             )
 
     async def zadd_many(self, items: Sequence[tuple[str, str, float]], ttl_s: float) -> None:
         await run_script_many(
             self._exec,
             ZADD_EXPIRE,
-            [([self.key(k)], [_ttl_ms(ttl_s), _score(score), m]) for k, m, score in items],
+            [([self.key(k)], [ttl_ms(ttl_s), _score(score), m]) for k, m, score in items],
         )
 
     async def zrem(self, key: str, member: str) -> bool:

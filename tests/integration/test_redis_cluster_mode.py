@@ -90,8 +90,14 @@ async def test_two_instances_on_a_cluster(server_factory: Any, redis_cluster: Re
         epochs[channel] = reply["subscribe"]["epoch"]
     for n in range(3):
         for channel in channels:
-            body = {"channel": channel, "data": {"type": "message", "text": f"{channel} {n}"}}
+            # With a client_msg_id: the claimed publish script runs in the
+            # channel's slot with its dedupe key.
+            message = {"type": "message", "text": f"{channel} {n}", "client_msg_id": f"m{n}"}
+            body = {"channel": channel, "data": message}
             assert "publish" in await writer.call("publish", body)
+    for channel in channels:  # a retry: acknowledged, not published again
+        body = {"channel": channel, "data": {"type": "message", "text": "x", "client_msg_id": "m0"}}
+        assert "publish" in await writer.call("publish", body)
     got: dict[str, list[int]] = {c: [] for c in channels}
     for _ in range(3 * len(channels)):
         push = await reader.pub()

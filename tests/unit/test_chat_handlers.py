@@ -28,6 +28,7 @@ from handlers.presence import (
     status_view,
 )
 from signaling.broker.base import BrokerUnavailable
+from signaling.broker.redis import RedisBroker
 from signaling.config import Settings
 from signaling.errors import SignalError
 from signaling.metrics import Metrics
@@ -164,10 +165,11 @@ class CountingStore:
 @pytest.mark.parametrize(
     ("channel", "data", "commands"),
     [
-        # Bars, dedupe claim and slow-mode interval: one command.
+        # Bars, dedupe claim (and publish: Node.publish_claimed, one script on
+        # Redis; the embedded engine's claim_unless here): one command.
         (ROOM, {"type": "message", "text": "hi", "client_msg_id": "m1"}, ["claim_unless"]),
         (ROOM, {"type": "message", "text": "hi"}, ["get_many"]),
-        ("dm:#a,fan", {"type": "message", "text": "hi", "client_msg_id": "m1"}, ["set_if_absent"]),
+        ("dm:#a,fan", {"type": "message", "text": "hi", "client_msg_id": "m1"}, ["claim_unless"]),
         ("dm:#a,fan", {"type": "message", "text": "hi"}, []),
         (ROOM, {"type": "typing"}, ["get_many", "incr"]),
         ("dm:#a,fan", {"type": "typing"}, ["incr"]),
@@ -205,9 +207,10 @@ async def test_slow_mode_reads_the_interval_with_the_bars(
 
 
 def test_keys_read_together_share_a_cluster_slot() -> None:
-    """A room message reads the ban, timeout and slow-mode keys and takes the
-    dedupe claim in one command: on Redis Cluster they must hash to one slot,
-    whatever the prefix, user or client_msg_id."""
+    """A room message reads the ban, timeout and slow-mode keys, takes the
+    dedupe claim and appends to the channel's stream in one script: on Redis
+    Cluster they must hash to one slot, whatever the prefix, user or
+    client_msg_id."""
     user, room = "u{1}:x", "room:c-9.z"
     keys = [
         moderation_keys._ban_key(room, user),
@@ -215,7 +218,9 @@ def test_keys_read_together_share_a_cluster_slot() -> None:
         moderation_keys._slow_key(room),
         messages_keys._dedupe_key(room, "id-1", user),
     ]
+    stream_keys = RedisBroker("redis://127.0.0.1:1", prefix="sig:")._stream_keys(room)
     slots = {key_slot(f"sig:{key}".encode()) for key in keys}
+    slots |= {key_slot(key.encode()) for key in stream_keys}
     assert slots == {key_slot(room.encode())}
 
 
@@ -280,3 +285,24 @@ async def test_users_of_a_dead_node_are_reaped_and_go_offline(node: Node) -> Non
     assert await store.zrange_by_score("presence:node-users:{dead}", 0, float("inf")) == []
     live = [n for n, _ in await store.zrange_by_score(NODES_KEY, 0, float("inf"))]
     assert "dead" not in live and node.name in live
+
+
+async def test_slow_mode_message_with_client_msg_id_takes_the_steps(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-step claimed publish finds the room's slow-mode key and stops
+    without claiming; the message then goes through the slow-mode steps."""
+    await node.store.set("chat:slow:{room:cre}", "60")
+    store = CountingStore(node.store)
+    monkeypatch.setattr(node, "store", store)
+    publisher, _, _ = chat(node)
+    message = {"type": "message", "text": "hi", "client_msg_id": "s1"}
+    assert await publisher.on_publish(context(node, message)) == PublishDecision(skip=True)
+    assert store.calls == ["claim_unless", "claim_unless", "zrange_by_score", "set_if_absent"]
+    assert await history(node, ROOM) == [message]
+    with pytest.raises(SignalError) as refused:
+        await publisher.on_publish(context(node, {**message, "client_msg_id": "s2"}))
+    assert refused.value.value.code == 1112
+    # Refused for slow mode: its dedupe claim was released, so a retry after the
+    # interval is published, not taken for a duplicate.
+    assert await store.inner.get("chat:dedupe:{room:cre}:s2:fan") is None
