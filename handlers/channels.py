@@ -24,6 +24,7 @@ Any other channel is unknown (error 102).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from signaling.broker.base import HistoryOptions
@@ -57,7 +58,8 @@ def status_channel(user: str) -> str:
 
 
 def _valid_id(value: str) -> bool:
-    return 0 < len(value) <= MAX_ID_LENGTH and all(c in _ID_CHARS for c in value)
+    # issuperset walks the string in C: a tenth of a generator's cost.
+    return 0 < len(value) <= MAX_ID_LENGTH and _ID_CHARS.issuperset(value)
 
 
 def room_owner(channel: str) -> str | None:
@@ -75,6 +77,9 @@ def dm_members(channel: str) -> tuple[str, str] | None:
     return _dm_members(channel)
 
 
+# Asked on every DM publish (policy options, publish right, chat kind).
+# Bounded: channels come and go.
+@functools.lru_cache(maxsize=4096)
 def _dm_members(channel: str) -> tuple[str, str] | None:
     members = channel[len("dm:#") :].split(",")
     # One conversation, one channel: members must be in sorted order.
@@ -89,6 +94,9 @@ class PlatformChannelPolicy:
     history_ttl_s: float
 
     def options(self, channel: str) -> ChannelOptions | None:
+        return _cached_options(self, channel)
+
+    def _options(self, channel: str) -> ChannelOptions | None:
         history = HistoryOptions(self.history_size, self.history_ttl_s)
         if channel.startswith("room:"):
             if not _valid_id(channel[len("room:") :]):
@@ -139,3 +147,11 @@ class PlatformChannelPolicy:
 
     def personal_channel(self, user: str) -> str | None:
         return personal_channel(user) if _valid_id(user) else None
+
+
+# Options depend only on the policy's settings and the name, and every publish,
+# subscribe and history request asks (two dataclasses and a name check each).
+# Bounded: channels come and go.
+@functools.lru_cache(maxsize=8192)
+def _cached_options(policy: PlatformChannelPolicy, channel: str) -> ChannelOptions | None:
+    return policy._options(channel)

@@ -116,6 +116,10 @@ class Metrics:
         )
         # Refreshed by watch_loop_lag: multiprocess mode has no callbacks.
         self._gauge_updates: list[Callable[[], None]] = []
+        # Label children of the per-command metrics: labels() costs a lock and
+        # a tuple per call, and every command asks. Bounded by the label
+        # values (methods, error codes).
+        self._command_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     def watch_redis(self, executor: PipelineStats, pool_size: int) -> None:
         """Expose the Redis connection pool and pipelining."""
@@ -143,6 +147,15 @@ class Metrics:
             last[:] = [executor.batches, executor.commands]
 
         self._gauge_updates.append(update)
+
+    def command_done(self, method: str, result: str, seconds: float) -> None:
+        """Count a command by method and result and time it."""
+        children = self._command_children.get((method, result))
+        if children is None:
+            children = (self.commands.labels(method, result), self.command_duration.labels(method))
+            self._command_children[method, result] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def update_gauges(self) -> None:
         for update in self._gauge_updates:

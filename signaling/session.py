@@ -387,8 +387,7 @@ class ClientSession:
             result = "exception"
             log.exception("%s failed on connection %s", method, self.client_id)
             self.disconnect(DISCONNECT_INTERNAL)
-        metrics.commands.labels(method, result).inc()
-        metrics.command_duration.labels(method).observe(time.perf_counter() - started)
+        metrics.command_done(method, result, time.perf_counter() - started)
 
     def _send(self, message: bytes) -> None:
         if not self._closed:
