@@ -94,33 +94,19 @@ class PlatformChannelPolicy:
     history_ttl_s: float
 
     def options(self, channel: str) -> ChannelOptions | None:
-        return _cached_options(self, channel)
-
-    def _options(self, channel: str) -> ChannelOptions | None:
-        history = HistoryOptions(self.history_size, self.history_ttl_s)
+        # Every publish, subscribe and history request asks: the options of
+        # each namespace are built once per policy and shared.
+        shared = _namespace_options(self.history_size, self.history_ttl_s)
         if channel.startswith("room:"):
-            if not _valid_id(channel[len("room:") :]):
-                return None
-            return ChannelOptions(history=history, presence=True, join_leave=True)
+            return shared.room if _valid_id(channel[len("room:") :]) else None
         if channel.startswith("dm:#"):
-            if _dm_members(channel) is None:
-                return None
-            return ChannelOptions(history=history, presence=True, join_leave=True)
+            return shared.dm if _dm_members(channel) is not None else None
         if channel.startswith("user:#"):
-            if not _valid_id(channel[len("user:#") :]):
-                return None
-            return ChannelOptions(history=history, client_publish=False)
+            return shared.personal if _valid_id(channel[len("user:#") :]) else None
         if channel.startswith("private:"):
-            if not _valid_id(channel[len("private:") :]):
-                return None
-            return ChannelOptions(history=history, presence=True, token_required=True)
+            return shared.private if _valid_id(channel[len("private:") :]) else None
         if channel.startswith("status:"):
-            if not _valid_id(channel[len("status:") :]):
-                return None
-            # One publication kept: the latest state, for recovery after a
-            # reconnect; anything older is stale by definition.
-            latest = HistoryOptions(min(1, self.history_size), self.history_ttl_s)
-            return ChannelOptions(history=latest, client_publish=False)
+            return shared.status if _valid_id(channel[len("status:") :]) else None
         return None
 
     def can_subscribe(self, user: str, channel: str) -> bool:
@@ -149,9 +135,26 @@ class PlatformChannelPolicy:
         return personal_channel(user) if _valid_id(user) else None
 
 
-# Options depend only on the policy's settings and the name, and every publish,
-# subscribe and history request asks (two dataclasses and a name check each).
-# Bounded: channels come and go.
-@functools.lru_cache(maxsize=8192)
-def _cached_options(policy: PlatformChannelPolicy, channel: str) -> ChannelOptions | None:
-    return policy._options(channel)
+@dataclass(frozen=True, slots=True)
+class _NamespaceOptions:
+    room: ChannelOptions
+    dm: ChannelOptions
+    personal: ChannelOptions
+    private: ChannelOptions
+    status: ChannelOptions
+
+
+@functools.lru_cache(maxsize=16)
+def _namespace_options(history_size: int, history_ttl_s: float) -> _NamespaceOptions:
+    history = HistoryOptions(history_size, history_ttl_s)
+    return _NamespaceOptions(
+        room=ChannelOptions(history=history, presence=True, join_leave=True),
+        dm=ChannelOptions(history=history, presence=True, join_leave=True),
+        personal=ChannelOptions(history=history, client_publish=False),
+        private=ChannelOptions(history=history, presence=True, token_required=True),
+        # One publication kept: the latest state, for recovery after a
+        # reconnect; anything older is stale by definition.
+        status=ChannelOptions(
+            history=HistoryOptions(min(1, history_size), history_ttl_s), client_publish=False
+        ),
+    )
