@@ -20,6 +20,12 @@ that bound also frees a slow client whose close frame sits behind unread data.
 websockets checks UTF-8 in its asyncio message assembler, not in the sans-I/O
 layer, so complete text messages are validated here (invalid → close 1007).
 
+Incoming messages that fit one ordinary frame (what clients send) are parsed
+here, not by websockets' generator-based parser, while that parser sits at a
+frame boundary; control frames still go to websockets whole, and anything
+unusual (fragments, oversized or malformed frames) hands the stream back to it
+for good (``WebSocketConnection._take_messages``).
+
 Logging (``signaling.transport``): ERROR when an application callback raises
 (with traceback; that connection closes with 1011); INFO only once per server
 (listening, stopped, aborted at shutdown); DEBUG per connection. websockets'
@@ -47,6 +53,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import OPEN, Event, State
 from websockets.protocol import Protocol as WsProtocol
 from websockets.server import ServerProtocol
+from websockets.speedups import apply_mask
 from websockets.typing import Origin
 
 __all__ = [
@@ -100,6 +107,19 @@ def encode_text_frame(payload: bytes) -> bytes:
     if length < 65536:
         return _HEADER_16.pack(_FIN_TEXT, 126, length) + payload
     return _HEADER_64.pack(_FIN_TEXT, 127, length) + payload
+
+
+def _at_frame_boundary(protocol: WsProtocol) -> bool:
+    """True if websockets' frame parser holds no bytes and waits for the next
+    frame's first byte (its generator chain ends in ``StreamReader.at_eof``).
+    Anything else, including an unknown websockets internals layout, is False:
+    the fast path is then never taken and websockets parses everything."""
+    if protocol.state is not OPEN or protocol.reader.buffer:
+        return False
+    parser: Any = protocol.parser
+    while getattr(parser, "gi_yieldfrom", None) is not None:
+        parser = parser.gi_yieldfrom
+    return getattr(getattr(parser, "gi_code", None), "co_name", None) == "at_eof"
 
 
 def _frame_payload(frame: bytes) -> bytes:
@@ -251,6 +271,7 @@ class WebSocketConnection(asyncio.Protocol):
         "_open",
         "_paused",
         "_protocol",
+        "_rx",
         "_server",
         "_transport",
         "headers",
@@ -288,6 +309,9 @@ class WebSocketConnection(asyncio.Protocol):
         self._fragments: list[bytes] | None = None
         self._fragment_opcode = Opcode.TEXT
         self._close_timer: asyncio.TimerHandle | None = None
+        # The bytes of an incomplete frame while complete single-frame
+        # messages are parsed here (data_received); None: websockets parses.
+        self._rx: bytes | None = None
 
     # Public API
 
@@ -330,13 +354,19 @@ class WebSocketConnection(asyncio.Protocol):
     def send_text(self, payload: bytes) -> None:
         """Frame and write one text message for this connection only.
 
-        Goes through the protocol object, so it honours compression. Same
-        slow-client check as :meth:`write_frame`; dropped when closed.
+        On a compressed connection through the protocol object (it
+        compresses); otherwise framed like a broadcast. Same slow-client
+        check as :meth:`write_frame`; dropped when closed.
         """
         if not self._open:
             return
-        self._protocol.send_text(payload)
-        self._flush()
+        if not self._compressed:
+            # Framed here, as for broadcasts: the protocol object's own framing
+            # (a Frame, its serializer, data_to_send) costs more than the frame.
+            self._transport.write(encode_text_frame(payload))
+        else:
+            self._protocol.send_text(payload)
+            self._flush()
         if self._paused:
             self._check_slow()
 
@@ -383,6 +413,8 @@ class WebSocketConnection(asyncio.Protocol):
             self._process(pending)
             if self._protocol.close_expected():
                 self._arm_close_timer()
+        if not self._compressed and self._fragments is None and _at_frame_boundary(self._protocol):
+            self._rx = b""
 
     def _check_slow(self) -> None:
         if self._transport.get_write_buffer_size() <= self._server._options.send_buffer_max_bytes:
@@ -505,6 +537,67 @@ class WebSocketConnection(asyncio.Protocol):
     # asyncio.Protocol callbacks
 
     def data_received(self, data: bytes) -> None:
+        if self._rx is not None:
+            data = self._take_messages(data)
+            if not data:
+                return
+        self._receive(data)
+
+    def _take_messages(self, data: bytes) -> bytes:
+        """Deliver the complete single-frame messages at the head of the stream
+        and keep an incomplete one; return what websockets must parse.
+
+        The common frame (masked, final, text or binary, no RSV bit, within
+        ``max_message_bytes``) is parsed here: through websockets' parser it
+        costs a generator chain, a Frame and an event list per message, more
+        than the rest of a publish. A control frame goes to websockets whole
+        (it answers pings and closes) and the fast path carries on if its
+        parser is back at a frame boundary. Anything else (fragments, large
+        or unmasked frames, a close in progress) ends the fast path for the
+        connection, at a frame boundary: websockets parses the rest and
+        fails the connection where the protocol says so.
+        """
+        buffered = self._rx
+        buf = buffered + data if buffered else data
+        pos, end = 0, len(buf)
+        limit = self._server._options.max_message_bytes
+        while end - pos >= 6:
+            first, second = buf[pos], buf[pos + 1]
+            length = second & 0x7F
+            start = pos + 6
+            if length == 126:
+                if end - pos < 8:
+                    self._rx = buf[pos:]
+                    return b""
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                start = pos + 8
+            if length > limit or length == 127 or not second & 0x80 or first & 0x70:
+                break  # large, unmasked or with RSV bits: websockets decides
+            stop = start + length
+            if stop > end:
+                self._rx = buf[pos:]
+                return b""
+            opcode = first & 0x0F
+            if opcode >= 8:  # control frame
+                self._receive(buf[pos:stop])
+                pos = stop
+                if self._local_close or not _at_frame_boundary(self._protocol):
+                    break
+                continue
+            if not first & 0x80 or opcode not in (1, 2):
+                break  # a fragment, or a reserved opcode
+            payload = apply_mask(buf[start:stop], buf[start - 4 : start])
+            pos = stop
+            self._deliver(Opcode.TEXT if opcode == 1 else Opcode.BINARY, payload)
+            if self._local_close:
+                break
+        else:
+            self._rx = buf[pos:] if pos < end else b""
+            return b""
+        self._rx = None
+        return buf[pos:]
+
+    def _receive(self, data: bytes) -> None:
         protocol = self._protocol
         protocol.receive_data(data)
         events = protocol.events_received()

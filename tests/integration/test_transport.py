@@ -290,6 +290,82 @@ async def test_fragmented_messages_are_reassembled() -> None:
         assert session.binaries == [b"\x00\x01\x02"]
 
 
+def client_frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
+    return Frame(opcode, data, fin=fin).serialize(mask=True, extensions=[])
+
+
+async def read_server_frames(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of the next ``count`` frames the server sends."""
+    loop = asyncio.get_running_loop()
+    buf, frames = b"", []
+    while len(frames) < count:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 1000 * MS)
+        assert chunk, "server closed"
+        buf += chunk
+        while len(buf) >= 2:
+            length, start = buf[1] & 0x7F, 2
+            if length == 126:
+                length, start = int.from_bytes(buf[2:4], "big"), 4
+            if len(buf) < start + length:
+                break
+            frames.append((buf[0] & 0x0F, buf[start : start + length]))
+            buf = buf[start + length :]
+    return frames
+
+
+@scenario
+async def test_frames_split_anywhere_are_delivered_in_order() -> None:
+    """Messages are parsed by the transport's fast path whatever the TCP
+    segmentation; a ping in between is answered by websockets, and a
+    fragmented message (which websockets then reassembles, and every message
+    after it) arrives in order too."""
+    for chunk_size in (1, 2, 5, 7, 64, 100_000):
+        await split_frames_scenario(chunk_size)
+
+
+async def split_frames_scenario(chunk_size: int) -> None:
+    async with serving() as (transport, app):
+        sock = await raw_websocket(transport)
+        loop = asyncio.get_running_loop()
+        try:
+            session = await next_session(app)
+            stream = b"".join(
+                [
+                    client_frame(Opcode.TEXT, b"one"),
+                    client_frame(Opcode.TEXT, b""),
+                    client_frame(Opcode.PING, b"are you there"),
+                    client_frame(Opcode.TEXT, "x✓".encode() * 100),  # 16-bit length
+                    client_frame(Opcode.BINARY, b"\x00\x01"),
+                ]
+            )
+            for i in range(0, len(stream), chunk_size):
+                await loop.sock_sendall(sock, stream[i : i + chunk_size])
+            frames = await read_server_frames(sock, 4)
+            assert frames == [
+                (Opcode.TEXT.value, b"one"),
+                (Opcode.TEXT.value, b""),
+                (Opcode.PONG.value, b"are you there"),
+                (Opcode.TEXT.value, "x✓".encode() * 100),
+            ]
+            assert session.binaries == [b"\x00\x01"]
+            # Still on the fast path after the ping (websockets parses it whole).
+            assert session.conn._rx is not None
+            stream = b"".join(
+                [
+                    client_frame(Opcode.TEXT, b"frag", fin=False),
+                    client_frame(Opcode.CONT, b"mented"),
+                    client_frame(Opcode.TEXT, b"after"),
+                ]
+            )
+            for i in range(0, len(stream), chunk_size):
+                await loop.sock_sendall(sock, stream[i : i + chunk_size])
+            frames = await read_server_frames(sock, 2)
+            assert frames == [(Opcode.TEXT.value, b"fragmented"), (Opcode.TEXT.value, b"after")]
+            assert session.conn._rx is None  # websockets parses from the fragment on
+        finally:
+            sock.close()
+
+
 @scenario
 async def test_binary_message_goes_to_on_binary() -> None:
     async with serving() as (transport, app), connect(ws_uri(transport)) as ws:
