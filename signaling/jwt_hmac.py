@@ -307,24 +307,21 @@ class HmacVerifier:
         now = time.time()
         leeway = self._leeway
         if "iat" in payload and self._verify_iat:
-            try:
-                iat = int(payload["iat"])
-            except (ValueError, TypeError, OverflowError):
-                raise InvalidIssuedAtError("Issued At claim (iat) must be an integer.") from None
+            iat = _int_claim(
+                payload["iat"], InvalidIssuedAtError, "Issued At claim (iat) must be an integer."
+            )
             if iat > now + leeway:
                 raise ImmatureSignatureError("The token is not yet valid (iat)")
         if "nbf" in payload and self._verify_nbf:
-            try:
-                nbf = int(payload["nbf"])
-            except (ValueError, TypeError, OverflowError):
-                raise DecodeError("Not Before claim (nbf) must be an integer.") from None
+            nbf = _int_claim(
+                payload["nbf"], DecodeError, "Not Before claim (nbf) must be an integer."
+            )
             if nbf > now + leeway:
                 raise ImmatureSignatureError("The token is not yet valid (nbf)")
         if "exp" in payload and self._verify_exp:
-            try:
-                exp = int(payload["exp"])
-            except (ValueError, TypeError, OverflowError):
-                raise DecodeError("Expiration Time claim (exp) must be an integer.") from None
+            exp = _int_claim(
+                payload["exp"], DecodeError, "Expiration Time claim (exp) must be an integer."
+            )
             if exp <= now - leeway:
                 raise ExpiredSignatureError("Signature has expired")
         if self._verify_iss:
@@ -374,6 +371,14 @@ def _validate_headers(header: dict[str, Any]) -> None:
                 raise InvalidTokenError("Unsupported critical extension")
             if ext not in header:
                 raise InvalidTokenError("Critical extension is missing from headers")
+
+
+def _int_claim(value: Any, error: type[Exception], message: str) -> int:
+    """A time claim as PyJWT reads it: ``int()`` of the value, or ``error``."""
+    try:
+        return int(value)
+    except (ValueError, TypeError, OverflowError):
+        raise error(message) from None
 
 
 def _validate_iss(payload: dict[str, Any], issuer: str | None) -> None:

@@ -561,18 +561,22 @@ class WebSocketConnection(asyncio.Protocol):
         buf = buffered + data if buffered else data
         pos, end = 0, len(buf)
         limit = self._server._options.max_message_bytes
+        # The loop ends by break where websockets takes over, by return on an
+        # incomplete frame, or (else) with fewer bytes left than any frame has.
         while end - pos >= 6:
             first, second = buf[pos], buf[pos + 1]
             length = second & 0x7F
             start = pos + 6
+            if length == 127 or not second & 0x80 or first & 0x70:
+                break  # 64-bit length, unmasked or RSV bits: websockets decides
             if length == 126:
                 if end - pos < 8:
                     self._rx = buf[pos:]
                     return b""
                 length = (buf[pos + 2] << 8) | buf[pos + 3]
                 start = pos + 8
-            if length > limit or length == 127 or not second & 0x80 or first & 0x70:
-                break  # large, unmasked or with RSV bits: websockets decides
+            if length > limit:
+                break  # websockets closes with 1009
             stop = start + length
             if stop > end:
                 self._rx = buf[pos:]
