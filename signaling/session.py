@@ -396,8 +396,15 @@ class ClientSession:
     async def _dispatch(self, cmd: Command) -> None:
         req = cmd.request
         if isinstance(req, PublishRequest):
-            await self._publish(req)
-            self._send(encode_reply(cmd.id, "publish", {}))
+            # The publisher's own copy usually arrives with the broker's
+            # acknowledgement: held, it leaves with the reply in one write.
+            conn = self.conn
+            conn.hold()
+            try:
+                await self._publish(req)
+                self._send(encode_reply(cmd.id, "publish", {}))
+            finally:
+                conn.release()
         elif isinstance(req, SubscribeRequest):
             await self._subscribe(cmd.id, req)
         elif isinstance(req, UnsubscribeRequest):

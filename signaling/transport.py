@@ -81,6 +81,8 @@ _MAX_CLOSE_REASON_BYTES: Final = 123
 # After wait_closed() aborts the stragglers, connection_lost arrives within a
 # loop iteration or two; this only bounds a bug.
 _ABORT_GRACE_S: Final = 1.0
+# Frames a held connection keeps before writing anyway (WebSocketConnection.hold).
+_HOLD_MAX_FRAMES: Final = 16
 
 
 # --- frames ------------------------------------------------------------------
@@ -267,6 +269,7 @@ class WebSocketConnection(asyncio.Protocol):
         "_fragment_opcode",
         "_fragments",
         "_handler",
+        "_held",
         "_local_close",
         "_open",
         "_paused",
@@ -312,6 +315,8 @@ class WebSocketConnection(asyncio.Protocol):
         # The bytes of an incomplete frame while complete single-frame
         # messages are parsed here (data_received); None: websockets parses.
         self._rx: bytes | None = None
+        # Frames kept by hold() until release(); None when not holding.
+        self._held: list[bytes] | None = None
 
     # Public API
 
@@ -344,6 +349,12 @@ class WebSocketConnection(asyncio.Protocol):
         if self._compressed:
             self.send_text(_frame_payload(frame))
             return
+        held = self._held
+        if held is not None:
+            held.append(frame)
+            if len(held) >= _HOLD_MAX_FRAMES:
+                self.release()
+            return
         self._transport.write(frame)
         # The transport pauses us when its buffer passes the high-water mark,
         # which is capped at send_buffer_max_bytes: while not paused the buffer
@@ -363,12 +374,36 @@ class WebSocketConnection(asyncio.Protocol):
         if not self._compressed:
             # Framed here, as for broadcasts: the protocol object's own framing
             # (a Frame, its serializer, data_to_send) costs more than the frame.
-            self._transport.write(encode_text_frame(payload))
-        else:
-            self._protocol.send_text(payload)
-            self._flush()
+            self.write_frame(encode_text_frame(payload))
+            return
+        self._protocol.send_text(payload)
+        self._flush()
         if self._paused:
             self._check_slow()
+
+    def hold(self) -> None:
+        """Keep the frames written from now on and write them together at
+        :meth:`release`: one system call instead of one per frame.
+
+        For a command whose reply follows deliveries to the same connection
+        (a publish: the publisher's own copy arrives with the broker's
+        acknowledgement). The caller must release; at most
+        ``_HOLD_MAX_FRAMES`` are kept before writing anyway. No effect on a
+        compressed connection.
+        """
+        if self._held is None and not self._compressed:
+            self._held = []
+
+    def release(self) -> None:
+        """Write what :meth:`hold` kept, in order, and stop holding."""
+        held = self._held
+        if held is None:
+            return
+        self._held = None
+        if held and self._open:
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+            if self._paused:
+                self._check_slow()
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the closing handshake; idempotent.
@@ -390,6 +425,7 @@ class WebSocketConnection(asyncio.Protocol):
             Close(code, reason).check()
         except ProtocolError:
             raise ValueError(f"invalid close code {code}") from None
+        self.release()  # held frames go before the close frame
         self._local_close = True
         self._open = False
         if _log.isEnabledFor(logging.DEBUG):
@@ -433,6 +469,8 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         """Write what the protocol produced; the empty bytes mean EOF."""
+        if self._held:
+            self.release()  # held data frames go before pongs and close frames
         protocol = self._protocol
         for data in protocol.data_to_send():
             if data:

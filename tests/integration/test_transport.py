@@ -26,6 +26,7 @@ from websockets.frames import Frame, Opcode
 from websockets.typing import Origin
 
 from signaling.transport import (
+    _HOLD_MAX_FRAMES,
     ConnectionHandler,
     HttpResponse,
     Transport,
@@ -613,6 +614,40 @@ async def test_write_frame_shared_by_50_connections() -> None:
         received = await asyncio.gather(*(ws.recv() for ws in clients))
         assert received == ['{"push":{"channel":"room:1"}}'] * 50
         await asyncio.gather(*(ws.close() for ws in clients))
+
+
+@scenario
+async def test_held_frames_are_written_at_release_in_order() -> None:
+    """hold() keeps frames until release() (one write); a close releases them
+    first, and a full hold writes without waiting."""
+    async with serving() as (transport, app):
+        async with connect(ws_uri(transport)) as ws:
+            conn = (await next_session(app)).conn
+            conn.hold()
+            conn.write_frame(encode_text_frame(b"push 1"))
+            conn.send_text(b"reply")
+            conn.write_frame(encode_text_frame(b"push 2"))
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ws.recv(), 100 * MS)  # nothing sent while held
+            conn.release()
+            assert [await ws.recv() for _ in range(3)] == ["push 1", "reply", "push 2"]
+            conn.send_text(b"not held")  # released: written at once
+            assert await ws.recv() == "not held"
+
+            conn.hold()
+            for n in range(_HOLD_MAX_FRAMES):
+                conn.write_frame(encode_text_frame(f"burst {n}".encode()))
+            received = [await ws.recv() for _ in range(_HOLD_MAX_FRAMES)]
+            assert received == [f"burst {n}" for n in range(_HOLD_MAX_FRAMES)]
+            conn.release()
+
+        async with connect(ws_uri(transport)) as ws:
+            conn = (await next_session(app)).conn
+            conn.hold()
+            conn.send_text(b"last words")
+            conn.close(3001, "bye")
+            assert await ws.recv() == "last words"
+            assert await close_code(ws) == 3001
 
 
 @scenario
