@@ -56,6 +56,8 @@ from websockets.server import ServerProtocol
 from websockets.speedups import apply_mask
 from websockets.typing import Origin
 
+from signaling.handshake import parse_plain_upgrade, switching_protocols
+
 __all__ = [
     "ConnectionHandler",
     "HttpResponse",
@@ -291,12 +293,13 @@ class WebSocketConnection(asyncio.Protocol):
         server: Transport,
         transport: asyncio.Transport,
         protocol: ServerProtocol,
-        request: Request,
+        path: str,
+        headers: Mapping[str, str],
         remote_address: str,
     ) -> None:
         self.remote_address = remote_address
-        self.path = request.path
-        self.headers = _HeaderView(request.headers)
+        self.path = path
+        self.headers = headers
         self._server = server
         self._transport = transport
         self._protocol = protocol
@@ -442,15 +445,22 @@ class WebSocketConnection(asyncio.Protocol):
 
     # Internals
 
-    def _attach(self, handler: ConnectionHandler, pending: list[Event]) -> None:
-        """Install the app's handler, then deliver frames that came with the request."""
-        self._handler = handler
+    def _attach(self, pending: list[Event]) -> None:
+        """Deliver frames websockets parsed with the request, then take the
+        fast path if websockets' parser allows it."""
         if pending:
             self._process(pending)
             if self._protocol.close_expected():
                 self._arm_close_timer()
         if not self._compressed and self._fragments is None and _at_frame_boundary(self._protocol):
             self._rx = b""
+
+    def _attach_raw(self, data: bytes) -> None:
+        """Take the fast path from the start (a fresh parser, no extension),
+        and parse what followed the request."""
+        self._rx = b""
+        if data:
+            self.data_received(data)
 
     def _check_slow(self) -> None:
         if self._transport.get_write_buffer_size() <= self._server._options.send_buffer_max_bytes:
@@ -719,7 +729,7 @@ def _truncate_reason(reason: str) -> str:
 class _HttpConnection(asyncio.Protocol):
     """Owns a socket from accept until its HTTP request is answered or upgraded."""
 
-    __slots__ = ("_first_data", "_protocol", "_remote_address", "_server", "_timer", "_transport")
+    __slots__ = ("_first_data", "_remote_address", "_server", "_timer", "_transport", "_ws")
 
     _transport: asyncio.Transport
     _remote_address: str
@@ -727,8 +737,15 @@ class _HttpConnection(asyncio.Protocol):
 
     def __init__(self, server: Transport) -> None:
         self._server = server
-        self._protocol = server._new_protocol()
+        # websockets' protocol, made only for requests the fast path leaves to it.
+        self._ws: ServerProtocol | None = None
         self._first_data = True
+
+    @property
+    def _protocol(self) -> ServerProtocol:
+        if self._ws is None:
+            self._ws = self._server._new_protocol()
+        return self._ws
 
     def abort(self) -> None:
         self._transport.abort()
@@ -743,7 +760,7 @@ class _HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._first_data:
             self._first_data = False
-            if self._refused_early(data):
+            if self._answered_early(data):
                 return
         protocol = self._protocol
         protocol.receive_data(data)
@@ -757,13 +774,16 @@ class _HttpConnection(asyncio.Protocol):
         # or EOF for a malformed request.
         self._flush()
 
-    def _refused_early(self, data: bytes) -> bool:
-        """Answer an upgrade the app refuses anyway (draining, overloaded) from
-        the request line alone, before websockets parses the request.
+    def _answered_early(self, data: bytes) -> bool:
+        """Answer an upgrade request without websockets' parser: refused from
+        the request line alone when the app refuses upgrades anyway (draining,
+        overloaded), upgraded when it is the plain request clients send
+        (:func:`~signaling.handshake.parse_plain_upgrade`). False: websockets
+        parses the request.
 
         Under a reconnect storm most upgrades are refused; parsing each one
         and serializing a ``Response`` cost several times what the refusal
-        itself does. Plain HTTP (health checks, metrics) is never refused here.
+        itself does. Plain HTTP (health checks, metrics) is never answered here.
         """
         server = self._server
         prefix = server._upgrade_prefix
@@ -771,7 +791,25 @@ class _HttpConnection(asyncio.Protocol):
             return False
         answer = server._upgrade_refusal()
         if answer is None:
-            return False
+            upgrade = parse_plain_upgrade(
+                data,
+                server._options.websocket_path,
+                server._origins,
+                extensions_ignored=server._extensions is None,
+            )
+            if upgrade is None:
+                return False
+            self._timer.cancel()
+            self._transport.write(switching_protocols(upgrade.accept))
+            protocol = ServerProtocol(
+                state=OPEN, max_size=server._options.max_message_bytes, logger=_WEBSOCKETS_LOG
+            )
+            # Its parser would keep ServerProtocol.parse's frame for life too.
+            _release_handshake(protocol)
+            conn = self._upgrade(protocol, upgrade.path, upgrade.headers)
+            if conn is not None:
+                conn._attach_raw(upgrade.rest)
+            return True
         self._timer.cancel()
         transport = self._transport
         transport.write(_raw_response(answer))
@@ -819,7 +857,11 @@ class _HttpConnection(asyncio.Protocol):
             if response.status_code == 101:
                 protocol.send_response(response)
                 self._flush()
-                self._upgrade(request, pending)
+                if not pending:
+                    _release_handshake(protocol)
+                conn = self._upgrade(protocol, request.path, _HeaderView(request.headers))
+                if conn is not None:
+                    conn._attach(pending)
                 return
         if _log.isEnabledFor(logging.DEBUG):
             _log.debug(
@@ -833,13 +875,15 @@ class _HttpConnection(asyncio.Protocol):
         protocol.send_response(response)
         self._flush()
 
-    def _upgrade(self, request: Request, pending: list[Event]) -> None:
+    def _upgrade(
+        self, protocol: ServerProtocol, path: str, headers: Mapping[str, str]
+    ) -> WebSocketConnection | None:
+        """Hand the socket to a new connection (the 101 is written) and the
+        app; None if the app failed (the connection is closing)."""
         server = self._server
         transport = self._transport
         server._handshakes.discard(self)
-        if not pending:
-            _release_handshake(self._protocol)
-        conn = WebSocketConnection(server, transport, self._protocol, request, self._remote_address)
+        conn = WebSocketConnection(server, transport, protocol, path, headers, self._remote_address)
         # From here on the transport calls conn; this object is dropped.
         transport.set_protocol(conn)
         limit = server._options.send_buffer_max_bytes
@@ -847,15 +891,16 @@ class _HttpConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=high, low=high // 4)
         server._connections.add(conn)
         if _log.isEnabledFor(logging.DEBUG):
-            _log.debug("%s: websocket opened %s", self._remote_address, request.path)
+            _log.debug("%s: websocket opened %s", self._remote_address, path)
         try:
             handler = server._app.websocket_opened(conn)
         except Exception:
             _log.error("websocket_opened failed (%s)", self._remote_address, exc_info=True)
             conn.close(CloseCode.INTERNAL_ERROR, "internal error")
-            return
+            return None
         conn.headers = _NO_HEADERS
-        conn._attach(handler, pending)
+        conn._handler = handler
+        return conn
 
 
 class _HeaderView(Mapping[str, str]):

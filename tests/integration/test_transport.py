@@ -368,6 +368,39 @@ async def split_frames_scenario(chunk_size: int) -> None:
 
 
 @scenario
+async def test_request_and_first_frame_in_one_write() -> None:
+    """A client that sends its first message right behind the upgrade request
+    (in the same TCP segment) gets it delivered; so does one whose request
+    arrives in pieces (websockets parses that one)."""
+    loop = asyncio.get_running_loop()
+    async with serving() as (transport, app):
+        request = "\r\n".join(
+            ["GET /connection/websocket HTTP/1.1", "Host: 127.0.0.1", *upgrade_headers(), "", ""]
+        ).encode()
+        for pieces in (
+            [request + client_frame(Opcode.TEXT, b"early")],
+            [request[:20], request[20:]],
+        ):
+            sock = socket.create_connection(("127.0.0.1", transport.port))
+            sock.setblocking(False)
+            try:
+                for piece in pieces:
+                    await loop.sock_sendall(sock, piece)
+                    await asyncio.sleep(0.01)
+                if len(pieces) > 1:
+                    await loop.sock_sendall(sock, client_frame(Opcode.TEXT, b"early"))
+                response = b""
+                while b"\r\n\r\n" not in response:
+                    response += await loop.sock_recv(sock, 1)
+                assert response.startswith(b"HTTP/1.1 101 ")
+                assert await read_server_frames(sock, 1) == [(Opcode.TEXT.value, b"early")]
+                session = await next_session(app)
+                assert session.conn._rx is not None  # on the fast path
+            finally:
+                sock.close()
+
+
+@scenario
 async def test_binary_message_goes_to_on_binary() -> None:
     async with serving() as (transport, app), connect(ws_uri(transport)) as ws:
         session = await next_session(app)
