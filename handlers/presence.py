@@ -166,16 +166,21 @@ class StatusView:
 async def status_view(node: Node, user: str, *, online: bool | None = None) -> StatusView:
     """The user's current view; ``online`` overrides the store's answer when
     the caller knows better (a connection of the user is open right here)."""
-    store = node.store
-    presence, chosen, in_call = await asyncio.gather(
-        node.user_presence.status(user), store.get(_chosen_key(user)), store.get(_in_call_key(user))
-    )
+    # One command for the user's own keys (they share the user's hash tag).
+    own_keys = node.store.get_many((_chosen_key(user), _in_call_key(user)))
+    if online:
+        # An online user has no last-seen time to show: the presence lookup
+        # is skipped (every connection set-up comes here).
+        chosen, in_call = await own_keys
+        last_seen = None
+    else:
+        presence, (chosen, in_call) = await asyncio.gather(
+            node.user_presence.status(user), own_keys
+        )
+        online = presence.online if online is None else online
+        last_seen = presence.last_seen
     return StatusView(
-        user,
-        presence.online if online is None else online,
-        _AVAILABILITIES.get(chosen or "", "available"),
-        bool(in_call),
-        presence.last_seen,
+        user, online, _AVAILABILITIES.get(chosen or "", "available"), bool(in_call), last_seen
     )
 
 
