@@ -139,6 +139,12 @@ def _parser() -> argparse.ArgumentParser:
         "--no-restart", action="store_true", help="connect: skip the server restart phase"
     )
     load.add_argument(
+        "--handover",
+        action="store_true",
+        help="connect: restart by hand-over (SIGNAL_HANDOVER: the new server listens on "
+        "the port before the old one gets SIGTERM); the baseline restarts as usual",
+    )
+    load.add_argument(
         "--reconnect-min",
         type=float,
         default=0.5,
@@ -257,6 +263,8 @@ def _spawn_env(kind: str, args: argparse.Namespace) -> dict[str, str]:
             AGORA_APP_CERTIFICATE=secrets.token_hex(16),
             SIGNAL_CALL_INVITES_PER_MINUTE="1000000",
         )
+    if kind == "digis-signal" and args.handover:
+        env["SIGNAL_HANDOVER"] = "1"
     env.update(_env_pairs(args.server_env))
     return env
 
@@ -287,6 +295,7 @@ def _spawned(
             cpus=cpus,
             extra_env=_spawn_env(kind, args),
         )
+        group.handover = bool(args.handover) and kind == "digis-signal"
         out.write(f"{kind} up at {', '.join(group.urls)} (logs in {group.log_dir})\n")
         protocol = "baseline" if kind == "baseline" else "centrifuge"
         label = kind if redis_url is None else f"{kind} redis x{args.instances}"

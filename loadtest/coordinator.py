@@ -355,8 +355,15 @@ class _Run:
         if not self._measuring:
             self.facts.restart = {"error": "the run ended before the restart (longer -d)"}
             return
+
+        def measure_new_servers() -> None:
+            # The restarted servers are new processes: measure those from now on.
+            self.facts.server_pids = with_descendants(group.pids)
+            self.facts.server_start = sample(self.facts.server_pids)
+            self._server_cpu_last = None
+
         try:
-            sigterm_at, ready_at = group.restart()
+            sigterm_at, ready_at = group.restart(on_successors=measure_new_servers)
         except Exception as exc:  # reported, and the run ends at its deadline
             self.facts.restart = {"error": str(exc)}
             return
@@ -365,11 +372,16 @@ class _Run:
             "ready_at": ready_at,
             "down_s": round(ready_at - sigterm_at, 3),
         }
-        # The restarted servers are new processes: measure those from now on.
-        self.facts.server_pids = with_descendants(group.pids)
-        self.facts.server_start = sample(self.facts.server_pids)
-        self.facts.notes.append("server restarted: server CPU covers the new processes only")
-        self._server_cpu_last = None
+        if group.handover:
+            self.facts.restart["handover"] = True
+            self.facts.notes.append(
+                "server restarted by hand-over: the new processes listened before the old "
+                "ones got SIGTERM; server CPU covers the new processes only (from before "
+                "the SIGTERM, so the old ones' drain on the same CPU is not in it)"
+            )
+        else:
+            measure_new_servers()
+            self.facts.notes.append("server restarted: server CPU covers the new processes only")
 
     def _maybe_stop(self) -> None:
         if not self.restart or "ready_at" not in self.facts.restart:

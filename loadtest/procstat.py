@@ -7,9 +7,11 @@ any server (ours, the baseline, a peer) is measured the same way: utime + stime 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = [
     "ProcSample",
@@ -198,3 +200,33 @@ def alive(pids: Iterable[int]) -> list[int]:
         if state != b"Z":
             running.append(pid)
     return running
+
+
+def listening_pids(port: int, pids: Iterable[int]) -> set[int]:
+    """Those of ``pids`` holding a listening TCP socket on ``port``: how the tool
+    tells that a successor started on a shared (SO_REUSEPORT) port is listening,
+    which its ``/readyz`` cannot (the old process may answer it)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local address "ADDR:PORT" in hex; state 0A is LISTEN.
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    found = set()
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"{fd_dir}/{fd}") in inodes:
+                    found.add(pid)
+                    break
+    return found

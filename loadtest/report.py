@@ -201,8 +201,13 @@ def _scenario_lines(r: dict[str, Any]) -> list[str]:
         restart = sr.get("restart") or {}
         if "down_s" in restart:
             out = sr.get("still_out_at_end", 0)
+            down = (
+                "hand-over (the new server listened before the SIGTERM)"
+                if restart.get("handover")
+                else f"server down {restart['down_s']}s (SIGTERM → ready)"
+            )
             lines.append(
-                f"restart: server down {restart['down_s']}s (SIGTERM → ready); "
+                f"restart: {down}; "
                 f"{sr['reconnected_clients']:,} clients back, the last "
                 f"{_fmt(sr.get('all_recovered_after_ready_s'), 2)}s after ready "
                 f"({_fmt(sr.get('all_recovered_after_sigterm_s'), 2)}s after SIGTERM)"

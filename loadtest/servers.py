@@ -19,11 +19,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from loadtest.procstat import alive, with_descendants
+from loadtest.procstat import alive, listening_pids, with_descendants
 
 __all__ = [
     "REPO_ROOT",
@@ -99,7 +99,10 @@ class SpawnedServer:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 20.0) -> SpawnedServer:
+    def start(self, timeout: float = 20.0, *, listeners: int = 0) -> SpawnedServer:
+        """Start the process and wait until it is ready: its ``/readyz`` answers
+        200 or, with ``listeners`` (a successor on a port another process still
+        holds), that many of its processes listen on the port."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._log.write(f"=== {time.strftime('%H:%M:%S')} {' '.join(self.argv)}\n".encode())
         self._log.flush()
@@ -117,7 +120,11 @@ class SpawnedServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited during start-up:\n{self.log_tail()}")
-            if self.ready():
+            if listeners:
+                family = with_descendants([self.proc.pid])
+                if len(listening_pids(self.port, family)) >= listeners:
+                    return self
+            elif self.ready():
                 return self
             time.sleep(0.05)
         self.stop()
@@ -189,6 +196,8 @@ class ServerGroup:
         self.kind = kind
         self.servers = servers
         self.secret = secret
+        # Restart by hand-over (the servers run with SIGNAL_HANDOVER); see restart().
+        self.handover = False
 
     @classmethod
     def spawn(
@@ -228,9 +237,16 @@ class ServerGroup:
     def log_dir(self) -> Path:
         return self.servers[0].log_path.parent
 
-    def restart(self) -> tuple[float, float]:
+    def restart(self, on_successors: Callable[[], None] | None = None) -> tuple[float, float]:
         """Stop every instance (they drain), start them again on the same ports.
-        Returns (wall time SIGTERM was sent, wall time all were ready again)."""
+        Returns (wall time SIGTERM was sent, wall time all were ready again).
+
+        With ``handover``: start the successors first, on the same ports (the
+        servers run with ``SIGNAL_HANDOVER``: SO_REUSEPORT), call ``on_successors``
+        once they all listen, then SIGTERM the old ones and wait for them to exit;
+        the ready time is then the SIGTERM's."""
+        if self.handover:
+            return self._hand_over(on_successors)
         sent = time.time()
         for server in self.servers:
             server.terminate()
@@ -242,6 +258,30 @@ class ServerGroup:
             # mid-recovery (seen at 40,000 with --workers 2).
             server.start(timeout=120.0)
         return sent, time.time()
+
+    def _hand_over(self, on_successors: Callable[[], None] | None) -> tuple[float, float]:
+        old = self.servers
+        new = [
+            SpawnedServer(s.kind, s.name, s.port, s.env, s.log_path.parent, s.cpus, s.host)
+            for s in old
+        ]
+        workers = int(old[0].env.get("WEB_CONCURRENCY", "1") or "1")
+        try:
+            for server in new:
+                server.start(timeout=120.0, listeners=workers)
+        except BaseException:
+            for server in new:
+                server.stop()
+            raise
+        self.servers = new
+        if on_successors is not None:
+            on_successors()
+        sent = time.time()
+        for server in old:
+            server.terminate()
+        for server in old:
+            server.stop()
+        return sent, sent
 
     def stop(self) -> None:
         for server in self.servers:

@@ -212,6 +212,10 @@ class Settings:
 
     # --- lifecycle and logging -----------------------------------------------------
     drain_s: float = 5.0  # graceful-shutdown drain window, seconds 0-300; default 5
+    # Restart without downtime: listen with SO_REUSEPORT so that a successor
+    # started on the same port takes new connections, and on SIGTERM stop
+    # listening at once (not after the drain); default off.
+    handover: bool = False
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR (stored upper case); default INFO
     log_json: bool = False  # one JSON object per log line; default off (plain text)
 
@@ -272,12 +276,13 @@ ENV_NAMES: dict[str, str] = {
     "viewer_count_interval_s": "SIGNAL_VIEWER_COUNT_INTERVAL_S",
     "offline_grace_s": "SIGNAL_OFFLINE_GRACE_S",
     "drain_s": "SIGNAL_DRAIN_S",
+    "handover": "SIGNAL_HANDOVER",
     "log_level": "SIGNAL_LOG_LEVEL",
     "log_json": "SIGNAL_LOG_JSON",
 }
 
 _SECRET_FIELDS = frozenset({"jwt_secret", "jwt_public_key", "agora_app_certificate"})
-_BOOL_FIELDS = frozenset({"dev", "redis_cluster", "compression", "log_json"})
+_BOOL_FIELDS = frozenset({"dev", "redis_cluster", "compression", "handover", "log_json"})
 _INT_FIELDS = frozenset(
     {
         "port",

@@ -32,10 +32,13 @@ _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # large is unusual enough to leave to websockets, which answers 414/431.
 _MAX_REQUEST_BYTES: Final = 8192
 _MAX_HEADERS: Final = 128
-# RFC 9110 5.1 token and 5.5 field value, as websockets checks them.
-_TOKEN: Final = re.compile(rb"[-!#$%&\'*+.^_`|~0-9a-zA-Z]+")
-_FIELD_VALUE: Final = re.compile(rb"[\x09\x20-\x7e\x80-\xff]*")
-_OPTION: Final = re.compile(r"[-!#$%&\'*+.^_`|~0-9a-zA-Z]+")
+# RFC 9110 5.1 token and 5.5 field value, as websockets checks them (the
+# request decoded as latin-1: one character per byte).
+_TOKEN_CHARS: Final = r"[-!#$%&'*+.^_`|~0-9a-zA-Z]"
+_OPTION: Final = re.compile(f"{_TOKEN_CHARS}+")
+_FIELD_LINES: Final = re.compile(rf"(?:{_TOKEN_CHARS}+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+# One field line of a checked block: its name and its value (no CR in it).
+_FIELD: Final = re.compile(rf"({_TOKEN_CHARS}+):([^\r]*)\r\n")
 # A request target without spaces or control characters.
 _TARGET: Final = re.compile(rb"[\x21-\x7e]+")
 # Fields that must appear once for the fast path (websockets rejects repeats
@@ -111,26 +114,25 @@ def parse_plain_upgrade(
     end = data.find(b"\r\n\r\n", 0, _MAX_REQUEST_BYTES)
     if end < 0:
         return None
-    lines = data[:end].split(b"\r\n")
-    if len(lines) > _MAX_HEADERS + 1:
-        return None
-    method, _, rest_of_line = lines[0].partition(b" ")
+    line_end = data.find(b"\r\n", 0, end + 2)
+    method, _, rest_of_line = data[:line_end].partition(b" ")
     raw_path, _, version = rest_of_line.partition(b" ")
     if method != b"GET" or version != b"HTTP/1.1" or not _TARGET.fullmatch(raw_path):
         return None
     path = raw_path.decode("ascii")
     if path.partition("?")[0] != websocket_path:
         return None
+    # The field lines, each with its CRLF, checked whole by one regex, then split.
+    block = data[line_end + 2 : end + 2].decode("latin-1")
+    if not _FIELD_LINES.fullmatch(block):
+        return None
+    fields = _FIELD.findall(block)
+    if len(fields) > _MAX_HEADERS:
+        return None
     headers: dict[str, str] = {}
-    for line in lines[1:]:
-        raw_name, colon, raw_value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(raw_name):
-            return None
-        raw_value = raw_value.strip(b" \t")
-        if not _FIELD_VALUE.fullmatch(raw_value):
-            return None
-        name = raw_name.decode("ascii").lower()
-        value = raw_value.decode("latin-1")
+    for raw_name, raw_value in fields:
+        name = raw_name.lower()
+        value = raw_value.strip(" \t")
         if name in headers:
             if name in _SINGLE:
                 return None

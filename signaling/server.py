@@ -1,10 +1,12 @@
 """Runs one server process: wires config, broker, node, handlers and
 transport, serves until SIGTERM/SIGINT, then drains.
 
-Draining (graceful shutdown): stop accepting, ``/readyz`` answers 503, and
-every connection is closed with 3001 (shutdown, reconnect) spread over
+Draining (graceful shutdown): ``/readyz`` answers 503, upgrades are refused,
+and every connection is closed with 3001 (shutdown, reconnect) spread over
 ``drain_s`` so that the clients' reconnects do not stampede the remaining
-instances; then exit 0.
+instances; then stop listening and exit 0. With ``handover`` (a successor
+process already listens on the same port, SO_REUSEPORT) the listener closes
+first instead, so that every reconnect reaches the successor.
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ async def run_server(
         on_slow_client=metrics.slow_clients.inc,
     )
     transport = await start_transport(
-        App(node), settings.host, settings.port, options, reuse_port=reuse_port
+        App(node), settings.host, settings.port, options, reuse_port=reuse_port or settings.handover
     )
     tune_gc()
     lag_watch = asyncio.create_task(watch_loop_lag(metrics), name="loop-lag")
@@ -222,7 +224,7 @@ async def run_server(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _already_draining, signum)
 
-    await drain(node, transport, settings.drain_s)
+    await drain(node, transport, settings.drain_s, handover=settings.handover)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(signum)
     lag_watch.cancel()
@@ -253,14 +255,21 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
-async def drain(node: Node, transport: Transport, drain_s: float) -> None:
+async def drain(
+    node: Node, transport: Transport, drain_s: float, *, handover: bool = False
+) -> None:
     """Close every connection with 3001, spread evenly over ``drain_s``
     seconds in a random order, then stop listening.
 
     The listener stays open during the window so that health checks see
     ``/readyz`` answer 503 (and take the instance out of rotation); new
-    WebSocket upgrades are answered 503 meanwhile."""
+    WebSocket upgrades are answered 503 meanwhile. With ``handover`` it
+    closes first: a successor shares the port, and the kernel would
+    otherwise give this process its share of the reconnects, only to refuse
+    them."""
     node.draining = True
+    if handover:
+        transport.stop_accepting()
     sessions = list(node.sessions)
     random.shuffle(sessions)
     log.info("draining %d connections over %.1f s", len(sessions), drain_s)

@@ -154,3 +154,29 @@ async def test_smoke_against_baseline(tmp_path: Path) -> None:
         run = check_report(document, name, "baseline")
         assert run["protocol"] == "baseline"
     check_fanout(check_report(documents[0], "fanout", "baseline"))
+
+
+async def test_connect_restart_by_hand_over(tmp_path: Path) -> None:
+    """``connect --handover``: the tool starts the successor on the same port,
+    then stops the old server; every client comes back and recovers from Redis,
+    nothing published meanwhile is lost."""
+    args = [
+        "connect",
+        "--spawn-server",
+        "--spawn-redis",
+        "--handover",
+        "-n", "40",
+        "-r", "20",
+        "-d", "20",
+        "--server-env", "SIGNAL_DRAIN_S=0.5",
+        "--reconnect-min", "0.1",
+        "--reconnect-max", "0.5",
+    ]  # fmt: skip
+    document = await run_tool(args, tmp_path / "handover.json", tool_env())
+    run = check_report(document, "connect", "digis-signal redis x1")
+    results = run["scenario_results"]
+    assert results["restart"]["handover"] is True, results["restart"]
+    assert results["reconnected_clients"] == 40
+    assert results["recovered"] == 40 and results["not_recovered"] == 0
+    assert results["still_out_at_end"] == 0
+    assert run["deliveries"]["lost"] == 0 and run["deliveries"]["duplicated"] == 0

@@ -681,6 +681,34 @@ async def test_draining_server_answers_readyz_503_and_refuses_upgrades(
     assert await srv.await_exit(15) == 0
 
 
+async def test_handover_restart_sends_every_reconnect_to_the_successor(
+    server_factory: Any,
+) -> None:
+    """SIGNAL_HANDOVER: a second process listens on the same port while the
+    first runs; once the first is told to stop, every new connection is the
+    successor's (none refused 503 by the draining one), and the first still
+    drains its own clients with 3001."""
+    env = {"SIGNAL_HANDOVER": "1", "SIGNAL_DRAIN_S": "3", "SIGNAL_LOG_LEVEL": "INFO", **QUIET}
+    old = await server_factory(env, name="handover-old")
+    clients = [await connected(old, f"u{i}") for i in range(10)]
+    new = await server_factory(env, name="handover-new", port=old.port, secret=old.secret)
+    deadline = time.monotonic() + 15
+    while "listening on" not in new.log_text():
+        assert time.monotonic() < deadline, new.log_text()
+        await asyncio.sleep(0.05)
+    old.signal(15)
+    while "draining 10 connections" not in old.log_text():
+        assert time.monotonic() < deadline, old.log_text()
+        await asyncio.sleep(0.01)
+    # During the old process's drain (3 s): 30 connects, every one accepted.
+    joined = [await connected(new, f"n{i}") for i in range(30)]
+    assert old.proc is not None and old.proc.poll() is None, "drain over too soon"
+    codes = await asyncio.gather(*(c.closed_with() for c in clients))
+    assert {code for code, _ in codes} == {3001}
+    assert await old.await_exit(15) == 0
+    assert "rpc" in await joined[0].call("rpc", {"method": "server.info"})  # still served
+
+
 # --- token expiry ------------------------------------------------------------------------
 
 EXPIRY_ENV = {

@@ -64,6 +64,15 @@ def test_the_101_is_what_a_client_checks() -> None:
     assert response.endswith(b"\r\nSec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n")
 
 
+def test_values_keep_inner_whitespace_and_lose_the_outer() -> None:
+    upgrade = parse_plain_upgrade(
+        request("X-A: \t a \t b" + " " * 3000, "X-B:"), PATH, None, extensions_ignored=True
+    )
+    assert upgrade is not None
+    assert upgrade.headers["x-a"] == "a \t b"
+    assert upgrade.headers["x-b"] == ""
+
+
 def test_repeated_fields_read_joined() -> None:
     upgrade = parse_plain_upgrade(
         request("X-Forwarded-For: 10.0.0.1", "x-forwarded-for: 10.0.0.2"),
