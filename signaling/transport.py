@@ -72,8 +72,9 @@ __all__ = [
 _log = logging.getLogger("signaling.transport")
 
 # Listen backlog: the asyncio default (100) drops SYNs when thousands of
-# clients reconnect at once after a deploy.
-_LISTEN_BACKLOG: Final = 1024
+# clients reconnect at once after a deploy; the kernel caps it at
+# net.core.somaxconn (4096 by default since Linux 5.4).
+_LISTEN_BACKLOG: Final = 4096
 # asyncio's default high-water mark. The slow-client check only runs while the
 # transport is paused (see WebSocketConnection.write_frame), so the mark is
 # capped at send_buffer_max_bytes to keep that check exact.
