@@ -273,6 +273,8 @@ class Node:
         ttl = self.settings.presence_ttl_s
         while True:
             await asyncio.sleep(ttl / 3)
+            if self.draining:
+                continue  # the drain closes them all; refreshing competes with it
             entries = [
                 (channel, info)
                 for session in list(self.sessions)
@@ -290,6 +292,8 @@ class Node:
         interval = self.user_presence.ttl_s / 3
         while True:
             await asyncio.sleep(interval)
+            if self.draining:
+                continue  # as for channel presence
             try:
                 await self.user_presence.refresh(list(self._users))
             except BrokerUnavailable as exc:
@@ -354,7 +358,10 @@ class Node:
         lock = self._channel_locks.setdefault(channel, asyncio.Lock())
         try:
             async with lock:
-                if self.hub.remove(channel, client_id):
+                # A draining node keeps its broker subscriptions until it closes
+                # the broker (an unsubscribe per channel is a drain's cost, and
+                # what still arrives has nobody here to go to).
+                if self.hub.remove(channel, client_id) and not self.draining:
                     await self.broker.unsubscribe(channel)
         finally:
             self._release_lock(channel, lock)

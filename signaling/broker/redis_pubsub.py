@@ -77,18 +77,27 @@ class _Shard:
             raise BrokerUnavailable(f"redis pub/sub unavailable ({self.label})")
         future = self._confirm.get(name)
         if future is None:
-            future = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
             self._confirm[name] = future
+            # One timer per subscribe sent, not a wait_for per waiter: a
+            # connection storm subscribes to thousands of personal channels.
+            timer = loop.call_later(SUBSCRIBE_TIMEOUT_S, self._not_confirmed, name, future)
+            future.add_done_callback(lambda _: timer.cancel())
             self._send_subscribe(True, name)
-        try:
-            await asyncio.wait_for(asyncio.shield(future), SUBSCRIBE_TIMEOUT_S)
-        except TimeoutError:
-            self._confirm.pop(name, None)
-            raise BrokerUnavailable("redis subscribe not confirmed") from None
+        # Shielded: a waiter cancelled must not cancel the others' future.
+        await asyncio.shield(future)
 
     def unsubscribe(self, name: str) -> None:
         if self.ready and self._connected():
             self._send_subscribe(False, name)
+
+    def _not_confirmed(self, name: str, future: asyncio.Future[None]) -> None:
+        if self._confirm.get(name) is future:
+            del self._confirm[name]
+        if not future.done():
+            future.set_exception(BrokerUnavailable("redis subscribe not confirmed"))
+            future.exception()  # retrieved: every waiter may have been cancelled
 
     def _confirmed(self, name: str) -> None:
         future = self._confirm.pop(name, None)
