@@ -12,8 +12,8 @@ import pytest
 
 from signaling.broker import redis_pubsub
 from signaling.broker.base import BrokerUnavailable
-from signaling.protocol import ClientInfo, Publication
 from signaling.broker.redis import RedisBroker
+from signaling.protocol import ClientInfo, Publication
 from support.processes import RedisProcess
 
 
