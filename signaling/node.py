@@ -15,7 +15,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
@@ -38,7 +37,7 @@ from signaling.metrics import Metrics
 from signaling.protocol import ClientInfo, Publication, StreamPosition
 from signaling.state.base import StateStore
 from signaling.users import UserPresence
-from signaling.values import JSON, JSONObject
+from signaling.values import JSON, JSONObject, record
 
 if TYPE_CHECKING:
     from signaling.session import ClientSession
@@ -59,7 +58,7 @@ __all__ = [
 log = logging.getLogger("signaling.node")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RpcContext:
     """Who calls an RPC method, for the handler."""
 
@@ -73,7 +72,7 @@ class RpcContext:
 RpcHandler = Callable[[RpcContext, JSON], Awaitable[JSON]]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ConnectionEvent:
     """A user's connection opened (after connect) or closed on this node."""
 
@@ -89,7 +88,7 @@ ConnectionHook = Callable[[ConnectionEvent], Awaitable[None]]
 ClaimedPublisher = Callable[[str, Publication, HistoryOptions, Claim], Awaitable[ClaimResult]]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PublishContext:
     """A client's publication, before the broker sees it."""
 
@@ -102,7 +101,7 @@ class PublishContext:
     options: ChannelOptions
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PublishDecision:
     """What a publish hook decides (None from a hook: carry on unchanged)."""
 
@@ -119,7 +118,7 @@ class PublishDecision:
 PublishHook = Callable[[PublishContext], Awaitable[PublishDecision | None]]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SubscribeContext:
     user: str
     client: str

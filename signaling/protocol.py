@@ -20,13 +20,13 @@ commands carry; everything else handles the dataclasses below.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TypeAlias
 
 import orjson
 
 from signaling.errors import ErrorReply
-from signaling.values import JSON, JSONObject
+from signaling.values import JSON, JSONObject, record
 
 __all__ = [
     "PING_FRAME",
@@ -88,7 +88,7 @@ class ProtocolError(Exception):
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class StreamPosition:
     """A place in a channel's publication stream: ``offset`` within ``epoch``.
 
@@ -100,7 +100,7 @@ class StreamPosition:
     epoch: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ClientInfo:
     """Who a connection is, as shown to others (publications, presence).
 
@@ -114,7 +114,7 @@ class ClientInfo:
     chan_info: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Publication:
     """One message in a channel. ``data`` is raw JSON bytes, encoded once by
     the publisher; ``offset`` is 0 on channels without history.
@@ -138,7 +138,7 @@ class Publication:
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SubscribeRequest:
     channel: str
     token: str = ""
@@ -152,7 +152,7 @@ class SubscribeRequest:
     flag: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ConnectRequest:
     token: str = ""
     data: JSON = None
@@ -162,12 +162,12 @@ class ConnectRequest:
     version: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class UnsubscribeRequest:
     channel: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PublishRequest:
     channel: str
     data: JSON
@@ -175,17 +175,17 @@ class PublishRequest:
     raw_data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PresenceRequest:
     channel: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PresenceStatsRequest:
     channel: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HistoryRequest:
     channel: str
     limit: int = 0
@@ -193,39 +193,39 @@ class HistoryRequest:
     reverse: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RpcRequest:
     method: str
     data: JSON = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RefreshRequest:
     token: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SubRefreshRequest:
     channel: str
     token: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SendRequest:
     data: JSON = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PingRequest:
     """The schema's explicit ``ping`` command (v2 SDKs use the empty pong)."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PongCommand:
     """The empty command ``{}``: the client's answer to a server ping."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class UnknownRequest:
     """A command whose method this server does not know (error 104)."""
 
@@ -250,7 +250,7 @@ Request: TypeAlias = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Command:
     id: int
     request: Request
@@ -458,7 +458,7 @@ _METHOD_NAMES: dict[type, str] = {
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SubscribeResult:
     recoverable: bool = False
     positioned: bool = False
@@ -472,7 +472,7 @@ class SubscribeResult:
     data: JSON = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ConnectResult:
     client: str
     version: str
@@ -486,7 +486,7 @@ class ConnectResult:
     time_ms: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RefreshResult:
     client: str
     version: str
@@ -494,24 +494,24 @@ class RefreshResult:
     ttl_s: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SubRefreshResult:
     expires: bool = False
     ttl_s: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PresenceResult:
     clients: Mapping[str, ClientInfo]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PresenceStatsResult:
     num_clients: int
     num_users: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HistoryResult:
     publications: Sequence[Publication]
     top: StreamPosition

@@ -22,7 +22,6 @@ clients like any unknown type.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final, Literal
 
 import orjson
@@ -35,7 +34,7 @@ from handlers.chat.errors import (
     ERROR_CHAT_TEXT_TOO_LONG,
 )
 from signaling.errors import SignalError
-from signaling.values import JSON, JSONObject
+from signaling.values import JSON, JSONObject, record
 
 __all__ = [
     "ATTACHMENT_KINDS",
@@ -73,7 +72,7 @@ _MESSAGE_FIELDS: Final = frozenset({"type", "text", "attachments", "client_msg_i
 _ATTACHMENT_FIELDS: Final = frozenset({"kind", "ref", "name"})
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Attachment:
     """A reference to media uploaded elsewhere (the platform's storage)."""
 
@@ -88,7 +87,7 @@ class Attachment:
         return out
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ChatMessage:
     text: str | None
     attachments: tuple[Attachment, ...] = ()
@@ -106,7 +105,7 @@ class ChatMessage:
         return orjson.dumps(out)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Typing:
     def encode(self) -> bytes:
         return b'{"type":"typing"}'

@@ -17,10 +17,10 @@ broker (many instances). Both keep the same contract:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from signaling.protocol import ClientInfo, Publication, StreamPosition
+from signaling.values import record
 
 __all__ = [
     "Broker",
@@ -48,7 +48,7 @@ class UnrecoverablePosition(BrokerError):
     """The requested stream position is not in the channel's current epoch."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HistoryOptions:
     """How a channel keeps its history: ``size`` publications at most (0 = no
     history and no offsets), each kept ``ttl_s`` seconds at most."""
@@ -61,7 +61,7 @@ class HistoryOptions:
         return self.size > 0 and self.ttl_s > 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Claim:
     """A state-store key to take with a publication (``Node.publish_claimed``):
     the publication goes out only if no ``guards`` key exists and ``key`` is
@@ -75,7 +75,7 @@ class Claim:
     guards: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ClaimResult:
     """What became of a claimed publication: ``position`` when published;
     otherwise ``guard`` is the first guard key found (nothing claimed), or
@@ -85,7 +85,7 @@ class ClaimResult:
     guard: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HistoryPage:
     publications: Sequence[Publication]
     top: StreamPosition
