@@ -15,7 +15,6 @@ import asyncio
 import logging
 import math
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -50,6 +49,7 @@ from signaling.errors import (
     ErrorReply,
     SignalError,
 )
+from signaling.ids import random_uuid
 from signaling.logs import Throttle
 from signaling.node import Node, PublishContext, RpcContext, SubscribeContext
 from signaling.protocol import (
@@ -152,7 +152,7 @@ class ClientSession:
         # The hub's fan-out calls this per recipient: the transport's own
         # method, with no wrapper call in between.
         self.deliver: Callable[[bytes], None] = conn.write_frame
-        self.client_id = str(uuid.uuid4())
+        self.client_id = random_uuid()
         self.subs: dict[str, _Subscription] = {}
         self._identity: _Identity | None = None
         # Created when a command arrives: most connections are idle.
