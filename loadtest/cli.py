@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import math
 import os
+import resource
 import secrets
 import signal
 import sys
@@ -269,6 +270,23 @@ def _spawn_env(kind: str, args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def _file_limit_warning(kind: str, args: argparse.Namespace) -> str | None:
+    """Say so when each spawned process would hold close to its open-file limit
+    (the hard limit, which the server raises its soft one to): SO_REUSEPORT
+    spreads connections unevenly, and a worker at the limit resets new ones."""
+    if kind != "digis-signal":
+        return None
+    workers = int(_spawn_env(kind, args).get("WEB_CONCURRENCY", "1") or "1")
+    per_process = args.connections / max(1, workers * args.instances)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or per_process < 0.9 * hard:
+        return None
+    return (
+        f"≈ {per_process:,.0f} connections per server process against an open-file limit "
+        f"of {hard:,}: expect resets; use more workers (--server-env WEB_CONCURRENCY=N)"
+    )
+
+
 @contextmanager
 def _spawned(
     kind: str,
@@ -288,6 +306,8 @@ def _spawned(
             out.write(f"redis-server up at {redis_url}\n")
         pinned = f" pinned to CPU {list(cpus)}" if cpus else ""
         out.write(f"starting {kind}{pinned}...\n")
+        if warning := _file_limit_warning(kind, args):
+            out.write(f"WARNING: {warning}\n")
         group = ServerGroup.spawn(
             kind,
             instances=args.instances if kind == "digis-signal" else 1,
