@@ -293,11 +293,16 @@ class PresenceTracker:
         self._pending: set[str] = set()
         # Per-user lock, and how many hooks hold or await it.
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # Set by the heartbeat when siblings took this node for dead.
+        self._resync_due = False
 
     def register(self) -> None:
         node = self._node
         node.on_connect.append(self.on_connect)
         node.on_disconnect.append(self.on_disconnect)
+        # Two loops: a sweep of thousands of due users (after a restart) must
+        # not hold the heartbeat back, or siblings take this node for dead.
+        node.run_in_background(self.run_heartbeat, "presence-heartbeat")
         node.run_in_background(self.run, "presence-loop")
 
     @asynccontextmanager
@@ -358,14 +363,37 @@ class PresenceTracker:
         await self._store.zadd(OFFLINE_DUE_KEY, user, time.time() + self._grace_s)
         await self._store.zrem(_node_users_key(self._node.name), user)
 
-    async def run(self) -> None:
-        """Heartbeat, reap dead nodes, publish due offline transitions."""
-        next_heartbeat = 0.0
+    async def run_heartbeat(self) -> None:
+        """Keep this node listed as alive, every quarter of its TTL."""
         while True:
             try:
-                if time.monotonic() >= next_heartbeat:
-                    next_heartbeat = time.monotonic() + self._heartbeat_s
-                    await self.heartbeat()
+                await self.beat()
+            except BrokerUnavailable as exc:
+                log.warning("presence: heartbeat: broker unavailable: %s", exc)
+            except Exception:
+                log.exception("presence heartbeat failed; carrying on")
+            await asyncio.sleep(self._heartbeat_s)
+
+    async def beat(self) -> None:
+        """One heartbeat; notes (for :meth:`run`) if this node was taken for dead."""
+        store, me = self._store, self._node.name
+        if await store.get(_reaped_key(me)):
+            await store.delete(_reaped_key(me))
+            self._resync_due = True
+        await store.zadd(NODES_KEY, me, time.time() + self._node_ttl_s)
+
+    async def run(self) -> None:
+        """Republish after being taken for dead, reap dead nodes, retry failed
+        transitions, publish due offline transitions."""
+        next_reap = 0.0
+        while True:
+            try:
+                if self._resync_due:
+                    self._resync_due = False
+                    await self._resync()
+                if time.monotonic() >= next_reap:
+                    next_reap = time.monotonic() + self._heartbeat_s
+                    await self.reap_dead_nodes()
                 for user in list(self._pending):
                     await self._transition(user)
                 await self.sweep()
@@ -377,12 +405,18 @@ class PresenceTracker:
             await asyncio.sleep(self._tick_s)
 
     async def heartbeat(self) -> None:
-        store, me = self._store, self._node.name
-        if await store.get(_reaped_key(me)):
-            await store.delete(_reaped_key(me))
+        """One round of both loops' node work, for a caller driving the
+        tracker by hand: beat, resync if this node was taken for dead, reap
+        the nodes that stopped beating."""
+        await self.beat()
+        if self._resync_due:
+            self._resync_due = False
             await self._resync()
-        await store.zadd(NODES_KEY, me, time.time() + self._node_ttl_s)
-        for dead, _ in await store.zpop_due(NODES_KEY, time.time(), 10):
+        await self.reap_dead_nodes()
+
+    async def reap_dead_nodes(self) -> None:
+        me = self._node.name
+        for dead, _ in await self._store.zpop_due(NODES_KEY, time.time(), 10):
             if dead != me:
                 await self._reap(dead)
 

@@ -4,7 +4,9 @@ call (``set_call_busy``) that a client cannot trigger."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+import types
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +24,7 @@ from handlers.chat.moderation import Moderation
 from handlers.presence import (
     NODES_KEY,
     PresenceTracker,
+    node_ttl_s,
     publish_if_changed,
     set_call_busy,
     set_status,
@@ -285,6 +288,35 @@ async def test_users_of_a_dead_node_are_reaped_and_go_offline(node: Node) -> Non
     assert await store.zrange_by_score("presence:node-users:{dead}", 0, float("inf")) == []
     live = [n for n, _ in await store.zrange_by_score(NODES_KEY, 0, float("inf"))]
     assert "dead" not in live and node.name in live
+
+
+async def test_a_long_sweep_does_not_let_the_heartbeat_lapse() -> None:
+    """After a restart thousands of users may fall due at once; however long
+    the sweep takes, the node keeps beating, or its siblings would take it
+    for dead and it would republish every user it holds."""
+    bare = types.ModuleType("bare_app")
+    bare.channel_policy = app.channel_policy  # type: ignore[attr-defined]
+    bare.install = lambda node: None  # type: ignore[attr-defined]
+    settings = Settings(dev=True, port=0, offline_grace_s=0.1)
+    node = build_node(settings, bare, Metrics())
+    tracker = PresenceTracker(node)
+    ttl = node_ttl_s(settings.offline_grace_s)
+    sweeping = asyncio.Event()
+
+    async def slow_sweep() -> None:
+        sweeping.set()
+        await asyncio.sleep(2 * ttl)
+
+    tracker.sweep = slow_sweep  # type: ignore[method-assign]
+    tracker.register()
+    await node.start()
+    try:
+        await asyncio.wait_for(sweeping.wait(), 5)
+        await asyncio.sleep(1.5 * ttl)  # well past the TTL of a beat before the sweep
+        alive = await node.store.zrange_by_score(NODES_KEY, time.time(), float("inf"))
+        assert node.name in [name for name, _ in alive]
+    finally:
+        await node.close()
 
 
 async def test_slow_mode_message_with_client_msg_id_takes_the_steps(
