@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -295,6 +295,8 @@ class PresenceTracker:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         # Set by the heartbeat when siblings took this node for dead.
         self._resync_due = False
+        # When the loop next looks for nodes that stopped beating (monotonic).
+        self._next_reap = 0.0
 
     def register(self) -> None:
         node = self._node
@@ -365,14 +367,24 @@ class PresenceTracker:
 
     async def run_heartbeat(self) -> None:
         """Keep this node listed as alive, every quarter of its TTL."""
+        await self._repeat(self.beat, self._heartbeat_s, "heartbeat")
+
+    async def run(self) -> None:
+        """Republish after being taken for dead, reap dead nodes, retry failed
+        transitions, publish due offline transitions."""
+        await self._repeat(self._tick, self._tick_s, "loop")
+
+    async def _repeat(self, step: Callable[[], Awaitable[None]], every_s: float, what: str) -> None:
+        # Nobody would ever go offline (or stay listed alive) without these
+        # loops: a failed round is logged and the next one comes.
         while True:
             try:
-                await self.beat()
+                await step()
             except BrokerUnavailable as exc:
-                log.warning("presence: heartbeat: broker unavailable: %s", exc)
+                log.warning("presence %s: broker unavailable: %s", what, exc)
             except Exception:
-                log.exception("presence heartbeat failed; carrying on")
-            await asyncio.sleep(self._heartbeat_s)
+                log.exception("presence %s failed; carrying on", what)
+            await asyncio.sleep(every_s)
 
     async def beat(self) -> None:
         """One heartbeat; notes (for :meth:`run`) if this node was taken for dead."""
@@ -382,27 +394,16 @@ class PresenceTracker:
             self._resync_due = True
         await store.zadd(NODES_KEY, me, time.time() + self._node_ttl_s)
 
-    async def run(self) -> None:
-        """Republish after being taken for dead, reap dead nodes, retry failed
-        transitions, publish due offline transitions."""
-        next_reap = 0.0
-        while True:
-            try:
-                if self._resync_due:
-                    self._resync_due = False
-                    await self._resync()
-                if time.monotonic() >= next_reap:
-                    next_reap = time.monotonic() + self._heartbeat_s
-                    await self.reap_dead_nodes()
-                for user in list(self._pending):
-                    await self._transition(user)
-                await self.sweep()
-            except BrokerUnavailable as exc:
-                log.warning("presence: broker unavailable: %s", exc)
-            except Exception:
-                # Nobody would ever go offline without this loop: keep it alive.
-                log.exception("presence loop failed; carrying on")
-            await asyncio.sleep(self._tick_s)
+    async def _tick(self) -> None:
+        if self._resync_due:
+            self._resync_due = False
+            await self._resync()
+        if time.monotonic() >= self._next_reap:
+            self._next_reap = time.monotonic() + self._heartbeat_s
+            await self.reap_dead_nodes()
+        for user in list(self._pending):
+            await self._transition(user)
+        await self.sweep()
 
     async def heartbeat(self) -> None:
         """One round of both loops' node work, for a caller driving the
