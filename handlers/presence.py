@@ -395,9 +395,7 @@ class PresenceTracker:
         await store.zadd(NODES_KEY, me, time.time() + self._node_ttl_s)
 
     async def _tick(self) -> None:
-        if self._resync_due:
-            self._resync_due = False
-            await self._resync()
+        await self._resync_if_due()
         if time.monotonic() >= self._next_reap:
             self._next_reap = time.monotonic() + self._heartbeat_s
             await self.reap_dead_nodes()
@@ -410,10 +408,13 @@ class PresenceTracker:
         tracker by hand: beat, resync if this node was taken for dead, reap
         the nodes that stopped beating."""
         await self.beat()
+        await self._resync_if_due()
+        await self.reap_dead_nodes()
+
+    async def _resync_if_due(self) -> None:
         if self._resync_due:
             self._resync_due = False
             await self._resync()
-        await self.reap_dead_nodes()
 
     async def reap_dead_nodes(self) -> None:
         me = self._node.name

@@ -270,15 +270,17 @@ def _spawn_env(kind: str, args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def _file_limit_warning(kind: str, args: argparse.Namespace) -> str | None:
+def _file_limit_warning(kind: str, args: argparse.Namespace, hard: int | None = None) -> str | None:
     """Say so when each spawned process would hold close to its open-file limit
-    (the hard limit, which the server raises its soft one to): SO_REUSEPORT
-    spreads connections unevenly, and a worker at the limit resets new ones."""
+    (``hard``, by default this process's hard limit, which the server raises
+    its soft one to): SO_REUSEPORT spreads connections unevenly, and a worker
+    at the limit resets new ones."""
     if kind != "digis-signal":
         return None
     workers = int(_spawn_env(kind, args).get("WEB_CONCURRENCY", "1") or "1")
     per_process = args.connections / max(1, workers * args.instances)
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard is None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY or per_process < 0.9 * hard:
         return None
     return (

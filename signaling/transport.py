@@ -40,7 +40,7 @@ import http
 import logging
 import socket
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, cast
 
@@ -56,7 +56,7 @@ from websockets.server import ServerProtocol
 from websockets.speedups import apply_mask
 from websockets.typing import Origin
 
-from signaling.handshake import parse_plain_upgrade, switching_protocols
+from signaling.handshake import RequestHeaders, parse_plain_upgrade, switching_protocols
 
 __all__ = [
     "ConnectionHandler",
@@ -802,12 +802,7 @@ class _HttpConnection(asyncio.Protocol):
                 return False
             self._timer.cancel()
             self._transport.write(switching_protocols(upgrade.accept))
-            protocol = ServerProtocol(
-                state=OPEN, max_size=server._options.max_message_bytes, logger=_WEBSOCKETS_LOG
-            )
-            # Its parser would keep ServerProtocol.parse's frame for life too.
-            _release_handshake(protocol)
-            conn = self._upgrade(protocol, upgrade.path, upgrade.headers)
+            conn = self._upgrade(server._open_protocol(), upgrade.path, upgrade.headers)
             if conn is not None:
                 conn._attach_raw(upgrade.rest)
             return True
@@ -860,7 +855,7 @@ class _HttpConnection(asyncio.Protocol):
                 self._flush()
                 if not pending:
                     _release_handshake(protocol)
-                conn = self._upgrade(protocol, request.path, _HeaderView(request.headers))
+                conn = self._upgrade(protocol, request.path, _header_view(request.headers))
                 if conn is not None:
                     conn._attach(pending)
                 return
@@ -904,30 +899,13 @@ class _HttpConnection(asyncio.Protocol):
         return conn
 
 
-class _HeaderView(Mapping[str, str]):
-    """Read-only, case-insensitive request headers.
-
-    A repeated field reads as its values joined with ", " (RFC 9110 5.3).
-    websockets' ``Headers`` raises ``MultipleValuesError`` there instead, a
-    ``LookupError`` that ``Mapping.get`` does not catch.
-    """
-
-    __slots__ = ("_headers",)
-
-    def __init__(self, headers: Headers) -> None:
-        self._headers = headers
-
-    def __getitem__(self, key: str) -> str:
-        values = self._headers.get_all(key)
-        if not values:
-            raise KeyError(key)
-        return values[0] if len(values) == 1 else ", ".join(values)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._headers)  # lower-case names, each once
-
-    def __len__(self) -> int:
-        return len(self._headers)
+def _header_view(headers: Headers) -> RequestHeaders:
+    """websockets' ``Headers`` as the app sees request headers: case-insensitive,
+    a repeated field read as its values joined with ", " (RFC 9110 5.3).
+    websockets' own ``Headers`` raises ``MultipleValuesError`` there instead,
+    a ``LookupError`` that ``Mapping.get`` does not catch."""
+    # Iterating Headers yields each lower-case name once.
+    return RequestHeaders({name: ", ".join(headers.get_all(name)) for name in headers})
 
 
 _NO_HEADERS: Mapping[str, str] = {}
@@ -1113,6 +1091,16 @@ class Transport:
     def _new_connection(self) -> _HttpConnection:
         return _HttpConnection(self)
 
+    def _open_protocol(self) -> ServerProtocol:
+        """websockets' protocol for a connection whose handshake was done here
+        (no extension, no subprotocol), its parser at the first frame."""
+        protocol = ServerProtocol(
+            state=OPEN, max_size=self._options.max_message_bytes, logger=_WEBSOCKETS_LOG
+        )
+        # Its parser would keep ServerProtocol.parse's frame for life too.
+        _release_handshake(protocol)
+        return protocol
+
     def _new_protocol(self) -> ServerProtocol:
         return ServerProtocol(
             origins=self._origins,
@@ -1130,7 +1118,7 @@ class Transport:
     def _answer_http(self, request: Request) -> Response:
         try:
             answer = self._app.handle_http(
-                request.method, request.path, _HeaderView(request.headers)
+                request.method, request.path, _header_view(request.headers)
             )
         except Exception:
             _log.error("handle_http failed for %s %s", request.method, request.path, exc_info=True)
