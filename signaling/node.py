@@ -11,6 +11,7 @@ local subscriber and unsubscribing after the last.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
@@ -453,19 +454,31 @@ class Node:
     def session_connected(self, session: ClientSession, user: str) -> None:
         sessions = self._users.setdefault(user, set())
         sessions.add(session)
+        steps: list[tuple[str, Awaitable[None]]] = []
         if len(sessions) == 1:
-            self.spawn(self.user_presence.went_online(user), "user-online")
-        self._fire(self.on_connect, ConnectionEvent(user, session.client_id, len(sessions)))
+            steps.append(("user-online", self.user_presence.went_online(user)))
+        event = ConnectionEvent(user, session.client_id, len(sessions))
+        steps += self._hook_steps(self.on_connect, event)
+        self.spawn_steps(steps, "connect-event")
 
-    def session_closed(self, session: ClientSession, user: str) -> None:
+    def session_closed(
+        self, session: ClientSession, user: str, cleanup: Awaitable[None] | None = None
+    ) -> None:
+        """Forget a closed session of ``user``; ``cleanup`` (the session's
+        leaving of its channels) runs first, in the same background task as
+        the user's presence and the disconnect hooks."""
+        steps: list[tuple[str, Awaitable[None]]] = []
+        if cleanup is not None:
+            steps.append(("session-cleanup", cleanup))
         sessions = self._users.get(user)
-        if sessions is None or session not in sessions:
-            return
-        sessions.discard(session)
-        if not sessions:
-            del self._users[user]
-            self.spawn(self.user_presence.went_offline(user), "user-offline")
-        self._fire(self.on_disconnect, ConnectionEvent(user, session.client_id, len(sessions)))
+        if sessions is not None and session in sessions:
+            sessions.discard(session)
+            if not sessions:
+                del self._users[user]
+                steps.append(("user-offline", self.user_presence.went_offline(user)))
+            event = ConnectionEvent(user, session.client_id, len(sessions))
+            steps += self._hook_steps(self.on_disconnect, event)
+        self.spawn_steps(steps, "disconnect-event")
 
     def disconnect_user(self, user: str, disconnect: Disconnect) -> int:
         """Close every connection of ``user`` on this node."""
@@ -516,10 +529,34 @@ class Node:
     def spawn(self, coro: Awaitable[None], name: str) -> None:
         """Run a coroutine in the background, keeping a reference and logging
         its failure (a lost task would swallow the exception)."""
+        self.spawn_steps([(name, coro)], name)
 
-        async def run() -> None:
+    def spawn_steps(self, steps: list[tuple[str, Awaitable[None]]], name: str) -> None:
+        """Run ``(name, awaitable)`` steps one after the other in ONE
+        background task; a step's failure is logged and the next one runs.
+
+        A connection event has several steps (channels left, presence, the
+        handlers' hooks): a task each cost ≈ 3.4 µs to create and run, and a
+        drain closes thousands of connections at once."""
+        if not steps:
+            return
+        task = self.loop.create_task(_run_steps(steps), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    def _hook_steps(
+        hooks: list[ConnectionHook], event: ConnectionEvent
+    ) -> list[tuple[str, Awaitable[None]]]:
+        return [(f"hook-{getattr(hook, '__name__', 'connection')}", hook(event)) for hook in hooks]
+
+
+async def _run_steps(steps: list[tuple[str, Awaitable[None]]]) -> None:
+    remaining = iter(steps)
+    try:
+        for name, step in remaining:
             try:
-                await coro
+                await step
             except asyncio.CancelledError:
                 raise
             except BrokerUnavailable as exc:
@@ -527,11 +564,9 @@ class Node:
                 log.warning("background task %s: broker unavailable (%s)", name, exc)
             except Exception:
                 log.exception("background task %s failed", name)
-
-        task = self.loop.create_task(run(), name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _fire(self, hooks: list[ConnectionHook], event: ConnectionEvent) -> None:
-        for hook in hooks:
-            self.spawn(hook(event), f"hook-{getattr(hook, '__name__', 'connection')}")
+    finally:
+        # Cancelled (shutdown): the steps not started are closed, not leaked
+        # as "never awaited" coroutines.
+        for _, step in remaining:
+            if inspect.iscoroutine(step):
+                step.close()

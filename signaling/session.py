@@ -227,9 +227,8 @@ class ClientSession:
             self._runner = None
         identity = self._identity
         if identity is not None:
-            node.session_closed(self, identity.credentials.user)
-            if self.subs:
-                node.spawn(self._cleanup(identity, list(self.subs.items())), "session-cleanup")
+            cleanup = self._cleanup(identity, list(self.subs.items())) if self.subs else None
+            node.session_closed(self, identity.credentials.user, cleanup)
             self.subs = {}
         log.debug("connection %s closed (%s %s)", self.client_id, code, reason)
 

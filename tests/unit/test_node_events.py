@@ -1,0 +1,119 @@
+"""Connection events on an in-process node: a session's close runs its
+channel cleanup, the user's presence and the disconnect hooks in ONE
+background task, in that order, each failure logged without stopping the
+rest; a cancelled event closes the steps it did not start."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import pytest
+
+from handlers import app
+from signaling.config import Settings
+from signaling.metrics import Metrics
+from signaling.node import ConnectionEvent, Node
+from signaling.server import build_node
+from signaling.session import ClientSession
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    node = build_node(Settings(dev=True, port=0), app, Metrics())
+    await node.start()
+    yield node
+    await node.close()
+
+
+class FakeSession:
+    """What the node reads of a session here: its identity in a set, its id."""
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+
+
+def fake_session(client_id: str) -> ClientSession:
+    return cast(ClientSession, FakeSession(client_id))
+
+
+def background(node: Node) -> set[asyncio.Task[Any]]:
+    return set(node._background)
+
+
+async def settle(tasks: set[asyncio.Task[Any]]) -> None:
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+
+
+async def test_close_runs_cleanup_presence_and_hooks_in_order_in_one_task(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    ran: list[str] = []
+
+    async def failing_hook(event: ConnectionEvent) -> None:
+        ran.append(f"failing:{event.user_connections}")
+        raise RuntimeError("hook bug")
+
+    async def recording_hook(event: ConnectionEvent) -> None:
+        ran.append(f"recording:{event.user_connections}")
+
+    async def cleanup() -> None:
+        ran.append("cleanup")
+
+    node.on_disconnect[:] = [failing_hook, recording_hook]
+    session = fake_session("c1")
+    before = background(node)
+    node.session_connected(session, "fan")
+    await settle(background(node) - before)
+    assert await node.user_presence.is_online("fan")
+
+    before = background(node)
+    node.session_closed(session, "fan", cleanup())
+    started = background(node) - before
+    assert [task.get_name() for task in started] == ["disconnect-event"]
+    with caplog.at_level(logging.ERROR, logger="signaling.node"):
+        await settle(started)
+    # The failing hook did not keep the next one, nor the presence step, from running.
+    assert ran == ["cleanup", "failing:0", "recording:0"]
+    assert "background task hook-failing_hook failed" in caplog.text
+    assert not await node.user_presence.is_online("fan")
+    assert node.user_connection_count("fan") == 0
+
+
+async def test_second_connection_of_a_user_runs_hooks_only(node: Node) -> None:
+    events: list[int] = []
+
+    async def hook(event: ConnectionEvent) -> None:
+        events.append(event.user_connections)
+
+    node.on_connect[:] = [hook]
+    before = background(node)
+    node.session_connected(fake_session("c1"), "fan")
+    node.session_connected(fake_session("c2"), "fan")
+    await settle(background(node) - before)
+    assert events == [1, 2]
+
+
+async def test_cancelled_event_closes_the_steps_it_did_not_start(node: Node) -> None:
+    blocked = asyncio.Event()
+
+    async def blocking() -> None:
+        blocked.set()
+        await asyncio.sleep(3600)
+
+    async def never() -> None:
+        raise AssertionError("ran after the cancellation")
+
+    later = never()
+    before = background(node)
+    node.spawn_steps([("blocking", blocking()), ("later", later)], "event")
+    (task,) = background(node) - before
+    await blocked.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Closed, not left to be garbage-collected as "never awaited".
+    assert inspect.getcoroutinestate(later) == inspect.CORO_CLOSED
