@@ -43,6 +43,10 @@ class StateStore(Protocol):
         """The values of ``keys`` in order (None: absent), read at one instant,
         in one command. All keys must share a hash tag (one cluster slot)."""
 
+    async def get_groups(self, groups: Sequence[Sequence[str]]) -> list[list[str | None]]:
+        """:meth:`get_many` for each group of keys, in one batch (one command
+        per group: groups may lie in different cluster slots)."""
+
     async def claim_unless(
         self,
         key: str,
@@ -95,6 +99,13 @@ class StateStore(Protocol):
         in one batch: periodic refreshes of many records."""
 
     async def zrem(self, key: str, member: str) -> bool: ...
+
+    async def zadd_members(self, key: str, members: Sequence[tuple[str, float]]) -> None:
+        """Add or re-score many (member, score) pairs of one sorted set, in
+        one command (the key's expiry is left as it is)."""
+
+    async def zrem_members(self, key: str, members: Sequence[str]) -> int:
+        """Remove many members of one sorted set in one command; how many were there."""
 
     async def zrange_by_score(
         self, key: str, min_score: float, max_score: float, limit: int = 100

@@ -88,6 +88,9 @@ class MemoryStateStore:
         strings = self._strings
         return [strings.get(key) if self._alive(key) else None for key in keys]
 
+    async def get_groups(self, groups: Sequence[Sequence[str]]) -> list[list[str | None]]:
+        return [await self.get_many(keys) for keys in groups]
+
     async def claim_unless(
         self,
         key: str,
@@ -168,6 +171,13 @@ class MemoryStateStore:
         if not scores:
             self._drop(key)
         return True
+
+    async def zadd_members(self, key: str, members: Sequence[tuple[str, float]]) -> None:
+        for member, score in members:
+            await self.zadd(key, member, score)  # no ttl: the expiry is left as it is
+
+    async def zrem_members(self, key: str, members: Sequence[str]) -> int:
+        return sum([await self.zrem(key, member) for member in members])
 
     async def zrange_by_score(
         self, key: str, min_score: float, max_score: float, limit: int = 100

@@ -376,6 +376,21 @@ class RedisStateStore:
         raw = await self._exec.execute("MGET", *[prefix + key for key in keys])
         return [None if value is None else _text(value) for value in raw]
 
+    async def get_groups(self, groups: Sequence[Sequence[str]]) -> list[list[str | None]]:
+        prefix = self._prefix
+        commands = [("MGET", *[prefix + key for key in keys]) for keys in groups if keys]
+        replies = iter(await self._exec.execute_many(commands)) if commands else iter(())
+        values: list[list[str | None]] = []
+        for keys in groups:
+            if not keys:  # MGET needs a key
+                values.append([])
+                continue
+            raw = next(replies)
+            if isinstance(raw, BaseException):
+                raise raw
+            values.append([None if value is None else _text(value) for value in raw])
+        return values
+
     async def claim_unless(
         self,
         key: str,
@@ -449,6 +464,18 @@ class RedisStateStore:
 
     async def zrem(self, key: str, member: str) -> bool:
         return int(await self._exec.execute("ZREM", self.key(key), member)) > 0
+
+    async def zadd_members(self, key: str, members: Sequence[tuple[str, float]]) -> None:
+        if members:
+            pairs: list[RedisArg] = []
+            for member, score in members:
+                pairs += (_score(score), member)
+            await self._exec.execute("ZADD", self.key(key), *pairs)
+
+    async def zrem_members(self, key: str, members: Sequence[str]) -> int:
+        if not members:
+            return 0
+        return int(await self._exec.execute("ZREM", self.key(key), *members))
 
     async def zrange_by_score(
         self, key: str, min_score: float, max_score: float, limit: int = 100

@@ -656,6 +656,28 @@ async def test_zadd_many_sets_members_and_ttl(h: Harness) -> None:
     assert await h.store.zrange_by_score("b{x}", -INF, INF) == [("n2", 2.0)]
 
 
+async def test_get_groups_reads_each_group_in_order(h: Harness) -> None:
+    await h.store.set("a:{u1}", "1")
+    await h.store.set("c:{u2}", "3")
+    await h.store.hset("h:{u2}", {"f": "v"})
+    groups = [("a:{u1}", "b:{u1}"), (), ("c:{u2}", "h:{u2}", "c:{u2}")]
+    assert await h.store.get_groups(groups) == [["1", None], [], ["3", None, "3"]]
+    assert await h.store.get_groups([]) == []
+
+
+async def test_zadd_members_and_zrem_members_in_one_call(h: Harness) -> None:
+    await h.store.zadd("z", "a", 1.0, ttl_s=TTL_S)
+    await h.store.zadd_members("z", [("b", 2.0), ("a", 3.0), ("c", 0.5)])
+    assert await h.store.zrange_by_score("z", -INF, INF) == [("c", 0.5), ("b", 2.0), ("a", 3.0)]
+    assert await h.store.zrem_members("z", ["a", "missing", "c"]) == 2
+    assert await h.store.zrange_by_score("z", -INF, INF) == [("b", 2.0)]
+    await h.store.zadd_members("z", [])
+    assert await h.store.zrem_members("z", []) == 0
+    # The key's expiry is left as it was.
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.zrange_by_score("z", -INF, INF) == []
+
+
 # --- Redis Cluster ------------------------------------------------------------------------------
 
 
@@ -712,6 +734,15 @@ class TestRedisCluster:
                 claim, "a", 60, guards=(ban, timeout), reads=(slow,)
             ) == ([None, "until", "5"], False)
             assert await store.get(claim) is None
+
+    async def test_get_groups_reads_groups_on_different_nodes(
+        self, redis_cluster: RedisCluster, cluster_store: RedisStateStore
+    ) -> None:
+        tags = _tags_on_every_node(redis_cluster)
+        for i, tag in enumerate(tags):
+            await cluster_store.set(f"k:{{{tag}}}", str(i))
+        groups = [(f"k:{{{tag}}}", f"none:{{{tag}}}") for tag in tags]
+        assert await cluster_store.get_groups(groups) == [[str(i), None] for i in range(len(tags))]
 
     async def test_keys_of_different_slots_are_refused(
         self, redis_cluster: RedisCluster, cluster_store: RedisStateStore

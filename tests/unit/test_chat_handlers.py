@@ -23,6 +23,7 @@ from handlers.chat.metrics import ChatMetrics
 from handlers.chat.moderation import Moderation
 from handlers.presence import (
     NODES_KEY,
+    OFFLINE_DUE_KEY,
     PresenceTracker,
     node_ttl_s,
     publish_if_changed,
@@ -35,7 +36,7 @@ from signaling.broker.redis import RedisBroker
 from signaling.config import Settings
 from signaling.errors import SignalError
 from signaling.metrics import Metrics
-from signaling.node import Node, PublishContext, PublishDecision
+from signaling.node import ConnectionEvent, Node, PublishContext, PublishDecision
 from signaling.protocol import ClientInfo
 from signaling.server import build_node
 from signaling.users import online_key
@@ -317,6 +318,95 @@ async def test_a_long_sweep_does_not_let_the_heartbeat_lapse() -> None:
         assert node.name in [name for name, _ in alive]
     finally:
         await node.close()
+
+
+class Connection:
+    """What the node keeps of a session here: its identity in a set, its id."""
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+
+
+@pytest.fixture
+async def bare_node() -> AsyncIterator[Node]:
+    """A node without the app's hooks: the tests drive a tracker by hand."""
+    bare = types.ModuleType("bare_app")
+    bare.channel_policy = app.channel_policy  # type: ignore[attr-defined]
+    bare.install = lambda node: None  # type: ignore[attr-defined]
+    node = build_node(Settings(dev=True, port=0, offline_grace_s=0.1), bare, Metrics())
+    await node.start()
+    yield node
+    await node.close()
+
+
+async def connect(node: Node, tracker: PresenceTracker, user: str) -> Any:
+    session = Connection(f"c-{user}")
+    node.session_connected(session, user)  # type: ignore[arg-type]
+    await tracker.on_connect(ConnectionEvent(user, session.client_id, 1))
+    return session
+
+
+async def test_a_storm_of_connects_is_recorded_in_one_round(
+    bare_node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = bare_node
+    store = CountingStore(node.store)
+    monkeypatch.setattr(node, "store", store)
+    tracker = PresenceTracker(node)
+    users = [f"u{i}" for i in range(300)]
+    for user in users:
+        await connect(node, tracker, user)
+    await tracker.record_transitions()
+    # One command per sorted set and one read per user, whatever the count;
+    # then "online" is news for every one of them, and published once.
+    assert store.calls.count("zadd_members") == 1
+    assert store.calls.count("zrem_members") == 1
+    assert store.calls.count("get_groups") == 1
+    listed = await node.store.zrange_by_score(
+        f"presence:node-users:{{{node.name}}}", 0, float("inf"), limit=1000
+    )
+    assert sorted(user for user, _ in listed) == sorted(users)
+    for user in users[:5]:
+        assert [p["online"] for p in await history(node, f"status:{user}")] == [True]
+    # Recorded again (a reconnect here): nothing is news, nothing is published.
+    store.calls.clear()
+    for user in users:
+        await tracker.on_connect(ConnectionEvent(user, f"c-{user}", 1))
+    await tracker.record_transitions()
+    assert "publish" not in " ".join(store.calls)
+    assert [p["online"] for p in await history(node, "status:u0")] == [True]
+
+
+async def test_a_connect_and_close_within_one_round_is_not_published(bare_node: Node) -> None:
+    node = bare_node
+    tracker = PresenceTracker(node)
+    session = await connect(node, tracker, "flap")
+    node.session_closed(session, "flap")
+    await tracker.on_disconnect(ConnectionEvent("flap", session.client_id, 0))
+    await tracker.record_transitions()
+    assert await history(node, "status:flap") == []
+    due = await node.store.zrange_by_score(OFFLINE_DUE_KEY, 0, float("inf"))
+    assert [user for user, _ in due] == ["flap"]
+
+
+async def test_a_failed_round_is_retried_by_the_loop(
+    bare_node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = bare_node
+    tracker = PresenceTracker(node)
+    await connect(node, tracker, "cre")
+    real = node.store.zadd_members
+
+    async def unavailable(*args: Any) -> None:
+        raise BrokerUnavailable("redis down")
+
+    monkeypatch.setattr(node.store, "zadd_members", unavailable)
+    await tracker.record_transitions()
+    assert await history(node, "status:cre") == []
+    monkeypatch.setattr(node.store, "zadd_members", real)
+    await tracker._tick()  # the loop's round: the failed users are noted again
+    await tracker.record_transitions()
+    assert [p["online"] for p in await history(node, "status:cre")] == [True]
 
 
 async def test_slow_mode_message_with_client_msg_id_takes_the_steps(
