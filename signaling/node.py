@@ -15,7 +15,7 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import orjson
@@ -204,6 +204,9 @@ class Node:
         # subscriber arriving while the broker subscribes waits for it.
         self._channel_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Closed connections' presence to remove and leaves to publish, in rounds.
+        self._leaving: list[tuple[str, ClientInfo, bool]] = []
+        self._leave_round = False
         broker.bind(self.hub)
 
     # --- lifecycle ----------------------------------------------------------
@@ -365,6 +368,33 @@ class Node:
                     await self.broker.unsubscribe(channel)
         finally:
             self._release_lock(channel, lock)
+
+    def leave_presence(self, info: ClientInfo, channels: Sequence[tuple[str, bool]]) -> None:
+        """A closed connection's presence in ``channels`` ((name, join_leave)
+        pairs): its entries are removed and its leaves published in the
+        node's next round, with those of every connection closed meanwhile,
+        in a few commands (a drain closes thousands of connections at once).
+        Only for connections that are gone: the client id never comes back,
+        so a later round cannot undo a newer join of it."""
+        if not channels:
+            return
+        self._leaving += [(channel, info, join_leave) for channel, join_leave in channels]
+        if not self._leave_round:
+            self._leave_round = True
+            self.spawn(self._leave_rounds(), "presence-leaves")
+
+    async def _leave_rounds(self) -> None:
+        try:
+            while self._leaving:
+                batch, self._leaving = self._leaving, []
+                try:
+                    await self.presence.remove_presences([(c, info.client) for c, info, _ in batch])
+                    await self.broker.publish_leaves([(c, info) for c, info, jl in batch if jl])
+                except BrokerUnavailable as exc:
+                    # Presence entries expire by themselves in the broker.
+                    log.warning("presence of %d subscriptions not removed: %s", len(batch), exc)
+        finally:
+            self._leave_round = False
 
     def _release_lock(self, channel: str, lock: asyncio.Lock) -> None:
         # Drop the lock once nobody holds or waits for it.

@@ -227,7 +227,7 @@ class ClientSession:
             self._runner = None
         identity = self._identity
         if identity is not None:
-            cleanup = self._cleanup(identity, list(self.subs.items())) if self.subs else None
+            cleanup = self._leave_all(identity, list(self.subs.items())) if self.subs else None
             node.session_closed(self, identity.credentials.user, cleanup)
             self.subs = {}
         log.debug("connection %s closed (%s %s)", self.client_id, code, reason)
@@ -671,6 +671,20 @@ class ClientSession:
         sub = self.subs.pop(channel, None)
         if sub is not None:
             await self._cleanup(identity, [(channel, sub)])
+
+    async def _leave_all(self, identity: _Identity, subs: list[tuple[str, _Subscription]]) -> None:
+        """A closed connection leaves its channels: hub and broker now,
+        presence and leave pushes in the node's next round of them."""
+        node = self.node
+        for channel, _ in subs:
+            try:
+                await node.remove_subscriber(channel, self.client_id)
+            except BrokerUnavailable as exc:
+                log.warning("cleanup of %s failed: %s", channel, exc)
+        node.leave_presence(
+            identity.info,
+            [(channel, sub.options.join_leave) for channel, sub in subs if sub.options.presence],
+        )
 
     async def _cleanup(self, identity: _Identity, subs: list[tuple[str, _Subscription]]) -> None:
         """Leave channels: hub, broker, presence, leave pushes."""

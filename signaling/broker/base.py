@@ -138,6 +138,9 @@ class Broker(Protocol):
 
     async def publish_leave(self, channel: str, info: ClientInfo) -> None: ...
 
+    async def publish_leaves(self, leaves: Sequence[tuple[str, ClientInfo]]) -> None:
+        """:meth:`publish_leave` for each (channel, info), in one batch."""
+
     async def publish_control(self, message: bytes) -> None:
         """Deliver ``message`` to every node's handler, this one included."""
 
@@ -174,6 +177,10 @@ class PresenceStore(Protocol):
         batch (each node refreshes its own periodically)."""
 
     async def remove_presence(self, channel: str, client_id: str) -> None: ...
+
+    async def remove_presences(self, entries: Sequence[tuple[str, str]]) -> None:
+        """:meth:`remove_presence` for each (channel, client id), in one
+        batch (the connections a drain closed meanwhile)."""
 
     async def presence(self, channel: str) -> dict[str, ClientInfo]: ...
 

@@ -133,6 +133,10 @@ class MemoryBroker:
     async def publish_leave(self, channel: str, info: ClientInfo) -> None:
         self._require_handler().on_leave(channel, info)
 
+    async def publish_leaves(self, leaves: Sequence[tuple[str, ClientInfo]]) -> None:
+        for channel, info in leaves:
+            await self.publish_leave(channel, info)
+
     async def publish_control(self, message: bytes) -> None:
         self._require_handler().on_control(message)
 
@@ -202,6 +206,10 @@ class MemoryBroker:
             clients.pop(client_id, None)
             if not clients:
                 del self._presence[channel]
+
+    async def remove_presences(self, entries: Sequence[tuple[str, str]]) -> None:
+        for channel, client_id in entries:
+            await self.remove_presence(channel, client_id)
 
     async def presence(self, channel: str) -> dict[str, ClientInfo]:
         return dict(self._presence.get(channel, {}))

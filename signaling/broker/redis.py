@@ -78,6 +78,8 @@ log = logging.getLogger("signaling.redis")
 META_TTL_S = 30 * 86400
 # Channels per batch of position checks: bounds one write and its replies.
 POSITIONS_BATCH = 1000
+# Client ids per presence removal script call (well under Lua's unpack limit).
+_REMOVE_AT_ONCE = 500
 
 
 class RedisBroker:
@@ -334,6 +336,24 @@ class RedisBroker:
             self._publish_cmd, self._ps_name(channel), b"l" + encode_client_info(info)
         )
 
+    async def publish_leaves(self, leaves: Sequence[tuple[str, ClientInfo]]) -> None:
+        if not leaves:
+            return
+        publish = self._publish_cmd
+        commands = [
+            (publish, self._ps_name(channel), b"l" + encode_client_info(info))
+            for channel, info in leaves
+        ]
+        try:
+            results = await self.executor.execute_many(commands)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        for result in results:
+            if isinstance(result, BrokerUnavailable):
+                raise result
+            if isinstance(result, Exception):
+                raise BrokerUnavailable(str(result)) from result
+
     async def publish_control(self, message: bytes) -> None:
         await self._execute("PUBLISH", self._control_name, message)
 
@@ -414,6 +434,18 @@ class RedisBroker:
 
     async def remove_presence(self, channel: str, client_id: str) -> None:
         await self._script(PRESENCE_REMOVE, list(self._presence_keys(channel)), [client_id])
+
+    async def remove_presences(self, entries: Sequence[tuple[str, str]]) -> None:
+        by_channel: dict[str, list[str]] = {}
+        for channel, client_id in entries:
+            by_channel.setdefault(channel, []).append(client_id)
+        calls: list[tuple[Sequence[str], Sequence[RedisArg]]] = [
+            (list(self._presence_keys(channel)), ids[start : start + _REMOVE_AT_ONCE])
+            for channel, ids in by_channel.items()
+            for start in range(0, len(ids), _REMOVE_AT_ONCE)
+        ]
+        if calls:
+            await self._script_many(PRESENCE_REMOVE, calls)
 
     async def presence(self, channel: str) -> dict[str, ClientInfo]:
         keys = list(self._presence_keys(channel))

@@ -122,11 +122,11 @@ return 1
 """
 )
 
-# KEYS: hash, zset. ARGV: client.
+# KEYS: hash, zset. ARGV: clients (at most a few thousand: Lua's unpack limit).
 PRESENCE_REMOVE = LuaScript(
     """
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], unpack(ARGV))
+redis.call('ZREM', KEYS[2], unpack(ARGV))
 return 1
 """
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from signaling.broker.redis import RedisBroker
-from signaling.protocol import ClientInfo
+from signaling.protocol import ClientInfo, Publication
 from support.processes import RedisProcess
 
 
@@ -36,5 +36,63 @@ async def test_presence_stats_count_clients_and_distinct_users(redis_server: Red
         assert await broker.presence_stats(channel) == (3, 3)
         await broker.remove_presence(channel, "c2")
         assert await broker.presence_stats(channel) == (2, 2)
+    finally:
+        await broker.close()
+
+
+class Leaves:
+    """A broker handler that keeps the leaves it is given."""
+
+    def __init__(self) -> None:
+        self.leaves: list[tuple[str, ClientInfo]] = []
+        self.arrived = asyncio.Event()
+
+    def on_publication(self, channel: str, pub: Publication, epoch: str) -> None:
+        pass
+
+    def on_join(self, channel: str, info: ClientInfo) -> None:
+        pass
+
+    def on_leave(self, channel: str, info: ClientInfo) -> None:
+        self.leaves.append((channel, info))
+        self.arrived.set()
+
+    def on_control(self, message: bytes) -> None:
+        pass
+
+    def on_broker_reconnected(self) -> None:
+        pass
+
+    def channels(self) -> list[str]:
+        return []
+
+
+async def test_closed_connections_presence_is_removed_and_leaves_published_in_batches(
+    redis_server: RedisProcess,
+) -> None:
+    broker = RedisBroker(redis_server.url)
+    handler = Leaves()
+    broker.bind(handler)
+    await broker.start()
+    try:
+        rooms = ["room:a", "room:b"]
+        # More clients in one room than one removal script call takes.
+        clients = [ClientInfo(f"u{i}", f"c{i}", None, None) for i in range(1200)]
+        for info in clients:
+            await broker.add_presence(rooms[0], info, ttl_s=60)
+        await broker.add_presence(rooms[1], clients[0], ttl_s=60)
+        gone = [(rooms[0], info.client) for info in clients[:1100]] + [(rooms[1], "c0")]
+        await broker.remove_presences(gone)
+        assert sorted(await broker.presence(rooms[0])) == sorted(f"c{i}" for i in range(1100, 1200))
+        assert await broker.presence(rooms[1]) == {}
+
+        for room in rooms:
+            await broker.subscribe(room)
+        await broker.publish_leaves([(rooms[0], clients[1]), (rooms[1], clients[0])])
+        async with asyncio.timeout(5):
+            while len(handler.leaves) < 2:
+                handler.arrived.clear()
+                await handler.arrived.wait()
+        assert sorted(handler.leaves) == [(rooms[0], clients[1]), (rooms[1], clients[0])]
     finally:
         await broker.close()

@@ -165,6 +165,19 @@ async def test_join_leave_are_delivered(broker: MemoryBroker, recorder: Recorder
     assert recorder.leaves == [("room:1", INFO)]
 
 
+async def test_batched_leaves_and_presence_removal(
+    broker: MemoryBroker, recorder: Recorder
+) -> None:
+    other = ClientInfo("bob", "c-b1")
+    for channel, info in (("room:1", INFO), ("room:1", other), ("room:2", other)):
+        await broker.add_presence(channel, info, 60)
+    await broker.remove_presences([("room:1", INFO.client), ("room:2", other.client)])
+    assert await broker.presence("room:1") == {other.client: other}
+    assert await broker.presence("room:2") == {}
+    await broker.publish_leaves([("room:1", INFO), ("room:2", other)])
+    assert recorder.leaves == [("room:1", INFO), ("room:2", other)]
+
+
 # --- history -----------------------------------------------------------------
 
 

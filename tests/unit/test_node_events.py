@@ -17,6 +17,7 @@ from handlers import app
 from signaling.config import Settings
 from signaling.metrics import Metrics
 from signaling.node import ConnectionEvent, Node
+from signaling.protocol import ClientInfo
 from signaling.server import build_node
 from signaling.session import ClientSession
 
@@ -117,3 +118,32 @@ async def test_cancelled_event_closes_the_steps_it_did_not_start(node: Node) -> 
         await task
     # Closed, not left to be garbage-collected as "never awaited".
     assert inspect.getcoroutinestate(later) == inspect.CORO_CLOSED
+
+
+async def test_closed_connections_leave_presence_in_rounds(node: Node) -> None:
+    """Presence removal and leave pushes of connections closed together go to
+    the broker in one round, a few commands for all of them."""
+    calls: list[tuple[str, int]] = []
+    presence, broker = node.presence, node.broker
+    remove, publish = presence.remove_presences, broker.publish_leaves
+
+    async def counted_remove(entries: Any) -> None:
+        calls.append(("remove", len(entries)))
+        await remove(entries)
+
+    async def counted_publish(leaves: Any) -> None:
+        calls.append(("leaves", len(leaves)))
+        await publish(leaves)
+
+    infos = [ClientInfo(f"u{i}", f"c{i}") for i in range(100)]
+    for info in infos:
+        await presence.add_presence("room:cre", info, 60)
+    presence.remove_presences = counted_remove  # type: ignore[method-assign]
+    broker.publish_leaves = counted_publish  # type: ignore[method-assign]
+    before = background(node)
+    for info in infos:
+        node.leave_presence(info, [("room:cre", True), ("status:cre", False)])
+    await settle(background(node) - before)
+    # One round: 200 presence entries, 100 leaves (only room:cre has join/leave).
+    assert calls == [("remove", 200), ("leaves", 100)]
+    assert await presence.presence("room:cre") == {}
