@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from signaling.broker.redis import RedisBroker
-from signaling.protocol import ClientInfo, Publication
+from signaling.protocol import ClientInfo
+from support.handlers import LeaveRecorder
 from support.processes import RedisProcess
 
 
@@ -40,38 +41,11 @@ async def test_presence_stats_count_clients_and_distinct_users(redis_server: Red
         await broker.close()
 
 
-class Leaves:
-    """A broker handler that keeps the leaves it is given."""
-
-    def __init__(self) -> None:
-        self.leaves: list[tuple[str, ClientInfo]] = []
-        self.arrived = asyncio.Event()
-
-    def on_publication(self, channel: str, pub: Publication, epoch: str) -> None:
-        pass
-
-    def on_join(self, channel: str, info: ClientInfo) -> None:
-        pass
-
-    def on_leave(self, channel: str, info: ClientInfo) -> None:
-        self.leaves.append((channel, info))
-        self.arrived.set()
-
-    def on_control(self, message: bytes) -> None:
-        pass
-
-    def on_broker_reconnected(self) -> None:
-        pass
-
-    def channels(self) -> list[str]:
-        return []
-
-
 async def test_closed_connections_presence_is_removed_and_leaves_published_in_batches(
     redis_server: RedisProcess,
 ) -> None:
     broker = RedisBroker(redis_server.url)
-    handler = Leaves()
+    handler = LeaveRecorder()
     broker.bind(handler)
     await broker.start()
     try:
@@ -91,8 +65,8 @@ async def test_closed_connections_presence_is_removed_and_leaves_published_in_ba
         await broker.publish_leaves([(rooms[0], clients[1]), (rooms[1], clients[0])])
         async with asyncio.timeout(5):
             while len(handler.leaves) < 2:
-                handler.arrived.clear()
-                await handler.arrived.wait()
+                handler.left.clear()
+                await handler.left.wait()
         assert sorted(handler.leaves) == [(rooms[0], clients[1]), (rooms[1], clients[0])]
     finally:
         await broker.close()

@@ -13,30 +13,8 @@ import pytest
 from signaling.broker import redis_pubsub
 from signaling.broker.base import BrokerUnavailable
 from signaling.broker.redis import RedisBroker
-from signaling.protocol import ClientInfo, Publication
+from support.handlers import LeaveRecorder
 from support.processes import RedisProcess
-
-
-class Ignore:
-    """Receives deliveries and drops them: only subscribe confirmations matter."""
-
-    def on_publication(self, channel: str, pub: Publication, epoch: str) -> None:
-        pass
-
-    def on_join(self, channel: str, info: ClientInfo) -> None:
-        pass
-
-    def on_leave(self, channel: str, info: ClientInfo) -> None:
-        pass
-
-    def on_control(self, message: bytes) -> None:
-        pass
-
-    def on_broker_reconnected(self) -> None:
-        pass
-
-    def channels(self) -> list[str]:
-        return []
 
 
 async def test_unconfirmed_subscribe_fails_every_waiter_then_recovers(
@@ -45,7 +23,7 @@ async def test_unconfirmed_subscribe_fails_every_waiter_then_recovers(
     monkeypatch.setattr(redis_pubsub, "SUBSCRIBE_TIMEOUT_S", 0.3)
     redis = redis_factory()
     broker = RedisBroker(redis.url)
-    broker.bind(Ignore())
+    broker.bind(LeaveRecorder())
     await broker.start()
     assert broker.is_ready()
     assert redis.proc is not None
