@@ -327,6 +327,7 @@ class PresenceTracker:
         node.run_in_background(self.run_heartbeat, "presence-heartbeat")
         node.run_in_background(self.run, "presence-loop")
         node.run_in_background(self.run_transitions, "presence-transitions")
+        node.on_close.append(self.flush)
 
     async def on_connect(self, event: ConnectionEvent) -> None:
         """First connection of a user on this node."""
@@ -347,6 +348,11 @@ class PresenceTracker:
         while True:
             await self._noted_event.wait()
             self._noted_event.clear()
+            await self.record_transitions()
+
+    async def flush(self) -> None:
+        """Record every user noted so far (the node is closing)."""
+        while self._noted:
             await self.record_transitions()
 
     async def record_transitions(self) -> None:

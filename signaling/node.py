@@ -138,6 +138,9 @@ PRESENCE_REFRESH_BATCH = 2000
 # publication's offset and by the check after every broker reconnect. It
 # covers every channel of the node, so it is a large share of idle CPU.
 POSITION_CHECK_S = 40.0
+# How long close() waits for queued connection work (presence, leaves) to be
+# written before cancelling it.
+CLOSE_FLUSH_S = 2.0
 
 
 def _behind(position: tuple[int, str] | None, top: StreamPosition) -> bool:
@@ -204,6 +207,10 @@ class Node:
         # subscriber arriving while the broker subscribes waits for it.
         self._channel_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Connection events and rounds in flight: close() lets them finish.
+        self._pending_work: set[asyncio.Task[None]] = set()
+        # Awaited by close() once they have: the handlers' own queued work.
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
         # Closed connections' presence to remove and leaves to publish, in rounds.
         self._leaving: list[tuple[str, ClientInfo, bool]] = []
         self._leave_round = False
@@ -304,10 +311,30 @@ class Node:
 
     async def close(self) -> None:
         self.heartbeat.stop()
+        await self._finish_pending_work()
         for task in list(self._background):
             task.cancel()
         await self.broker.close()
         await self.verifier.aclose()
+
+    async def _finish_pending_work(self) -> None:
+        """Let connection events in flight, the rounds they queue and the
+        handlers' ``on_close`` work finish, within ``CLOSE_FLUSH_S``: the last
+        connections a drain closes would otherwise stay listed online and
+        present in their channels until their entries expire."""
+        try:
+            async with asyncio.timeout(CLOSE_FLUSH_S):
+                while self._pending_work:
+                    await asyncio.wait(set(self._pending_work))
+                for flush in self.on_close:
+                    try:
+                        await flush()
+                    except BrokerUnavailable as exc:
+                        log.warning("closing: queued work not written: %s", exc)
+                    except Exception:
+                        log.exception("closing: queued work failed")
+        except TimeoutError:
+            log.warning("closing: queued work not finished within %.1f s", CLOSE_FLUSH_S)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -381,7 +408,7 @@ class Node:
         self._leaving += [(channel, info, join_leave) for channel, join_leave in channels]
         if not self._leave_round:
             self._leave_round = True
-            self.spawn(self._leave_rounds(), "presence-leaves")
+            self._spawn_pending_work([("presence-leaves", self._leave_rounds())], "presence-leaves")
 
     async def _leave_rounds(self) -> None:
         try:
@@ -489,7 +516,7 @@ class Node:
             steps.append(("user-online", self.user_presence.went_online(user)))
         event = ConnectionEvent(user, session.client_id, len(sessions))
         steps += self._hook_steps(self.on_connect, event)
-        self.spawn_steps(steps, "connect-event")
+        self._spawn_pending_work(steps, "connect-event")
 
     def session_closed(
         self, session: ClientSession, user: str, cleanup: Awaitable[None] | None = None
@@ -508,7 +535,7 @@ class Node:
                 steps.append(("user-offline", self.user_presence.went_offline(user)))
             event = ConnectionEvent(user, session.client_id, len(sessions))
             steps += self._hook_steps(self.on_disconnect, event)
-        self.spawn_steps(steps, "disconnect-event")
+        self._spawn_pending_work(steps, "disconnect-event")
 
     def disconnect_user(self, user: str, disconnect: Disconnect) -> int:
         """Close every connection of ``user`` on this node."""
@@ -561,7 +588,16 @@ class Node:
         its failure (a lost task would swallow the exception)."""
         self.spawn_steps([(name, coro)], name)
 
-    def spawn_steps(self, steps: list[tuple[str, Awaitable[None]]], name: str) -> None:
+    def _spawn_pending_work(self, steps: list[tuple[str, Awaitable[None]]], name: str) -> None:
+        """:meth:`spawn_steps` for work that :meth:`close` lets finish."""
+        task = self.spawn_steps(steps, name)
+        if task is not None:
+            self._pending_work.add(task)
+            task.add_done_callback(self._pending_work.discard)
+
+    def spawn_steps(
+        self, steps: list[tuple[str, Awaitable[None]]], name: str
+    ) -> asyncio.Task[None] | None:
         """Run ``(name, awaitable)`` steps one after the other in ONE
         background task; a step's failure is logged and the next one runs.
 
@@ -569,10 +605,11 @@ class Node:
         handlers' hooks): a task each cost ≈ 3.4 µs to create and run, and a
         drain closes thousands of connections at once."""
         if not steps:
-            return
+            return None
         task = self.loop.create_task(_run_steps(steps), name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     @staticmethod
     def _hook_steps(

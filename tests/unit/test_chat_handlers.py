@@ -377,6 +377,21 @@ async def test_a_storm_of_connects_is_recorded_in_one_round(
     assert [p["online"] for p in await history(node, "status:u0")] == [True]
 
 
+async def test_users_noted_before_a_close_are_recorded(bare_node: Node) -> None:
+    node = bare_node
+    tracker = PresenceTracker(node)
+    # The hooks and the flush at close, not the loops: nothing else records.
+    node.on_connect.append(tracker.on_connect)
+    node.on_close.append(tracker.flush)
+    for user in ("a", "b", "c"):
+        node.session_connected(Connection(f"c-{user}"), user)  # type: ignore[arg-type]
+    await node.close()
+    listed = await node.store.zrange_by_score(
+        f"presence:node-users:{{{node.name}}}", 0, float("inf")
+    )
+    assert sorted(user for user, _ in listed) == ["a", "b", "c"]
+
+
 async def test_a_connect_and_close_within_one_round_is_not_published(bare_node: Node) -> None:
     node = bare_node
     tracker = PresenceTracker(node)

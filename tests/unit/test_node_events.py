@@ -147,3 +147,35 @@ async def test_closed_connections_leave_presence_in_rounds(node: Node) -> None:
     # One round: 200 presence entries, 100 leaves (only room:cre has join/leave).
     assert calls == [("remove", 200), ("leaves", 100)]
     assert await presence.presence("room:cre") == {}
+
+
+async def test_close_lets_queued_connection_work_finish() -> None:
+    """A drain's last closes: their events, the leave round they queue and
+    the handlers' on_close work are written before the node stops."""
+    node = build_node(Settings(dev=True, port=0), app, Metrics())
+    await node.start()
+    release = asyncio.Event()
+    done: list[str] = []
+
+    async def slow_hook(event: ConnectionEvent) -> None:
+        await release.wait()
+        done.append(f"hook:{event.user}")
+
+    async def flush() -> None:
+        done.append("flush")
+
+    node.on_disconnect.append(slow_hook)
+    node.on_close.append(flush)
+    info = ClientInfo("fan", "c1")
+    await node.presence.add_presence("room:cre", info, 60)
+    session = fake_session("c1")
+    node.session_connected(session, "fan")
+
+    async def leave() -> None:
+        node.leave_presence(info, [("room:cre", True)])
+
+    node.session_closed(session, "fan", leave())
+    asyncio.get_running_loop().call_later(0.05, release.set)
+    await node.close()
+    assert done == ["hook:fan", "flush"]
+    assert await node.presence.presence("room:cre") == {}
