@@ -486,16 +486,15 @@ class PresenceTracker:
             now = time.time()
             forget = self._node.user_presence.forget_node
             await asyncio.gather(*(forget(u, dead) for u, _ in users))
-            await asyncio.gather(*(store.zadd(OFFLINE_DUE_KEY, u, now) for u, _ in users))
+            await store.zadd_members(OFFLINE_DUE_KEY, [(u, now) for u, _ in users])
 
     async def _resync(self) -> None:
-        """This node was taken for dead: list its users again, and publish
-        them online (others published them offline)."""
+        """This node was taken for dead: its users are recorded again in the
+        next round, which lists them as this node's and publishes them online
+        (others published them offline)."""
         log.warning("presence: node %s was taken for dead; republishing its users", self._node.name)
-        node = self._node
-        for user in list(self._local):
-            await self._store.zadd(_node_users_key(node.name), user, time.time())
-            await publish_if_changed(node, await status_view(node, user, online=True))
+        for user in self._local:
+            self._note(user)
 
     async def sweep(self) -> None:
         """Publish ``offline`` for due users who are online nowhere."""

@@ -380,7 +380,6 @@ class _Run:
                 "the SIGTERM, so the old ones' drain on the same CPU is not in it)"
             )
         else:
-            measure_new_servers()
             self.facts.notes.append("server restarted: server CPU covers the new processes only")
 
     def _maybe_stop(self) -> None:

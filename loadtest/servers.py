@@ -238,8 +238,9 @@ class ServerGroup:
         return self.servers[0].log_path.parent
 
     def restart(self, on_successors: Callable[[], None] | None = None) -> tuple[float, float]:
-        """Stop every instance (they drain), start them again on the same ports.
-        Returns (wall time SIGTERM was sent, wall time all were ready again).
+        """Stop every instance (they drain), start them again on the same ports,
+        and call ``on_successors`` once the new ones are up. Returns (wall time
+        SIGTERM was sent, wall time all were ready again).
 
         With ``handover``: start the successors first, on the same ports (the
         servers run with ``SIGNAL_HANDOVER``: SO_REUSEPORT), call ``on_successors``
@@ -257,7 +258,10 @@ class ServerGroup:
             # take longer than start()'s default 20 s; giving up then stopped the server
             # mid-recovery (seen at 40,000 with --workers 2).
             server.start(timeout=120.0)
-        return sent, time.time()
+        ready = time.time()
+        if on_successors is not None:
+            on_successors()
+        return sent, ready
 
     def _hand_over(self, on_successors: Callable[[], None] | None) -> tuple[float, float]:
         old = self.servers

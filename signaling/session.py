@@ -323,7 +323,7 @@ class ClientSession:
         if sub is None or identity is None:
             return
         self.conn.send_text(encode_unsubscribe_push(channel, code, reason))
-        self.node.spawn(self._cleanup(identity, [(channel, sub)]), "server-unsubscribe")
+        self.node.spawn(self._cleanup(identity, channel, sub), "server-unsubscribe")
 
     # --- command loop -------------------------------------------------------------
 
@@ -670,7 +670,7 @@ class ClientSession:
         identity = self._require_identity()
         sub = self.subs.pop(channel, None)
         if sub is not None:
-            await self._cleanup(identity, [(channel, sub)])
+            await self._cleanup(identity, channel, sub)
 
     async def _leave_all(self, identity: _Identity, subs: list[tuple[str, _Subscription]]) -> None:
         """A closed connection leaves its channels: hub and broker now,
@@ -686,19 +686,19 @@ class ClientSession:
             [(channel, sub.options.join_leave) for channel, sub in subs if sub.options.presence],
         )
 
-    async def _cleanup(self, identity: _Identity, subs: list[tuple[str, _Subscription]]) -> None:
-        """Leave channels: hub, broker, presence, leave pushes."""
+    async def _cleanup(self, identity: _Identity, channel: str, sub: _Subscription) -> None:
+        """A live connection leaves a channel: hub, broker, presence, leave
+        push, at once (it may subscribe again right after)."""
         node = self.node
-        for channel, sub in subs:
-            try:
-                await node.remove_subscriber(channel, self.client_id)
-                if sub.options.presence:
-                    await node.presence.remove_presence(channel, self.client_id)
-                    if sub.options.join_leave:
-                        await node.broker.publish_leave(channel, identity.info)
-            except BrokerUnavailable as exc:
-                # Presence entries expire by themselves in the broker.
-                log.warning("cleanup of %s failed: %s", channel, exc)
+        try:
+            await node.remove_subscriber(channel, self.client_id)
+            if sub.options.presence:
+                await node.presence.remove_presence(channel, self.client_id)
+                if sub.options.join_leave:
+                    await node.broker.publish_leave(channel, identity.info)
+        except BrokerUnavailable as exc:
+            # Presence entries expire by themselves in the broker.
+            log.warning("cleanup of %s failed: %s", channel, exc)
 
     async def _sub_refresh(self, req: SubRefreshRequest) -> SubRefreshResult:
         identity = self._require_identity()

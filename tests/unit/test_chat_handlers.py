@@ -392,6 +392,24 @@ async def test_users_noted_before_a_close_are_recorded(bare_node: Node) -> None:
     assert sorted(user for user, _ in listed) == ["a", "b", "c"]
 
 
+async def test_a_node_taken_for_dead_republishes_its_users(bare_node: Node) -> None:
+    node = bare_node
+    tracker = PresenceTracker(node)
+    await connect(node, tracker, "cre")
+    await tracker.record_transitions()
+    # A sibling took this node for dead: it dropped its users and published them offline.
+    mine = f"presence:node-users:{{{node.name}}}"
+    await node.store.zrem(mine, "cre")
+    await node.store.set(f"presence:reaped:{{{node.name}}}", "1")
+    await publish_if_changed(node, await status_view(node, "cre", online=False))
+    assert (await history(node, "status:cre"))[-1]["online"] is False
+
+    await tracker.heartbeat()
+    await tracker.record_transitions()
+    assert (await history(node, "status:cre"))[-1]["online"] is True
+    assert [user for user, _ in await node.store.zrange_by_score(mine, 0, float("inf"))] == ["cre"]
+
+
 async def test_a_connect_and_close_within_one_round_is_not_published(bare_node: Node) -> None:
     node = bare_node
     tracker = PresenceTracker(node)
