@@ -179,8 +179,12 @@ class Settings:
     # --- limits --------------------------------------------------------------------
     max_connections_per_user: int = 32  # concurrent connections per user, 0 = unlimited; def 32
     # Connect commands being processed at once, per process; beyond it upgrades
-    # are answered 503 (reconnect storms), 0 = unlimited; default 500
-    max_connecting: int = 500
+    # are answered 503 (reconnect storms), 0 = unlimited; default 5000
+    max_connecting: int = 5000
+    # Upgrades are answered 503 while a new connect would wait longer than this
+    # behind those in progress (estimated; signaling.admission), seconds 0-60,
+    # 0 = off; default 3 (the SDKs time a connect out after 5)
+    max_connect_wait_s: float = 3.0
     commands_per_second: float = 20.0  # token-bucket refill per connection, 0 = unlimited; def 20
     command_burst: int = 50  # token-bucket size, commands >= 1; default 50
     max_publication_bytes: int = 16384  # publication data, bytes < max_frame_bytes; default 16 KiB
@@ -254,6 +258,7 @@ ENV_NAMES: dict[str, str] = {
     "expired_close_delay_s": "SIGNAL_EXPIRED_CLOSE_DELAY_S",
     "max_connections_per_user": "SIGNAL_MAX_CONNECTIONS_PER_USER",
     "max_connecting": "SIGNAL_MAX_CONNECTING",
+    "max_connect_wait_s": "SIGNAL_MAX_CONNECT_WAIT_S",
     "commands_per_second": "SIGNAL_COMMANDS_PER_SECOND",
     "command_burst": "SIGNAL_COMMAND_BURST",
     "max_publication_bytes": "SIGNAL_MAX_PUBLICATION_BYTES",
@@ -504,6 +509,7 @@ def _validate(s: Settings) -> None:
     _check_range(s, "expired_close_delay_s", 0.0)
     _check_range(s, "max_connections_per_user", 0)
     _check_range(s, "max_connecting", 0)
+    _check_range(s, "max_connect_wait_s", 0.0, 60.0)
     _check_range(s, "commands_per_second", 0.0)
     _check_range(s, "command_burst", 1)
     _check_range(s, "max_publication_bytes", 1)

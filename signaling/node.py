@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from signaling.admission import ConnectAdmission
 from signaling.auth import Credentials, TokenVerifier
 from signaling.broker.base import (
     Broker,
@@ -195,8 +196,8 @@ class Node:
         self.on_connect: list[ConnectionHook] = []
         self.on_disconnect: list[ConnectionHook] = []
         self.draining = False
-        # Connect commands being processed (admission control).
-        self.connecting = 0
+        # Connect commands being processed, and whether to admit more upgrades.
+        self.admission = ConnectAdmission(settings.max_connecting, settings.max_connect_wait_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._deferred: list[tuple[Callable[[], Awaitable[None]], str]] = []

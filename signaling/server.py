@@ -87,18 +87,17 @@ class App:
         node = self.node
         if node.draining:
             return HttpResponse(503, b"shutting down\n")
-        limit = node.settings.max_connecting
-        if limit and node.connecting >= limit:
-            # Admission control. Under a reconnect storm, accepting every upgrade
-            # makes each connect wait behind thousands of others until clients
-            # time out and retry, and the server does all that work for nothing
-            # (congestion collapse). A cheap 503 sends the client to its backoff;
-            # the connections admitted finish quickly.
-            node.metrics.limit_refusals.labels("connecting").inc()
+        refusal = node.admission.refusal()
+        if refusal is not None:
+            # Admission control (signaling.admission): a cheap 503 sends the
+            # client to its backoff; the connects admitted finish in time.
+            node.metrics.limit_refusals.labels(refusal).inc()
             _overload_log.log(
                 logging.WARNING,
-                "%d connects in progress (SIGNAL_MAX_CONNECTING): refusing upgrades with 503",
-                node.connecting,
+                "%d connects in progress, recent ones took %.1f s "
+                "(SIGNAL_MAX_CONNECTING, SIGNAL_MAX_CONNECT_WAIT_S): refusing upgrades with 503",
+                node.admission.connecting,
+                node.admission.latency_s,
             )
             return HttpResponse(503, b"too many connects in progress, retry later\n")
         return None

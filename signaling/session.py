@@ -415,11 +415,12 @@ class ClientSession:
             # Counted while the server works on it (admission control in
             # App.websocket_allowed): the count grows when set-ups queue for
             # the CPU or the broker, not when clients are slow to send connect.
-            self.node.connecting += 1
+            admission = self.node.admission
+            started = admission.begin()
             try:
                 await self._connect(cmd.id, req)
             finally:
-                self.node.connecting -= 1
+                admission.end(started)
         elif isinstance(req, PresenceRequest):
             self._send(encode_reply(cmd.id, "presence", await self._presence(req.channel)))
         elif isinstance(req, PresenceStatsRequest):

@@ -289,6 +289,55 @@ async def test_upgrades_refused_with_503_while_too_many_connects_are_in_progress
         jwks.close()
 
 
+async def test_upgrades_refused_with_503_while_a_new_connect_would_wait_too_long(
+    server_factory: Any,
+) -> None:
+    # Connects in progress that do not finish (their key fetch hangs): past the
+    # floor, with none finished for longer than SIGNAL_MAX_CONNECT_WAIT_S, upgrades
+    # are refused, by the wait and not by the count cap.
+    from websockets.exceptions import InvalidStatus
+
+    from signaling.admission import ADMIT_FLOOR
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwks = SlowJwks(key, delay_s=3.0)
+    try:
+        srv = await server_factory(
+            {
+                "SIGNAL_JWT_JWKS_URL": jwks.url,
+                "SIGNAL_JWT_ALGORITHMS": "HS256,RS256",
+                "SIGNAL_MAX_CONNECT_WAIT_S": "1",
+            },
+            name="connect-wait",
+        )
+        exp = int(time.time()) + 600
+        tokens = [
+            jwt.encode({"sub": f"w{i}", "exp": exp}, key, algorithm="RS256", headers={"kid": "k1"})
+            for i in range(ADMIT_FLOOR)
+        ]
+        waiting = [await Raw.open(srv) for _ in tokens]
+        ids = [
+            (await c.send({"connect": {"token": t}}))[0]
+            for c, t in zip(waiting, tokens, strict=True)
+        ]
+        await asyncio.sleep(0.2)
+        await (await Raw.open(srv)).close()  # crowded, but not for long: admitted
+        await asyncio.sleep(1.3)
+        with pytest.raises(InvalidStatus) as refused:
+            await Raw.open(srv)
+        assert refused.value.response.status_code == 503
+        for client, cmd_id in zip(waiting, ids, strict=True):
+            assert "connect" in await client.reply(cmd_id)
+        newcomer = await connected(srv, "bob")
+        _, body = await srv.aget("/metrics")
+        assert metric_value(body, "signal_limit_refusals_total", limit="connect_wait") == 1
+        assert metric_value(body, "signal_limit_refusals_total", limit="connecting") == 0
+        for c in (*waiting, newcomer):
+            await c.close()
+    finally:
+        jwks.close()
+
+
 # --- malformed input -----------------------------------------------------------------
 
 
