@@ -181,9 +181,9 @@ class Settings:
     # Connect commands being processed at once, per process; beyond it upgrades
     # are answered 503 (reconnect storms), 0 = unlimited; default 5000
     max_connecting: int = 5000
-    # Upgrades are answered 503 while a new connect would wait longer than this
-    # behind those in progress (estimated; signaling.admission), seconds 0-60,
-    # 0 = off; default 3 (the SDKs time a connect out after 5)
+    # Upgrades are answered 503 while recent connects took longer than this on
+    # average (or none finished for that long) with 64+ in progress
+    # (signaling.admission), seconds 0-60, 0 = off; default 3 (SDKs time out at 5)
     max_connect_wait_s: float = 3.0
     commands_per_second: float = 20.0  # token-bucket refill per connection, 0 = unlimited; def 20
     command_burst: int = 50  # token-bucket size, commands >= 1; default 50

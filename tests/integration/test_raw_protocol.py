@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -219,6 +220,7 @@ class SlowJwks:
     tokens stay in progress on the server until it does."""
 
     def __init__(self, key: rsa.RSAPrivateKey, delay_s: float) -> None:
+        self.key = key
         jwk = {**RSAAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": "k1"}
         body = json.dumps({"keys": [{**jwk, "alg": "RS256", "use": "sig"}]}).encode()
 
@@ -243,34 +245,50 @@ class SlowJwks:
         self._httpd.server_close()
 
 
+@contextlib.asynccontextmanager
+async def slow_key_server(
+    server_factory: Any, env: dict[str, str], name: str, delay_s: float
+) -> AsyncIterator[tuple[Any, rsa.RSAPrivateKey]]:
+    """A server that verifies RS256 tokens with keys fetched from a JWKS URL
+    answering after ``delay_s`` (a connect with such a token stays in
+    progress), and the key that signs them."""
+    jwks = SlowJwks(rsa.generate_private_key(public_exponent=65537, key_size=2048), delay_s)
+    try:
+        srv = await server_factory(
+            {"SIGNAL_JWT_JWKS_URL": jwks.url, "SIGNAL_JWT_ALGORITHMS": "HS256,RS256", **env},
+            name=name,
+        )
+        yield srv, jwks.key
+    finally:
+        jwks.close()
+
+
+async def send_slow_connects(
+    srv: Any, key: rsa.RSAPrivateKey, count: int
+) -> tuple[list[Raw], list[int]]:
+    """``count`` connections, each with a connect that waits for the slow keys."""
+    exp = int(time.time()) + 600
+    waiting = [await Raw.open(srv) for _ in range(count)]
+    ids = []
+    for i, client in enumerate(waiting):
+        token = jwt.encode(
+            {"sub": f"w{i}", "exp": exp}, key, algorithm="RS256", headers={"kid": "k1"}
+        )
+        ids += await client.send({"connect": {"token": token}})
+    return waiting, ids
+
+
 async def test_upgrades_refused_with_503_while_too_many_connects_are_in_progress(
     server_factory: Any,
 ) -> None:
     from websockets.exceptions import InvalidStatus
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwks = SlowJwks(key, delay_s=2.0)
-    try:
-        srv = await server_factory(
-            {
-                "SIGNAL_MAX_CONNECTING": "2",
-                "SIGNAL_JWT_JWKS_URL": jwks.url,
-                "SIGNAL_JWT_ALGORITHMS": "HS256,RS256",
-            },
-            name="connecting",
-        )
-
-        def rs256(user: str) -> str:
-            claims = {"sub": user, "exp": int(time.time()) + 600}
-            return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
-
+    env = {"SIGNAL_MAX_CONNECTING": "2"}
+    async with slow_key_server(server_factory, env, "connecting", 2.0) as (srv, key):
         # Upgraded sockets that have not sent connect cost nothing: not counted.
         idle = [await Raw.open(srv) for _ in range(3)]
         # Two connects waiting for the (slow) key fetch fill the limit.
-        waiting = [await Raw.open(srv), await Raw.open(srv)]
-        ids = [
-            (await c.send({"connect": {"token": rs256(f"w{i}")}}))[0] for i, c in enumerate(waiting)
-        ]
+        waiting, ids = await send_slow_connects(srv, key, 2)
         await asyncio.sleep(0.5)
         with pytest.raises(InvalidStatus) as refused:
             await Raw.open(srv)
@@ -285,8 +303,6 @@ async def test_upgrades_refused_with_503_while_too_many_connects_are_in_progress
         assert metric_value(body, "signal_limit_refusals_total", limit="connecting") == 1
         for c in (*idle, *waiting, newcomer):
             await c.close()
-    finally:
-        jwks.close()
 
 
 async def test_upgrades_refused_with_503_while_a_new_connect_would_wait_too_long(
@@ -299,27 +315,9 @@ async def test_upgrades_refused_with_503_while_a_new_connect_would_wait_too_long
 
     from signaling.admission import ADMIT_FLOOR
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwks = SlowJwks(key, delay_s=3.0)
-    try:
-        srv = await server_factory(
-            {
-                "SIGNAL_JWT_JWKS_URL": jwks.url,
-                "SIGNAL_JWT_ALGORITHMS": "HS256,RS256",
-                "SIGNAL_MAX_CONNECT_WAIT_S": "1",
-            },
-            name="connect-wait",
-        )
-        exp = int(time.time()) + 600
-        tokens = [
-            jwt.encode({"sub": f"w{i}", "exp": exp}, key, algorithm="RS256", headers={"kid": "k1"})
-            for i in range(ADMIT_FLOOR)
-        ]
-        waiting = [await Raw.open(srv) for _ in tokens]
-        ids = [
-            (await c.send({"connect": {"token": t}}))[0]
-            for c, t in zip(waiting, tokens, strict=True)
-        ]
+    env = {"SIGNAL_MAX_CONNECT_WAIT_S": "1"}
+    async with slow_key_server(server_factory, env, "connect-wait", 3.0) as (srv, key):
+        waiting, ids = await send_slow_connects(srv, key, ADMIT_FLOOR)
         await asyncio.sleep(0.2)
         await (await Raw.open(srv)).close()  # crowded, but not for long: admitted
         await asyncio.sleep(1.3)
@@ -334,8 +332,6 @@ async def test_upgrades_refused_with_503_while_a_new_connect_would_wait_too_long
         assert metric_value(body, "signal_limit_refusals_total", limit="connecting") == 0
         for c in (*waiting, newcomer):
             await c.close()
-    finally:
-        jwks.close()
 
 
 # --- malformed input -----------------------------------------------------------------
