@@ -22,7 +22,7 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["CONTENT_TYPE", "Metrics", "watch_loop_lag"]
+__all__ = ["CONTENT_TYPE", "BufferedCounter", "Metrics", "watch_loop_lag"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -38,6 +38,31 @@ class PipelineStats(Protocol):
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class BufferedCounter:
+    """A counter for the hot paths: counts in a plain int, handed to its
+    Prometheus counter when the gauges are updated (every half second by
+    :func:`watch_loop_lag`, and before every scrape).
+
+    prometheus-client's ``inc`` takes a lock and four Python calls; a chat
+    publication counted five of them (deliveries on two instances, the
+    publication, the command), ≈ 8 % of the Python calls it made.
+    """
+
+    __slots__ = ("_counter", "pending")
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self.pending = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.pending += amount
+
+    def flush(self) -> None:
+        if self.pending:
+            self._counter.inc(self.pending)
+            self.pending = 0
 
 
 class Metrics:
@@ -69,11 +94,13 @@ class Metrics:
             buckets=_FAST_BUCKETS,
             registry=r,
         )
-        self.publications = Counter(
-            "signal_publications", "Publications accepted by the broker.", registry=r
+        # Counted once per publication or delivery: buffered (BufferedCounter).
+        self._buffered: list[BufferedCounter] = []
+        self.publications = self.buffered(
+            Counter("signal_publications", "Publications accepted by the broker.", registry=r)
         )
-        self.deliveries = Counter(
-            "signal_deliveries", "Pushes written to local connections.", registry=r
+        self.deliveries = self.buffered(
+            Counter("signal_deliveries", "Pushes written to local connections.", registry=r)
         )
         self.disconnects = Counter(
             "signal_disconnects",
@@ -119,7 +146,14 @@ class Metrics:
         # Label children of the per-command metrics: labels() costs a lock and
         # a tuple per call, and every command asks. Bounded by the label
         # values (methods, error codes).
-        self._command_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._command_children: dict[tuple[str, str], tuple[BufferedCounter, Histogram]] = {}
+
+    def buffered(self, counter: Counter) -> BufferedCounter:
+        """``counter`` (or a label child of it) counted through a
+        :class:`BufferedCounter` this object flushes."""
+        found = BufferedCounter(counter)
+        self._buffered.append(found)
+        return found
 
     def watch_redis(self, executor: PipelineStats, pool_size: int) -> None:
         """Expose the Redis connection pool and pipelining."""
@@ -152,12 +186,17 @@ class Metrics:
         """Count a command by method and result and time it."""
         children = self._command_children.get((method, result))
         if children is None:
-            children = (self.commands.labels(method, result), self.command_duration.labels(method))
+            children = (
+                self.buffered(self.commands.labels(method, result)),
+                self.command_duration.labels(method),
+            )
             self._command_children[method, result] = children
         children[0].inc()
         children[1].observe(seconds)
 
     def update_gauges(self) -> None:
+        for counter in self._buffered:
+            counter.flush()
         for update in self._gauge_updates:
             update()
 

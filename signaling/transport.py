@@ -398,6 +398,12 @@ class WebSocketConnection(asyncio.Protocol):
         if self._held is None and not self._compressed:
             self._held = []
 
+    @property
+    def held_frames(self) -> int:
+        """Frames kept by :meth:`hold` so far (0 when not holding)."""
+        held = self._held
+        return 0 if held is None else len(held)
+
     def release(self) -> None:
         """Write what :meth:`hold` kept, in order, and stop holding."""
         held = self._held
