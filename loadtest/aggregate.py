@@ -47,6 +47,7 @@ class RunFacts:
     server_core_saturated_s: int = 0
     helpers_cpu_s: float = 0.0  # processes the tool started besides the server (redis)
     other_cpu_s: float = 0.0  # everything else on the machine during the window
+    steal_s: float = 0.0  # CPU time the hypervisor gave to other guests meanwhile
     notes: list[str] = field(default_factory=list)
 
 
@@ -134,6 +135,7 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
             "helpers_cpu_us_per_publication": _per(facts.helpers_cpu_s, acked),
             "other_processes_cpu_s": round(facts.other_cpu_s, 3),
             "other_processes_cpu_percent": round(facts.other_cpu_s / window_s * 100, 1),
+            "steal_cpu_s": round(facts.steal_s, 3),
         },
         "server": _server_section(facts, deliveries, acked, connected, window_s),
         "client": {

@@ -24,6 +24,7 @@ from loadtest.procstat import (
     cpu_ticks,
     discover_listeners,
     machine_busy_seconds,
+    machine_steal_seconds,
     sample,
     with_descendants,
 )
@@ -183,8 +184,9 @@ class _Run:
         self.progress.done()
         return build_report(facts, finals)
 
-    def _own_cpu(self) -> tuple[float, float, float, float]:
-        """(machine busy, workers + this process, helpers, server) CPU seconds now."""
+    def _own_cpu(self) -> tuple[float, float, float, float, float]:
+        """(machine busy, workers + this process, helpers, server, stolen by the
+        hypervisor) CPU seconds now."""
         workers = sum(cpu_seconds(p.pid) or 0.0 for p in self.procs if p.pid is not None)
         me = os.times()
         return (
@@ -192,18 +194,26 @@ class _Run:
             workers + me.user + me.system,
             sample(self.target.helper_pids).cpu_s,
             sample(self.facts.server_pids).cpu_s,
+            machine_steal_seconds(),
         )
 
-    def _account_noise(self, start: tuple[float, float, float, float]) -> None:
-        """CPU that other processes used during the run (others' test suites...)."""
+    def _account_noise(self, start: tuple[float, float, float, float, float]) -> None:
+        """CPU that other processes used during the run (others' test suites...),
+        and CPU time the hypervisor took away."""
         end = self._own_cpu()
-        busy, clients, helpers, server = (b - a for a, b in zip(start, end, strict=True))
+        busy, clients, helpers, server, steal = (b - a for a, b in zip(start, end, strict=True))
         if self.restart:
             server = 0.0  # the restarted server's PIDs changed: not comparable
         window = max(1e-9, self.facts.t_end - self.facts.t_start)
         other = max(0.0, busy - clients - helpers - server)
         self.facts.helpers_cpu_s = helpers
         self.facts.other_cpu_s = other
+        self.facts.steal_s = steal
+        if steal / window > NOISY:
+            self.facts.notes.append(
+                f"the hypervisor took {steal / window * 100:.0f}% of a CPU (steal) during the "
+                "run: figures may be disturbed, re-run when the host is quieter"
+            )
         if not self.restart and other > 0.2 and other / window > NOISY:
             self.facts.notes.append(
                 f"other processes used {other / window * 100:.0f}% of a CPU during the run: "

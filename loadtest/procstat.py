@@ -20,6 +20,7 @@ __all__ = [
     "cpu_ticks",
     "discover_listeners",
     "machine_busy_seconds",
+    "machine_steal_seconds",
     "rss_kib",
     "sample",
     "with_descendants",
@@ -77,6 +78,19 @@ def machine_busy_seconds() -> float:
     # loopback's TCP work, much of it caused by this very run) belongs to no process.
     busy = sum(int(fields[i]) for i in (0, 1, 2))
     return busy / _CLK_TCK
+
+
+def machine_steal_seconds() -> float:
+    """CPU seconds the hypervisor gave to other guests while this one's CPUs had
+    work ("steal", /proc/stat), all CPUs, since boot.
+
+    On a shared host this is the noise no process list shows: a run whose
+    figures drift from the last one's with nothing else running here often had
+    its CPUs taken away.
+    """
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    return int(fields[7]) / _CLK_TCK if len(fields) > 7 else 0.0
 
 
 def rss_kib(pid: int) -> int | None:

@@ -96,6 +96,9 @@ def check_report(document: dict[str, Any], scenario: str, target: str) -> dict[s
     for key in ("cpu_us_per_delivery", "cpu_us_per_publication", "rss_per_connection_kib"):
         assert key in run["server"], run["server"]
     assert {"saturated", "cpu_s", "workers"} <= run["client"].keys()
+    machine = run["machine"]
+    assert {"helpers_cpu_s", "other_processes_cpu_s", "steal_cpu_s"} <= machine.keys()
+    assert machine["steal_cpu_s"] >= 0, machine
     deliveries = run["deliveries"]
     assert deliveries["lost"] == 0, deliveries
     assert deliveries["duplicated"] == 0, deliveries
