@@ -228,6 +228,9 @@ async def run_server(
         loop.remove_signal_handler(signum)
     lag_watch.cancel()
     await node.close()
+    # The counts buffered since the last update (metrics.BufferedCounter) reach
+    # the multiprocess files that outlive a worker.
+    metrics.update_gauges()
     log.info("stopped")
     return 0
 

@@ -15,12 +15,16 @@ from websockets.exceptions import ConnectionClosed
 from support.processes import REPO_ROOT, RedisProcess, ServerProcess
 
 
-def active_connections(body: bytes) -> float:
+def sample_value(body: bytes, name: str) -> float:
     for family in text_string_to_metric_families(body.decode()):
         for sample in family.samples:
-            if sample.name == "websocket_active_connections":
+            if sample.name == name:
                 return sample.value
-    raise AssertionError("websocket_active_connections missing")
+    raise AssertionError(f"{name} missing")
+
+
+def active_connections(body: bytes) -> float:
+    return sample_value(body, "websocket_active_connections")
 
 
 async def open_client(server: ServerProcess, user: str) -> ClientConnection:
@@ -62,6 +66,15 @@ async def test_workers_share_port_and_report_summed_connections(
             if "push" in msg and msg["push"]["pub"]["data"].get("type") == "message":
                 assert msg["push"]["pub"]["data"]["text"] == "hi"
                 break
+
+    # Counted per delivery in each worker (metrics.BufferedCounter), summed
+    # over the workers within a second: 30 subscribers, one publication.
+    for _ in range(50):
+        _, body = await server.aget("/metrics")
+        if sample_value(body, "signal_deliveries_total") == 30:
+            break
+        await asyncio.sleep(0.1)
+    assert sample_value(body, "signal_deliveries_total") == 30
 
     for ws in clients[:12]:
         await ws.close()
