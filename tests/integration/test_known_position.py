@@ -20,6 +20,7 @@ import pytest
 from test_raw_protocol import QUIET, Raw, connected, msg
 
 from signaling.broker.redis_scripts import HISTORY
+from support.loadcheck import cut_pubsub
 from support.processes import RedisProcess, ServerProcess
 
 TIMEOUT = 5.0
@@ -158,3 +159,82 @@ async def test_subscribing_while_publications_are_in_flight_misses_nothing(
         await client.close()
     await watcher.close()
     await writer.close()
+
+
+async def _follow(
+    client: Raw, channel: str, start: int, epoch: str, top: int
+) -> tuple[list[int], int]:
+    """Read ``channel``'s publications from offset ``start`` until ``top``;
+    when told to recover (unsubscribe push 2500, a gap), subscribe again from
+    the last offset received, as the SDKs do. Returns the offsets received,
+    live or recovered, and how many recoveries it took."""
+    got: list[int] = []
+    last, recoveries = start, 0
+    while last < top:
+        pushes = [m for m in client.inbox if m.get("push", {}).get("channel") == channel]
+        if not pushes:
+            await client._fill()
+            continue
+        for message in pushes:
+            client.inbox.remove(message)
+            push = message["push"]
+            if "pub" in push:
+                got.append(push["pub"].get("offset", 0))
+            elif "unsubscribe" in push:
+                assert push["unsubscribe"]["code"] == 2500, push
+                recoveries += 1
+                body = {"channel": channel, "recover": True, "offset": last, "epoch": epoch}
+                result = (await client.call("subscribe", body))["subscribe"]
+                assert result["recovered"] is True, result
+                got += [p["offset"] for p in result.get("publications", [])]
+            last = got[-1] if got else last
+    return got, recoveries
+
+
+async def test_a_subscription_answered_during_a_pubsub_outage_recovers_what_the_instance_missed(
+    server_on_redis: ServerProcess, redis_server: RedisProcess
+) -> None:
+    """The instance's pub/sub connection is cut while publications go on: its
+    position goes stale. A subscription answered from that position is then
+    made to recover along with the instance's other subscribers, and gets
+    every publication after the offset it was given, once."""
+    srv = server_on_redis
+    watcher = await connected(srv, "watcher")
+    first = (await watcher.call("subscribe", {"channel": "room:c"}))["subscribe"]
+    writer = await connected(srv, "writer")
+    await writer.call("publish", {"channel": "room:c", "data": msg("first")})
+    assert await _receive_offsets(watcher, 1) == [1]
+
+    async def publish_many() -> None:
+        for i in range(80):
+            reply = await writer.call("publish", {"channel": "room:c", "data": msg(str(i))})
+            assert "error" not in reply, reply
+            await asyncio.sleep(0.01)
+
+    # Connected before the cut: its connect subscribes its personal channel,
+    # which needs pub/sub; the room, followed already, does not.
+    joiner = await connected(srv, "joiner")
+    publishing = asyncio.create_task(publish_many())
+    cutting = asyncio.create_task(cut_pubsub(redis_server.port, 0.6))
+    await asyncio.sleep(0.15)
+    joined = (await joiner.call("subscribe", {"channel": "room:c"}))["subscribe"]
+    assert joined["epoch"] == first["epoch"]
+    await publishing
+    killed = await cutting
+    top = (await writer.call("history", {"channel": "room:c", "limit": 0}))["history"]
+    top_offset = top.get("offset", 0)
+    assert top_offset == 81 and killed > 0
+
+    start = joined.get("offset", 0)
+    got, joiner_recoveries = await _follow(joiner, "room:c", start, first["epoch"], top_offset)
+    assert got == list(range(start + 1, top_offset + 1))
+    got, watcher_recoveries = await _follow(watcher, "room:c", 1, first["epoch"], top_offset)
+    assert got == list(range(2, top_offset + 1))
+    print(
+        f"\npub/sub connections killed: {killed}; joined at {start}; recoveries: "
+        f"joiner {joiner_recoveries}, watcher {watcher_recoveries}"
+    )
+    # The cut made the instance miss publications: both were told to recover.
+    assert joiner_recoveries > 0 and watcher_recoveries > 0
+    for client in (watcher, writer, joiner):
+        await client.close()
