@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import itertools
 import math
 import os
 import resource
@@ -30,6 +31,8 @@ __all__ = ["main"]
 EXIT_OK, EXIT_ABORTED, EXIT_USAGE, EXIT_FATAL = 0, 1, 2, 3
 MAX_CONNECTIONS = 100_000
 MAX_DURATION_S = 3600.0
+# Every run is bounded; so is their number.
+MAX_REPEAT = 20
 
 # Per-scenario defaults: connections, rate, duration, room size.
 _DEFAULTS: dict[str, tuple[int, float, float, int]] = {
@@ -197,6 +200,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="before each run, wait up to S seconds for the machine to be idle "
         "(other processes under 10%% of a CPU): for shared machines",
+    )
+    c.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run everything N times, interleaved (each repetition every rate and "
+        "target in turn), and report medians: this kind of machine's speed moves "
+        "10-25 %% within minutes",
     )
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, help="write the full report as JSON")
@@ -405,6 +417,8 @@ def _validate(args: argparse.Namespace) -> None:
         args.spawn_baseline or (args.url and args.protocol == "baseline")
     ):
         raise UsageError(f"the baseline speaks no channels or RPCs: {args.scenario} can't run")
+    if not 1 <= args.repeat <= MAX_REPEAT:
+        raise UsageError(f"--repeat must be 1..{MAX_REPEAT}")
     if args.plot and not plotting_available():
         raise UsageError("--plot needs matplotlib: pip install 'digis-signal[plot]'")
 
@@ -446,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Rate by rate, every target in turn: digis-signal and the baseline are then
         # measured minutes apart at most, not one after all the other's rates (this
         # machine's speed was seen to move 10-25 % within minutes).
-        for rate in rates:
+        for repetition, rate in itertools.product(range(1, args.repeat + 1), rates):
             for factory in factories:
                 # A fresh server per run: RSS per connection and CPU are then this run's
                 # alone, not what an earlier run left behind.
@@ -470,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         restart=settings.reconnect and target.group is not None,
                         progress=progress,
                     )
+                    report["repetition"] = repetition
                     runs.append(report)
                 if report["fatal"]:
                     code = EXIT_FATAL

@@ -7,15 +7,16 @@ import contextlib
 import importlib.metadata
 import os
 import platform
+import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
 
-__all__ = ["comparisons", "machine_info", "print_summary", "write_json"]
+__all__ = ["comparisons", "machine_info", "medians", "print_summary", "write_json"]
 
 _OURS = "digis-signal"
 _BASELINE = "baseline"
@@ -30,6 +31,15 @@ _RATIO_FIELDS = (
     ("latency p99", ("latency_ms", "p99")),
     ("connect setup time", ("connections", "setup_s")),
 )
+_UNITS = {
+    "server CPU per delivery": "µs",
+    "server CPU per publication": "µs",
+    "server RSS per connection": "KiB",
+    "server CPU % (window)": "%",
+    "latency p50": "ms",
+    "latency p99": "ms",
+    "connect setup time": "s",
+}
 
 
 def _get(report: dict[str, Any], path: Sequence[str]) -> Any:
@@ -41,17 +51,23 @@ def _get(report: dict[str, Any], path: Sequence[str]) -> Any:
     return value
 
 
+def _key(run: dict[str, Any]) -> tuple[str, float, int]:
+    return (run["scenario"], run["settings"]["rate"], run["settings"]["connections"])
+
+
 def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """digis-signal ÷ baseline for runs of the same scenario and rate."""
+    """digis-signal ÷ baseline for runs of the same scenario, rate and
+    repetition (``--repeat``: each repetition's pair ran minutes apart at most)."""
     out = []
     for ours in runs:
         if not ours["target"].startswith(_OURS):
             continue
-        key = (ours["scenario"], ours["settings"]["rate"], ours["settings"]["connections"])
+        key = _key(ours)
+        repetition = ours.get("repetition", 1)
         for base in runs:
-            if base["target"] != _BASELINE:
+            if base["target"] != _BASELINE or _key(base) != key:
                 continue
-            if (base["scenario"], base["settings"]["rate"], base["settings"]["connections"]) != key:
+            if base.get("repetition", 1) != repetition:
                 continue
             ratios: dict[str, float | None] = {}
             for label, path in _RATIO_FIELDS:
@@ -63,10 +79,59 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "scenario": key[0],
                     "rate": key[1],
                     "connections": key[2],
+                    "repetition": repetition,
                     "ratios": ratios,
                 }
             )
     return out
+
+
+def _median_of(values: Iterable[Any]) -> float | None:
+    numbers = [v for v in values if isinstance(v, int | float)]
+    return round(statistics.median(numbers), 3) if numbers else None
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Medians over the repetitions of each target, scenario and rate, of the
+    figures compared with the baseline and of the ratios; empty without
+    ``--repeat``."""
+    groups: dict[tuple[str, tuple[str, float, int]], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["target"], _key(run)), []).append(run)
+    figures = [
+        {
+            "target": target,
+            "scenario": key[0],
+            "rate": key[1],
+            "connections": key[2],
+            "repetitions": len(group),
+            "figures": {
+                label: _median_of(_get(run, path) for run in group) for label, path in _RATIO_FIELDS
+            },
+        }
+        for (target, key), group in groups.items()
+        if len(group) > 1
+    ]
+    pairs: dict[tuple[str, tuple[str, float, int]], list[dict[str, Any]]] = {}
+    for comp in comparisons(runs):
+        key = (comp["scenario"], comp["rate"], comp["connections"])
+        pairs.setdefault((comp["target"], key), []).append(comp)
+    ratios = [
+        {
+            "target": target,
+            "scenario": key[0],
+            "rate": key[1],
+            "connections": key[2],
+            "repetitions": len(group),
+            "ratios": {
+                label: _median_of(comp["ratios"][label] for comp in group)
+                for label, _ in _RATIO_FIELDS
+            },
+        }
+        for (target, key), group in pairs.items()
+        if len(group) > 1
+    ]
+    return {"figures": figures, "ratios": ratios}
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -114,8 +179,12 @@ def print_summary(runs: list[dict[str, Any]], out: TextIO | None = None) -> None
     if not runs:
         return
     out.write("\n")
-    rows = [[name for name, _ in _COLUMNS]]
-    rows += [[get(r) for _, get in _COLUMNS] for r in runs]
+    repeated = any(r.get("repetition", 1) > 1 for r in runs)
+    columns = _COLUMNS
+    if repeated:
+        columns = (*_COLUMNS[:2], ("rep", lambda r: _fmt(r.get("repetition", 1))), *_COLUMNS[2:])
+    rows = [[name for name, _ in columns]]
+    rows += [[get(r) for _, get in columns] for r in runs]
     _table(rows, out)
     for r in runs:
         _details(r, out)
@@ -124,8 +193,21 @@ def print_summary(runs: list[dict[str, Any]], out: TextIO | None = None) -> None
         out.write("\ndigis-signal ÷ baseline, same scenario and rate (lower is better):\n")
         for comp in comps:
             parts = [f"{k} {v:.2f}x" for k, v in comp["ratios"].items() if v is not None]
-            head = f"  {comp['target']}, {comp['scenario']} rate {comp['rate']:g}: "
+            head = f"  {comp['target']}, {comp['scenario']} rate {comp['rate']:g}"
+            head += f" (repetition {comp['repetition']}): " if repeated else ": "
             out.write(head + ", ".join(parts) + "\n")
+    found = medians(runs)
+    if found["figures"]:
+        out.write("\nmedians over the repetitions:\n")
+        for group in found["figures"]:
+            figures = group["figures"].items()
+            parts = [f"{k} {v:,.2f} {_UNITS[k]}" for k, v in figures if v is not None]
+            head = f"  {group['target']}, {group['scenario']} rate {group['rate']:g}"
+            out.write(f"{head} ({group['repetitions']} runs): " + ", ".join(parts) + "\n")
+        for group in found["ratios"]:
+            parts = [f"{k} {v:.2f}x" for k, v in group["ratios"].items() if v is not None]
+            head = f"  {group['target']} ÷ baseline, {group['scenario']} rate {group['rate']:g}"
+            out.write(f"{head} ({group['repetitions']} pairs): " + ", ".join(parts) + "\n")
 
 
 def _details(r: dict[str, Any], out: TextIO) -> None:
@@ -266,6 +348,7 @@ def write_json(path: Path, runs: list[dict[str, Any]], argv: Sequence[str]) -> N
         "machine": machine_info(),
         "runs": runs,
         "comparisons": comparisons(runs),
+        "medians": medians(runs),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))

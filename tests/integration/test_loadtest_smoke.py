@@ -183,3 +183,41 @@ async def test_connect_restart_by_hand_over(tmp_path: Path) -> None:
     assert results["recovered"] == 40 and results["not_recovered"] == 0
     assert results["still_out_at_end"] == 0
     assert run["deliveries"]["lost"] == 0 and run["deliveries"]["duplicated"] == 0
+
+
+async def test_repeated_runs_pair_each_repetition_and_report_medians(tmp_path: Path) -> None:
+    """``--repeat 2`` with the baseline: both targets run twice, interleaved;
+    each comparison pairs runs of one repetition, and medians cover both."""
+    args = [*SMOKE_RUNS["fanout"], "--spawn-server", "--spawn-baseline", "--repeat", "2"]
+    document = await run_tool(args, tmp_path / "repeat.json", tool_env())
+    runs = document["runs"]
+    assert [(r["target"], r["repetition"]) for r in runs] == [
+        ("digis-signal", 1),
+        ("baseline", 1),
+        ("digis-signal", 2),
+        ("baseline", 2),
+    ]
+    for run in runs:
+        check_fanout(run)
+    comps = document["comparisons"]
+    assert [c["repetition"] for c in comps] == [1, 2]
+    label = "server CPU per delivery"
+    ours = [r["server"]["cpu_us_per_delivery"] for r in runs if r["target"] == "digis-signal"]
+    figures = {g["target"]: g for g in document["medians"]["figures"]}
+    assert figures.keys() == {"digis-signal", "baseline"}
+    assert figures["digis-signal"]["repetitions"] == 2
+    assert figures["digis-signal"]["figures"][label] == pytest.approx(sum(ours) / 2, abs=1e-3)
+    (ratios,) = document["medians"]["ratios"]
+    assert ratios["repetitions"] == 2
+    expected = sum(c["ratios"][label] for c in comps) / 2
+    assert ratios["ratios"][label] == pytest.approx(expected, abs=1e-3)
+
+
+async def test_repeat_is_bounded() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadtest", "fanout", "--spawn-baseline", "--repeat", "21",
+        cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT_S)
+    assert proc.returncode == 2, output
+    assert b"--repeat must be 1..20" in output
