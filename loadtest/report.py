@@ -91,6 +91,16 @@ def _median_of(values: Iterable[Any]) -> float | None:
     return round(statistics.median(numbers), 3) if numbers else None
 
 
+def _group_head(target: str, key: tuple[str, float, int], count: int) -> dict[str, Any]:
+    return {
+        "target": target,
+        "scenario": key[0],
+        "rate": key[1],
+        "connections": key[2],
+        "repetitions": count,
+    }
+
+
 def medians(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Medians over the repetitions of each target, scenario and rate, of the
     figures compared with the baseline and of the ratios; empty without
@@ -100,11 +110,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         groups.setdefault((run["target"], _key(run)), []).append(run)
     figures = [
         {
-            "target": target,
-            "scenario": key[0],
-            "rate": key[1],
-            "connections": key[2],
-            "repetitions": len(group),
+            **_group_head(target, key, len(group)),
             "figures": {
                 label: _median_of(_get(run, path) for run in group) for label, path in _RATIO_FIELDS
             },
@@ -118,11 +124,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         pairs.setdefault((comp["target"], key), []).append(comp)
     ratios = [
         {
-            "target": target,
-            "scenario": key[0],
-            "rate": key[1],
-            "connections": key[2],
-            "repetitions": len(group),
+            **_group_head(target, key, len(group)),
             "ratios": {
                 label: _median_of(comp["ratios"][label] for comp in group)
                 for label, _ in _RATIO_FIELDS

@@ -675,18 +675,16 @@ class ClientSession:
         if position is None:
             return None
         offset, epoch = position
-        if not req.recover:
-            return SubscribeResult(recoverable=True, positioned=True, epoch=epoch, offset=offset)
-        if req.offset == offset and req.epoch == epoch:
-            return SubscribeResult(
-                recoverable=True,
-                positioned=True,
-                epoch=epoch,
-                offset=offset,
-                recovered=True,
-                was_recovering=True,
-            )
-        return None
+        if req.recover and (req.offset, req.epoch) != position:
+            return None  # behind or elsewhere: the stream has what it missed
+        return SubscribeResult(
+            recoverable=True,
+            positioned=True,
+            epoch=epoch,
+            offset=offset,
+            recovered=req.recover,
+            was_recovering=req.recover,
+        )
 
     def _go_live(self, channel: str, result: SubscribeResult) -> None:
         """After the subscribe reply: deliver what arrived while syncing and
