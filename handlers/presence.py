@@ -42,10 +42,11 @@ end never be reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -68,6 +69,7 @@ __all__ = [
     "StatusView",
     "node_ttl_s",
     "publish_if_changed",
+    "refresh_status",
     "register",
     "set_call_busy",
     "set_status",
@@ -170,20 +172,28 @@ class StatusView:
 async def status_view(node: Node, user: str, *, online: bool | None = None) -> StatusView:
     """The user's current view; ``online`` overrides the store's answer when
     the caller knows better (a connection of the user is open right here)."""
+    view, _ = await _read_view(node, user, online, with_last=False)
+    return view
+
+
+async def _read_view(
+    node: Node, user: str, online: bool | None, *, with_last: bool
+) -> tuple[StatusView, str | None]:
+    """The user's view and, ``with_last``, the last state published (else None)."""
     # One command for the user's own keys (they share the user's hash tag).
-    own_keys = node.store.get_many((_chosen_key(user), _in_call_key(user)))
+    keys = (_chosen_key(user), _in_call_key(user), _last_key(user))
+    own_keys = node.store.get_many(keys if with_last else keys[:2])
     if online:
         # An online user has no last-seen time to show: the presence lookup
         # is skipped (every connection set-up comes here).
-        chosen, in_call = await own_keys
+        values = await own_keys
         last_seen = None
     else:
-        presence, (chosen, in_call) = await asyncio.gather(
-            node.user_presence.status(user), own_keys
-        )
+        presence, values = await asyncio.gather(node.user_presence.status(user), own_keys)
         online = presence.online if online is None else online
         last_seen = presence.last_seen
-    return _view(user, online, chosen, in_call, last_seen)
+    last = values[2] if with_last else None
+    return _view(user, online, values[0], values[1], last_seen), last
 
 
 def _view(
@@ -201,23 +211,47 @@ async def publish_if_changed(node: Node, view: StatusView) -> bool:
     serialized (two connect hooks racing would both publish); calls on two
     nodes at once may still both publish the same state, which subscribers
     take as a no-op."""
-    channel = status_channel(view.user)
-    if node.policy.options(channel) is None:
+    if node.policy.options(status_channel(view.user)) is None:
         # A user id that cannot name a channel: nobody can follow it.
         return False
-    store = node.store
-    key = _last_key(view.user)
-    lock = _publish_locks.setdefault((id(node), view.user), asyncio.Lock())
+    async with _publish_lock(node, view.user):
+        return await _publish_news(node, view, await node.store.get(_last_key(view.user)))
+
+
+async def refresh_status(
+    node: Node, user: str, *, online: bool | None = None
+) -> tuple[StatusView, bool]:
+    """Read the user's view (``online`` as in :func:`status_view`) and publish
+    it if it changed: :func:`status_view` then :func:`publish_if_changed`, with
+    the last published state read in the same command as the user's keys.
+    Returns the view and whether it was published."""
+    if node.policy.options(status_channel(user)) is None:
+        return await status_view(node, user, online=online), False
+    async with _publish_lock(node, user):
+        view, last = await _read_view(node, user, online, with_last=True)
+        return view, await _publish_news(node, view, last)
+
+
+async def _publish_news(node: Node, view: StatusView, last: str | None) -> bool:
+    """Publish ``view`` unless ``last`` (the last state published) is the
+    same; under the user's publish lock."""
+    if last == view.signature:
+        return False
+    await node.publish(status_channel(view.user), orjson.dumps(view.to_json()))
+    await node.store.set(_last_key(view.user), view.signature, CHOSEN_TTL_S)
+    return True
+
+
+@contextlib.asynccontextmanager
+async def _publish_lock(node: Node, user: str) -> AsyncIterator[None]:
+    """Serializes status publishing for one user on one node."""
+    lock = _publish_locks.setdefault((id(node), user), asyncio.Lock())
     try:
         async with lock:
-            if await store.get(key) == view.signature:
-                return False
-            await node.publish(channel, orjson.dumps(view.to_json()))
-            await store.set(key, view.signature, CHOSEN_TTL_S)
-            return True
+            yield
     finally:
         if not lock.locked() and not getattr(lock, "_waiters", None):
-            _publish_locks.pop((id(node), view.user), None)
+            _publish_locks.pop((id(node), user), None)
 
 
 # One lock per (node, user) while a status publish is in flight.
@@ -230,8 +264,7 @@ async def set_status(
     """Record ``user``'s chosen availability and publish the change
     (``online`` as in :func:`status_view`)."""
     await node.store.set(_chosen_key(user), chosen, CHOSEN_TTL_S)
-    view = await status_view(node, user, online=online)
-    await publish_if_changed(node, view)
+    view, _ = await refresh_status(node, user, online=online)
     return view
 
 
@@ -249,7 +282,8 @@ async def set_call_busy(node: Node, user: str, busy: bool) -> None:
         await node.store.set(key, "1", ttl)
     else:
         await node.store.delete(key)
-    await publish_if_changed(node, await status_view(node, user))
+    # A connection of theirs here: online, without asking the store.
+    await refresh_status(node, user, online=True if node.user_connection_count(user) else None)
 
 
 # --- RPC methods ------------------------------------------------------------------------

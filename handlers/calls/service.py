@@ -38,7 +38,7 @@ import logging
 import math
 import secrets
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from handlers.calls.agora import MAX_UID, RtcGrant, TokenIssuer, channel_name
 from handlers.calls.errors import (
@@ -238,7 +238,7 @@ class CallService:
         }
         # The call exists (pending) and has its timer before anyone is marked
         # busy with it: a busy flag always points at a call that will end.
-        await self.calls.create(fields, call_id)
+        pending = await self.calls.create(fields, call_id)
         await self.timers.schedule(call_id, now + self.ring_ms)
         try:
             await self._claim_both(caller, callee, call_id)
@@ -249,6 +249,7 @@ class CallService:
                 ),
                 functools.partial(self._billing, at=now),
                 written_ms=self.clock(),
+                known=pending,
             )
         except BaseException:
             # Best effort: what is left behind (a pending call, busy flags
@@ -331,7 +332,7 @@ class CallService:
                 return None  # too late: missed, only the timer has not run yet
             return changes(at)
 
-        change = await self._update(call_id, decide)
+        change = await self._update(call_id, decide, known=call)
         if change is None:
             await self.run_timer(call_id)  # records the miss now
             raise wrong_state(CallState.MISSED)
@@ -339,14 +340,14 @@ class CallService:
 
     async def end(self, user: str, call_id: str) -> Call:
         """Either participant hangs up an accepted call."""
-        await self.participant_call(user, call_id)
+        call = await self.participant_call(user, call_id)
 
         def decide(c: Call) -> Mapping[str, str]:
             if c.state != CallState.ACCEPTED:
                 raise wrong_state(c.state)
             return _ended(EndReason.HANGUP, self.clock(), user)
 
-        change = await self._update(call_id, decide)
+        change = await self._update(call_id, decide, known=call)
         assert change is not None
         await self._finished(change)
         return change.after
@@ -386,9 +387,12 @@ class CallService:
             return None
         return call
 
-    async def _update(self, call_id: str, decide: Decide, at: int | None = None) -> Change | None:
+    async def _update(
+        self, call_id: str, decide: Decide, at: int | None = None, *, known: Call | None = None
+    ) -> Change | None:
         """Apply a change with its billing records (``at``: the time of a
-        tick), then append them: the winning change, or None."""
+        tick), then append them: the winning change, or None. ``known``: the
+        call as just read (see :meth:`CallStore.update`)."""
         when = self.clock()
         try:
             change = await self.calls.update(
@@ -396,6 +400,7 @@ class CallService:
                 decide,
                 functools.partial(self._billing, at=when if at is None else at),
                 written_ms=when,
+                known=known,
             )
         except LookupError:
             raise SignalError(CALL_NOT_FOUND) from None
@@ -605,7 +610,8 @@ class CallService:
     async def _show_in_call(self, call: Call, busy: bool) -> None:
         """Fans see both participants as ``busy`` while the call is accepted
         (handlers.presence). Cosmetic: a failure is logged, the call goes on."""
-        for user in call.participants:
+
+        async def show(user: str) -> None:
             try:
                 await set_call_busy(self.node, user, busy)
             except BrokerUnavailable as exc:
@@ -613,11 +619,14 @@ class CallService:
                     "call %s: in-call status of %s not updated: %s", call.call_id, user, exc
                 )
 
+        await _each(show, call.participants)
+
     async def _finished(self, change: Change) -> None:
         """A call reached a terminal state: free everything, tell everyone."""
         call = change.after
-        for user in call.participants:
-            await self.calls.release_busy(user, call.call_id)
+        await _each(
+            functools.partial(self.calls.release_busy, call_id=call.call_id), call.participants
+        )
         # The timer goes with the call, unless its outbox still holds records
         # (in flight from another instance, or not appended): it appends them.
         retry = await self._outbox_due(call, change.unsent)
@@ -653,11 +662,14 @@ class CallService:
         """Publish to the users' personal channels (with history, so a
         reconnecting app recovers it). The state already changed: a failed
         publish is logged, the call goes on (call.state tells the truth)."""
-        for user in users:
+
+        async def publish(user: str) -> None:
             try:
                 await self.node.publish(personal_channel(user), data)
             except (BrokerUnavailable, SignalError) as exc:
                 log.warning("call event to %s not published: %s", user, exc)
+
+        await _each(publish, users)
 
     # --- billing ----------------------------------------------------------------------
 
@@ -773,6 +785,15 @@ class CallService:
         if call.accepted_at_ms is not None:
             view["ends_at_ms"] = call.accepted_at_ms + self.max_ms
         return view
+
+
+async def _each(action: Callable[[str], Awaitable[None]], users: Sequence[str]) -> None:
+    """``action`` for every user, at once: the participants' round trips share
+    the loop's writes and reads instead of waiting for each other."""
+    if len(users) == 1:
+        await action(users[0])
+    else:
+        await asyncio.gather(*(action(user) for user in users))
 
 
 def _ended(reason: EndReason, at: int, by: str | None) -> dict[str, str]:

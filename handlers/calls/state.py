@@ -50,7 +50,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import orjson
@@ -140,20 +140,6 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _int(fields: Mapping[str, str], name: str, default: int = 0) -> int:
-    text = fields.get(name, "")
-    return int(text) if text else default
-
-
-def _opt_int(fields: Mapping[str, str], name: str) -> int | None:
-    text = fields.get(name, "")
-    return int(text) if text else None
-
-
-def _opt_str(fields: Mapping[str, str], name: str) -> str | None:
-    return fields.get(name) or None
-
-
 @dataclass(frozen=True, slots=True)
 class OutboxEntry:
     """A billing record waiting in a call's outbox for its append to the stream."""
@@ -219,34 +205,42 @@ class Call:
     # Billing records written with a change, not yet appended to the stream.
     outbox: tuple[OutboxEntry, ...] = ()
 
+    # The hash it was read from (what a compare-and-set on it starts from).
+    fields: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
     @classmethod
     def from_hash(cls, call_id: str, fields: Mapping[str, str]) -> Call | None:
         """The call, or None for an empty (missing) hash."""
-        if not fields.get("state"):
+        get = fields.get
+        state = get("state")
+        if not state:
             return None
+        # Inline conversions: every transition reads a call two or three
+        # times, and a helper call per field was most of the cost.
         return cls(
             call_id=call_id,
-            rev=_int(fields, "rev"),
-            state=CallState(fields["state"]),
+            rev=int(get("rev") or 0),
+            state=CallState(state),
             caller=fields["caller"],
             callee=fields["callee"],
-            media=fields.get("media", "video"),
-            meta=fields.get("meta", ""),
-            created_at_ms=_int(fields, "created_at_ms"),
-            ring_deadline_ms=_int(fields, "ring_deadline_ms"),
-            caller_uid=_int(fields, "caller_uid"),
-            callee_uid=_int(fields, "callee_uid"),
-            accepted_at_ms=_opt_int(fields, "accepted_at_ms"),
-            ended_at_ms=_opt_int(fields, "ended_at_ms"),
-            reason=_opt_str(fields, "reason"),
-            ended_by=_opt_str(fields, "ended_by"),
-            lost_since_ms=_opt_int(fields, "lost_since_ms"),
-            ticks=_int(fields, "ticks"),
-            warned=_int(fields, "warned"),
-            caller_seen_ms=_opt_int(fields, "caller_seen_ms"),
-            callee_seen_ms=_opt_int(fields, "callee_seen_ms"),
-            ver=_int(fields, "ver"),
-            outbox=decode_outbox(fields.get("outbox", "")),
+            media=get("media", "video"),
+            meta=get("meta", ""),
+            created_at_ms=int(get("created_at_ms") or 0),
+            ring_deadline_ms=int(get("ring_deadline_ms") or 0),
+            caller_uid=int(get("caller_uid") or 0),
+            callee_uid=int(get("callee_uid") or 0),
+            accepted_at_ms=int(text) if (text := get("accepted_at_ms")) else None,
+            ended_at_ms=int(text) if (text := get("ended_at_ms")) else None,
+            reason=get("reason") or None,
+            ended_by=get("ended_by") or None,
+            lost_since_ms=int(text) if (text := get("lost_since_ms")) else None,
+            ticks=int(get("ticks") or 0),
+            warned=int(get("warned") or 0),
+            caller_seen_ms=int(text) if (text := get("caller_seen_ms")) else None,
+            callee_seen_ms=int(text) if (text := get("callee_seen_ms")) else None,
+            ver=int(get("ver") or 0),
+            outbox=decode_outbox(text) if (text := get("outbox")) else (),
+            fields=fields,
         )
 
     @property
@@ -320,10 +314,14 @@ class CallStore:
         """The lifetime a call's hash gets with each write."""
         return self.live_ttl_s if state in LIVE_STATES else RETAIN_S
 
-    async def create(self, fields: Mapping[str, str], call_id: str) -> None:
-        """Write a new ``pending`` call (short-lived until it becomes ringing)."""
+    async def create(self, fields: Mapping[str, str], call_id: str) -> Call:
+        """Write a new ``pending`` call (short-lived until it becomes ringing)
+        and return it as written."""
         values = {**fields, "state": CallState.PENDING.value, "rev": "1", "ver": "1"}
         await self.store.hset(call_key(call_id), values, PENDING_TTL_S)
+        call = Call.from_hash(call_id, values)
+        assert call is not None  # it has a state
+        return call
 
     async def discard(self, call_id: str) -> None:
         """Drop a pending call whose invite failed."""
@@ -336,12 +334,16 @@ class CallStore:
         records: Records | None = None,
         *,
         written_ms: int | None = None,
+        known: Call | None = None,
     ) -> Change | None:
         """Apply ``decide``'s change atomically (compare-and-set on ``ver``),
         with its billing ``records`` appended to the outbox in the same write.
 
         Returns the change, or None when ``decide`` found nothing to do.
-        ``written_ms`` stamps the outbox entries (default: now).
+        ``written_ms`` stamps the outbox entries (default: now). ``known``:
+        the call as the caller just read (or wrote) it, tried first instead of
+        reading it again; if it is stale, the compare-and-set fails and the
+        call is read as usual.
 
         Raises:
             SignalError: CALL_NOT_FOUND-like refusals come from ``decide``;
@@ -349,9 +351,13 @@ class CallStore:
             LookupError: the call does not exist.
         """
         key = call_key(call_id)
+        before: Call | None
         for _ in range(_MAX_ATTEMPTS):
-            fields = await self.store.hgetall(key)
-            before = Call.from_hash(call_id, fields)
+            if known is not None and known.fields:
+                before, fields, known = known, known.fields, None
+            else:
+                fields = await self.store.hgetall(key)
+                before = Call.from_hash(call_id, fields)
             if before is None:
                 raise LookupError(call_id)
             changes = decide(before)

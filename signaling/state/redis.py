@@ -290,7 +290,12 @@ def _hash(raw: Any) -> dict[str, str]:
     if isinstance(raw, dict):
         return {_text(k): _text(v) for k, v in raw.items()}
     items = list(raw)
-    return {_text(k): _text(v) for k, v in zip(items[::2], items[1::2], strict=True)}
+    try:
+        # The common reply (RESP2 bytes), decoded without a call per item.
+        pairs = iter(items)
+        return {k.decode(): v.decode() for k, v in zip(pairs, pairs, strict=True)}
+    except AttributeError:
+        return {_text(k): _text(v) for k, v in zip(items[::2], items[1::2], strict=True)}
 
 
 def _scored(raw: Any) -> list[tuple[str, float]]:

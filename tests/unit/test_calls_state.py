@@ -131,6 +131,41 @@ async def test_update_retries_a_lost_race_with_the_fresh_state() -> None:
     assert await store.update("c", lambda c: None) is None
 
 
+class CountingStore(YieldingStore):
+    """Counts the hash reads."""
+
+    def __init__(self, inner: MemoryStateStore) -> None:
+        super().__init__(inner)
+        self.reads = 0
+
+    async def hgetall(self, key: str) -> dict[str, str]:
+        self.reads += 1
+        return await self.inner.hgetall(key)
+
+
+async def test_update_starts_from_a_known_call_and_rereads_a_stale_one() -> None:
+    counting = CountingStore(MemoryStateStore())
+    store = CallStore(counting, live_ttl_s=60)  # type: ignore[arg-type]
+    created = await store.create(BASE, "c")
+    assert created == await store.get("c")  # create returns the call as written
+    counting.reads = 0
+    # Fresh: decided on the known call, written with no read.
+    change = await store.update("c", lambda c: {"ticks": str(c.ticks + 1)}, known=created)
+    assert change is not None and change.before == created and change.after.ticks == 1
+    assert counting.reads == 0
+    # Stale (the known call is one change behind): its compare-and-set fails,
+    # the call is read and the change decided again on the fresh state.
+    seen: list[int] = []
+
+    def tick(c: Call) -> dict[str, str]:
+        seen.append(c.ticks)
+        return {"ticks": str(c.ticks + 1)}
+
+    change = await store.update("c", tick, known=created)
+    assert change is not None and change.after.ticks == 2 and change.after.rev == 3
+    assert seen == [0, 1] and counting.reads == 1
+
+
 async def test_pending_calls_expire_and_ended_calls_are_retained() -> None:
     now = [0.0]
     memory = MemoryStateStore(clock=lambda: now[0])
