@@ -28,7 +28,7 @@ __all__ = ["register"]
 
 
 def register(node: Node) -> None:
-    metrics = ChatMetrics(node.metrics.registry)
+    metrics = ChatMetrics(node.metrics.registry, node.metrics.buffered)
     moderation = Moderation(node, metrics)
     moderation.register()
     Receipts(node, metrics).register()

@@ -8,15 +8,34 @@ costs about three times the ``inc()`` itself, on every publication.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter
 
 __all__ = ["ChatMetrics"]
 
 
+class Count(Protocol):
+    def inc(self, amount: int = 1) -> None: ...
+
+
 class ChatMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    """Args:
+    registry: where the metrics are registered.
+    buffered: wraps a child for the hot path
+        (:meth:`signaling.metrics.Metrics.buffered`: counted in a plain int,
+        flushed with the node's gauges); default: counted directly.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        buffered: Callable[[Counter], Count] | None = None,
+    ) -> None:
+        self._buffered = buffered
         # (counter, label values) -> its child. Bounded: the label sets are.
-        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
+        self._children: dict[tuple[Counter, tuple[str, ...]], Count] = {}
         self.publications = Counter(
             "chat_publications",
             "Chat publications accepted, by channel kind (room, dm) and type.",
@@ -55,12 +74,15 @@ class ChatMetrics:
             registry=registry,
         )
 
-    def child(self, counter: Counter, *labels: str) -> Counter:
-        """``counter.labels(*labels)``, looked up once. The same object
-        ``labels()`` returns, so readers of either see one value; a child
-        appears in the exposition on first use, as with ``labels()``."""
+    def child(self, counter: Counter, *labels: str) -> Count:
+        """``counter.labels(*labels)``, looked up once (and buffered, see
+        ``buffered``). Counts into the object ``labels()`` returns, so
+        readers of either see one value; a child appears in the exposition on
+        first use, as with ``labels()``."""
         key = (counter, labels)
         found = self._children.get(key)
         if found is None:
-            found = self._children[key] = counter.labels(*labels)
+            child = counter.labels(*labels)
+            found = child if self._buffered is None else self._buffered(child)
+            self._children[key] = found
         return found

@@ -33,3 +33,33 @@ def test_buffered_counts_appear_when_rendered() -> None:
     metrics.deliveries.inc(2)
     metrics.update_gauges()
     assert _value(metrics, "signal_deliveries_total") == 6
+
+
+def test_buffered_durations_render_as_direct_observations() -> None:
+    """The buffered histogram hands prometheus-client exactly what observing
+    each duration directly would have: same buckets (values on a bound
+    included), count and sum."""
+    buffered, direct = Metrics(), Metrics()
+    durations = [0.0, 0.0004, 0.0005, 0.00051, 0.001, 0.003, 0.05, 0.7, 2.5, 3.0, 120.0]
+    for seconds in durations:
+        buffered.command_done("rpc", "ok", seconds)
+        direct.command_duration.labels("rpc").observe(seconds)
+    buffered.command_done("rpc", "100", 0.002)  # another result, the same method
+    direct.command_duration.labels("rpc").observe(0.002)
+
+    def samples(metrics: Metrics) -> dict[tuple[str, str], float]:
+        return {
+            (sample.name, sample.labels.get("le", "")): sample.value
+            for family in text_string_to_metric_families(metrics.render().decode())
+            if family.name == "signal_command_duration_seconds"
+            for sample in family.samples
+            if not sample.name.endswith("_created")
+        }
+
+    expected = samples(direct)
+    assert expected[("signal_command_duration_seconds_count", "")] == len(durations) + 1
+    assert samples(buffered) == expected
+    # A second flush adds only what came since.
+    buffered.command_done("rpc", "ok", 0.004)
+    direct.command_duration.labels("rpc").observe(0.004)
+    assert samples(buffered) == samples(direct)
