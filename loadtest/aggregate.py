@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest.procstat import ProcSample
+from loadtest.speed import SpeedProbe
 from loadtest.stats import Histogram
 
 __all__ = ["RunFacts", "build_report"]
@@ -48,6 +49,7 @@ class RunFacts:
     helpers_cpu_s: float = 0.0  # processes the tool started besides the server (redis)
     other_cpu_s: float = 0.0  # everything else on the machine during the window
     steal_s: float = 0.0  # CPU time the hypervisor gave to other guests meanwhile
+    speed: SpeedProbe | None = None  # the reference work's time before the run
     notes: list[str] = field(default_factory=list)
 
 
@@ -136,6 +138,7 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
             "other_processes_cpu_s": round(facts.other_cpu_s, 3),
             "other_processes_cpu_percent": round(facts.other_cpu_s / window_s * 100, 1),
             "steal_cpu_s": round(facts.steal_s, 3),
+            "speed_probe": facts.speed.to_json() if facts.speed is not None else None,
         },
         "server": _server_section(facts, deliveries, acked, connected, window_s),
         "client": {

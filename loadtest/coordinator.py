@@ -30,6 +30,7 @@ from loadtest.procstat import (
 )
 from loadtest.progress import ProgressLine
 from loadtest.servers import ServerGroup
+from loadtest.speed import probe_speed
 from loadtest.stats import bitmap_or
 from loadtest.worker import worker_main
 from loadtest.wsclient import split_url
@@ -147,6 +148,8 @@ class _Run:
     def execute(self) -> dict[str, Any]:
         facts = self.facts
         pids = facts.server_pids
+        # Before any client exists: the core's speed, on the server's CPUs.
+        facts.speed = probe_speed(facts.server_cpus)
         facts.server_before = sample(pids)
         self._start_workers()
         setup_budget = self.s.connect_timeout_s + 30.0 + self.s.connections / 250.0

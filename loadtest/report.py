@@ -250,6 +250,12 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
             f"WARNING: the server's CPU core was ≥90 % busy (softirq included) "
             f"{srv['core_saturated_seconds']}s of the run: latencies include its queueing"
         )
+    probe = r["machine"].get("speed_probe")
+    if probe:
+        lines.append(
+            f"machine speed probe: {probe['best_us']} µs per reference iteration "
+            f"(median {probe['median_us']}; lower is faster, loadtest/speed.py)"
+        )
     cl = r["client"]
     lines.append(
         f"client: {cl['workers']} workers, {cl['cpu_s']}s CPU, busiest worker "

@@ -99,6 +99,8 @@ def check_report(document: dict[str, Any], scenario: str, target: str) -> dict[s
     machine = run["machine"]
     assert {"helpers_cpu_s", "other_processes_cpu_s", "steal_cpu_s"} <= machine.keys()
     assert machine["steal_cpu_s"] >= 0, machine
+    probe = machine["speed_probe"]
+    assert 0 < probe["best_us"] <= probe["median_us"], probe
     deliveries = run["deliveries"]
     assert deliveries["lost"] == 0, deliveries
     assert deliveries["duplicated"] == 0, deliveries
