@@ -10,7 +10,7 @@ import platform
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -182,7 +182,7 @@ def print_summary(runs: list[dict[str, Any]], out: TextIO | None = None) -> None
         return
     out.write("\n")
     repeated = any(r.get("repetition", 1) > 1 for r in runs)
-    columns = _COLUMNS
+    columns: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = _COLUMNS
     if repeated:
         columns = (*_COLUMNS[:2], ("rep", lambda r: _fmt(r.get("repetition", 1))), *_COLUMNS[2:])
     rows = [[name for name, _ in columns]]
