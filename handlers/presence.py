@@ -172,17 +172,17 @@ class StatusView:
 async def status_view(node: Node, user: str, *, online: bool | None = None) -> StatusView:
     """The user's current view; ``online`` overrides the store's answer when
     the caller knows better (a connection of the user is open right here)."""
-    view, _ = await _read_view(node, user, online, with_last=False)
+    # One command for the user's own keys (they share the user's hash tag).
+    keys = (_chosen_key(user), _in_call_key(user))
+    view, _ = await _read_view(node, user, online, node.store.get_many(keys))
     return view
 
 
 async def _read_view(
-    node: Node, user: str, online: bool | None, *, with_last: bool
-) -> tuple[StatusView, str | None]:
-    """The user's view and, ``with_last``, the last state published (else None)."""
-    # One command for the user's own keys (they share the user's hash tag).
-    keys = (_chosen_key(user), _in_call_key(user), _last_key(user))
-    own_keys = node.store.get_many(keys if with_last else keys[:2])
+    node: Node, user: str, online: bool | None, own_keys: Awaitable[list[str | None]]
+) -> tuple[StatusView, list[str | None]]:
+    """The user's view from ``own_keys`` (the values of their chosen status and
+    in-call keys, then any others) and their presence; and those values."""
     if online:
         # An online user has no last-seen time to show: the presence lookup
         # is skipped (every connection set-up comes here).
@@ -192,8 +192,7 @@ async def _read_view(
         presence, values = await asyncio.gather(node.user_presence.status(user), own_keys)
         online = presence.online if online is None else online
         last_seen = presence.last_seen
-    last = values[2] if with_last else None
-    return _view(user, online, values[0], values[1], last_seen), last
+    return _view(user, online, values[0], values[1], last_seen), values
 
 
 def _view(
@@ -219,17 +218,31 @@ async def publish_if_changed(node: Node, view: StatusView) -> bool:
 
 
 async def refresh_status(
-    node: Node, user: str, *, online: bool | None = None
+    node: Node,
+    user: str,
+    *,
+    online: bool | None = None,
+    write: tuple[str, str | None, float | None] | None = None,
 ) -> tuple[StatusView, bool]:
     """Read the user's view (``online`` as in :func:`status_view`) and publish
     it if it changed: :func:`status_view` then :func:`publish_if_changed`, with
     the last published state read in the same command as the user's keys.
-    Returns the view and whether it was published."""
+    ``write``: (key, value or None to delete, ttl_s) of one of the user's keys
+    to write first, in that same command. Returns the view and whether it was
+    published."""
+    store = node.store
+    keys = (_chosen_key(user), _in_call_key(user), _last_key(user))
+
+    def own_keys() -> Awaitable[list[str | None]]:
+        return store.get_many(keys) if write is None else store.set_and_get(*write, keys)
+
     if node.policy.options(status_channel(user)) is None:
-        return await status_view(node, user, online=online), False
+        # Nobody can follow this user id: nothing to publish.
+        view, _ = await _read_view(node, user, online, own_keys())
+        return view, False
     async with _publish_lock(node, user):
-        view, last = await _read_view(node, user, online, with_last=True)
-        return view, await _publish_news(node, view, last)
+        view, values = await _read_view(node, user, online, own_keys())
+        return view, await _publish_news(node, view, values[2])
 
 
 async def _publish_news(node: Node, view: StatusView, last: str | None) -> bool:
@@ -263,8 +276,8 @@ async def set_status(
 ) -> StatusView:
     """Record ``user``'s chosen availability and publish the change
     (``online`` as in :func:`status_view`)."""
-    await node.store.set(_chosen_key(user), chosen, CHOSEN_TTL_S)
-    view, _ = await refresh_status(node, user, online=online)
+    write = (_chosen_key(user), chosen, CHOSEN_TTL_S)
+    view, _ = await refresh_status(node, user, online=online, write=write)
     return view
 
 
@@ -276,14 +289,11 @@ async def set_call_busy(node: Node, user: str, busy: bool) -> None:
     Raises:
         BrokerUnavailable: the store or broker cannot be reached.
     """
-    key = _in_call_key(user)
-    if busy:
-        ttl = node.settings.call_max_duration_s + 300.0
-        await node.store.set(key, "1", ttl)
-    else:
-        await node.store.delete(key)
+    ttl = node.settings.call_max_duration_s + 300.0
+    write = (_in_call_key(user), "1", ttl) if busy else (_in_call_key(user), None, None)
     # A connection of theirs here: online, without asking the store.
-    await refresh_status(node, user, online=True if node.user_connection_count(user) else None)
+    online = True if node.user_connection_count(user) else None
+    await refresh_status(node, user, online=online, write=write)
 
 
 # --- RPC methods ------------------------------------------------------------------------

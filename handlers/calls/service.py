@@ -319,12 +319,12 @@ class CallService:
     async def _settle_ringing(
         self, user: str, call_id: str, role: Role, changes: Callable[[int], dict[str, str]]
     ) -> Change:
-        """Move a ringing call on by ``user`` in ``role``; the winning change."""
-        call = await self.participant_call(user, call_id)
-        if call.role(user) is not role:
-            raise SignalError(CALL_WRONG_ROLE)
+        """Move a ringing call on by ``user`` in ``role``; the winning change.
+        Who may is checked on the state the change is decided on: one read."""
 
         def decide(c: Call) -> Mapping[str, str] | None:
+            if _participant_role(c, user) is not role:
+                raise SignalError(CALL_WRONG_ROLE)
             if c.state != CallState.RINGING:
                 raise wrong_state(c.state)
             at = self.clock()
@@ -332,7 +332,7 @@ class CallService:
                 return None  # too late: missed, only the timer has not run yet
             return changes(at)
 
-        change = await self._update(call_id, decide, known=call)
+        change = await self._update(call_id, decide)
         if change is None:
             await self.run_timer(call_id)  # records the miss now
             raise wrong_state(CallState.MISSED)
@@ -340,14 +340,14 @@ class CallService:
 
     async def end(self, user: str, call_id: str) -> Call:
         """Either participant hangs up an accepted call."""
-        call = await self.participant_call(user, call_id)
 
         def decide(c: Call) -> Mapping[str, str]:
+            _participant_role(c, user)
             if c.state != CallState.ACCEPTED:
                 raise wrong_state(c.state)
             return _ended(EndReason.HANGUP, self.clock(), user)
 
-        change = await self._update(call_id, decide, known=call)
+        change = await self._update(call_id, decide)
         assert change is not None
         await self._finished(change)
         return change.after
@@ -373,8 +373,9 @@ class CallService:
     async def participant_call(self, user: str, call_id: str) -> Call:
         """The call if ``user`` is one of its participants, else CALL_NOT_FOUND."""
         call = await self.calls.get(call_id)
-        if call is None or call.role(user) is None or call.state == CallState.PENDING:
+        if call is None:
             raise SignalError(CALL_NOT_FOUND)
+        _participant_role(call, user)
         return call
 
     async def current_call(self, user: str) -> Call | None:
@@ -387,12 +388,9 @@ class CallService:
             return None
         return call
 
-    async def _update(
-        self, call_id: str, decide: Decide, at: int | None = None, *, known: Call | None = None
-    ) -> Change | None:
+    async def _update(self, call_id: str, decide: Decide, at: int | None = None) -> Change | None:
         """Apply a change with its billing records (``at``: the time of a
-        tick), then append them: the winning change, or None. ``known``: the
-        call as just read (see :meth:`CallStore.update`)."""
+        tick), then append them: the winning change, or None."""
         when = self.clock()
         try:
             change = await self.calls.update(
@@ -400,7 +398,6 @@ class CallService:
                 decide,
                 functools.partial(self._billing, at=when if at is None else at),
                 written_ms=when,
-                known=known,
             )
         except LookupError:
             raise SignalError(CALL_NOT_FOUND) from None
@@ -785,6 +782,15 @@ class CallService:
         if call.accepted_at_ms is not None:
             view["ends_at_ms"] = call.accepted_at_ms + self.max_ms
         return view
+
+
+def _participant_role(call: Call, user: str) -> Role:
+    """``user``'s role in ``call``; CALL_NOT_FOUND if they have none, or while
+    the call is pending (nobody was told of it yet)."""
+    role = call.role(user)
+    if role is None or call.state == CallState.PENDING:
+        raise SignalError(CALL_NOT_FOUND)
+    return role
 
 
 async def _each(action: Callable[[str], Awaitable[None]], users: Sequence[str]) -> None:

@@ -4,8 +4,8 @@ Handlers keep shared state through it (call state machines, busy flags,
 bans, rate windows, scheduled timers) and it is implemented twice: in memory
 (:mod:`signaling.state.memory`, one process) and on Redis
 (:mod:`signaling.state.redis`, every instance). Every method is atomic on its
-own. Most touch **one key**; the two that read several (:meth:`get_many`,
-:meth:`claim_unless`) need all the keys of one call in one Redis Cluster slot,
+own. Most touch **one key**; those that read several (:meth:`get_many`,
+:meth:`claim_unless`, :meth:`set_and_get`) need all the keys of one call in one Redis Cluster slot,
 i.e. sharing one hash tag (``chat:ban:{room:1}:u``, ``chat:slow:{room:1}``), so
 the Redis implementation also works on a Redis Cluster. Handlers compose other
 multi-key work from single-key claims and undo on failure.
@@ -60,6 +60,14 @@ class StateStore(Protocol):
         ``key`` as :meth:`set_if_absent` would, atomically: a claim is never
         taken for a request that a guard refuses (nothing to undo). Returns
         (the values of guards then reads, True if ``key`` was set). All keys,
+        ``key`` included, must share a hash tag (one cluster slot)."""
+
+    async def set_and_get(
+        self, key: str, value: str | None, ttl_s: float | None, reads: Sequence[str]
+    ) -> list[str | None]:
+        """Set ``key`` as :meth:`set` would (``value`` None: delete it), then
+        read ``reads`` as :meth:`get_many` would, atomically, in one command
+        (a write and the reads that follow it in one round trip). All keys,
         ``key`` included, must share a hash tag (one cluster slot)."""
 
     async def incr(self, key: str, ttl_s: float) -> int:

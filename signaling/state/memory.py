@@ -106,6 +106,16 @@ class MemoryStateStore:
             return values, False
         return values, await self.set_if_absent(key, value, ttl_s)
 
+    async def set_and_get(
+        self, key: str, value: str | None, ttl_s: float | None, reads: Sequence[str]
+    ) -> list[str | None]:
+        # Nothing awaits in between: atomic like the Redis script.
+        if value is None:
+            await self.delete(key)
+        else:
+            await self.set(key, value, ttl_s)
+        return await self.get_many(reads)
+
     async def incr(self, key: str, ttl_s: float) -> int:
         if not self._alive(key) or key not in self._strings:
             self._strings[key] = "0"

@@ -54,6 +54,7 @@ __all__ = [
     "HSET_EXPIRE",
     "INCR_WINDOW",
     "SCRIPTS",
+    "SET_AND_GET",
     "ZADD_EXPIRE",
     "ZPOP_DUE",
     "LuaScript",
@@ -125,8 +126,8 @@ async def run_script_many(
 
 
 # --- scripts ------------------------------------------------------------------------------
-# Each touches KEYS[1] only, except CLAIM_UNLESS (its keys share a hash tag). A Lua
-# ``false`` return is a nil reply.
+# Each touches KEYS[1] only, except CLAIM_UNLESS and SET_AND_GET (their keys share a
+# hash tag). A Lua ``false`` return is a nil reply.
 
 DELETE_IF_EQUALS = LuaScript(
     """
@@ -171,6 +172,28 @@ return values
 """KEYS: the claim, then n guards, then the keys only read. ARGV: value, ttl_ms
 (0 = none), n. MGET the guards and reads; unless a guard exists, SET the claim
 NX (PX). Returns {1 or 0 (claimed), value or nil per guard and read}."""
+
+SET_AND_GET = LuaScript(
+    """
+if ARGV[1] == '1' then
+  local ttl = tonumber(ARGV[3])
+  if ttl > 0 then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+  else
+    redis.call('SET', KEYS[1], ARGV[2])
+  end
+else
+  redis.call('DEL', KEYS[1])
+end
+if #KEYS > 1 then
+  return redis.call('MGET', unpack(KEYS, 2))
+end
+return {}
+"""
+)
+"""KEYS: the key written, then the keys read. ARGV: 1 (set) or 0 (delete),
+value, ttl_ms (0 = none). SET (PX) or DEL the first key, then MGET the others;
+returns their values (nil when absent or not a string)."""
 
 INCR_WINDOW = LuaScript(
     """
@@ -251,6 +274,7 @@ SCRIPTS: tuple[LuaScript, ...] = (
     INCR_WINDOW,
     HCAS,
     HSET_EXPIRE,
+    SET_AND_GET,
     ZADD_EXPIRE,
     ZPOP_DUE,
 )
@@ -411,6 +435,16 @@ class RedisStateStore:
         raw = await self._exec.run_script(CLAIM_UNLESS, keys, [value, px, len(guards)])
         claimed, *values = raw
         return [None if found is None else _text(found) for found in values], int(claimed) == 1
+
+    async def set_and_get(
+        self, key: str, value: str | None, ttl_s: float | None, reads: Sequence[str]
+    ) -> list[str | None]:
+        prefix = self._prefix
+        keys = [prefix + key, *[prefix + k for k in reads]]
+        px = 0 if ttl_s is None else ttl_ms(ttl_s)
+        args: list[RedisArg] = ["0", "", 0] if value is None else ["1", value, px]
+        raw = await self._exec.run_script(SET_AND_GET, keys, args)
+        return [None if found is None else _text(found) for found in raw]
 
     async def incr(self, key: str, ttl_s: float) -> int:
         return int(await self._exec.run_script(INCR_WINDOW, [self.key(key)], [ttl_ms(ttl_s)]))

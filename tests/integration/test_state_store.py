@@ -356,6 +356,28 @@ async def test_claim_unless_race_has_one_winner(h: Harness) -> None:
 # --- counters ----------------------------------------------------------------------------
 
 
+async def test_set_and_get_writes_then_reads(h: Harness) -> None:
+    written, other, absent = "w:{user:1}", "o:{user:1}", "a:{user:1}"
+    await h.store.set(other, "x")
+    # Set with a TTL: the reads that follow see the new value.
+    assert await h.store.set_and_get(written, "1", TTL_S, [other, written, absent]) == [
+        "x",
+        "1",
+        None,
+    ]
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.get(written) is None
+    # Set without a TTL clears an old expiry, as set() does.
+    await h.store.set(written, "old", ttl_s=TTL_S)
+    assert await h.store.set_and_get(written, "2", None, [written]) == ["2"]
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.get(written) == "2"
+    # Delete (value None); nothing to read is fine.
+    assert await h.store.set_and_get(written, None, None, [written, other]) == [None, "x"]
+    assert await h.store.set_and_get(written, None, None, []) == []
+    assert await h.store.get(written) is None
+
+
 async def test_incr_counts_in_a_fixed_window(h: Harness) -> None:
     assert [await h.store.incr("rate", TTL_S) for _ in range(3)] == [1, 2, 3]
     await h.elapse(PAST_TTL_S)
@@ -734,6 +756,18 @@ class TestRedisCluster:
                 claim, "a", 60, guards=(ban, timeout), reads=(slow,)
             ) == ([None, "until", "5"], False)
             assert await store.get(claim) is None
+
+    async def test_set_and_get_on_every_node(
+        self, redis_cluster: RedisCluster, cluster_store: RedisStateStore
+    ) -> None:
+        for tag in _tags_on_every_node(redis_cluster):
+            written, read = f"in-call:{{{tag}}}", f"status:{{{tag}}}"
+            await cluster_store.set(read, "away")
+            assert await cluster_store.set_and_get(written, "1", 60, [read, written]) == [
+                "away",
+                "1",
+            ]
+            assert await cluster_store.set_and_get(written, None, None, [written]) == [None]
 
     async def test_get_groups_reads_groups_on_different_nodes(
         self, redis_cluster: RedisCluster, cluster_store: RedisStateStore
