@@ -47,7 +47,6 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import orjson
@@ -57,7 +56,7 @@ from handlers.chat.args import bad_request, check_user, object_args
 from signaling.broker.base import BrokerUnavailable
 from signaling.errors import ERROR_LIMIT_EXCEEDED, SignalError
 from signaling.node import ConnectionEvent, Node, RpcContext
-from signaling.values import JSON, JSONObject
+from signaling.values import JSON, JSONObject, record
 
 __all__ = [
     "AVAILABILITIES",
@@ -130,7 +129,7 @@ def node_ttl_s(offline_grace_s: float) -> float:
     return max(2.0, offline_grace_s)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class StatusView:
     """What others see of a user (published to ``status:<user>``)."""
 

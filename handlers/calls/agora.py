@@ -20,11 +20,11 @@ stream, and never in logs.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from agora_token_builder.RtcTokenBuilder import Role_Publisher, RtcTokenBuilder
 
 from signaling.config import ConfigError, Secret, Settings
+from signaling.values import record
 
 __all__ = [
     "CHANNEL_PREFIX",
@@ -52,7 +52,7 @@ def channel_name(call_id: str) -> str:
     return channel
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RtcGrant:
     """What a participant needs to join the call's Agora channel.
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import StrEnum
 
 import orjson
@@ -58,6 +58,7 @@ import orjson
 from handlers.calls.errors import CALL_WRONG_STATE
 from signaling.errors import ERROR_INTERNAL, ErrorReply, SignalError
 from signaling.state.base import StateStore
+from signaling.values import record
 
 __all__ = [
     "CALL_ID_RE",
@@ -140,7 +141,7 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class OutboxEntry:
     """A billing record waiting in a call's outbox for its append to the stream."""
 
@@ -170,7 +171,7 @@ def decode_outbox(text: str) -> tuple[OutboxEntry, ...]:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Call:
     """One call, as read from its hash."""
 
@@ -281,7 +282,7 @@ Decide = Callable[[Call], Mapping[str, str] | None]
 Records = Callable[[Call, Call], Sequence[Mapping[str, str]]]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Change:
     """A change that won its compare-and-set."""
 
