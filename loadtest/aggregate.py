@@ -214,6 +214,8 @@ def _scenario_section(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str
         setup = _hist(p["setup"] for p in parts)
         completed = sum(p["calls_completed"] for p in parts)
         measured_s = max(1e-9, facts.t_stop - facts.t_start)
+        start, end = facts.server_start, facts.server_end
+        server_cpu_s = end.cpu_s - start.cpu_s if facts.server_pids and start and end else None
         return {
             "pairs": sum(p["pairs"] for p in parts),
             "calls_started": sum(p["calls_started"] for p in parts),
@@ -223,6 +225,11 @@ def _scenario_section(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str
             "calls_per_s": round(completed / measured_s, 1),
             "invite_to_ring_ms": ring.summary_ms(),
             "invite_to_tokens_ms": setup.summary_ms(),
+            # Everything a set-up costs the server (both sides' commands, the
+            # pushes, the tokens, the hang-up): the headroom at a given rate.
+            "server_cpu_us_per_call": (
+                None if server_cpu_s is None else _per(server_cpu_s, completed)
+            ),
         }
     if facts.scenario == "connect":
         out: dict[str, Any] = {

@@ -284,7 +284,8 @@ def _scenario_lines(r: dict[str, Any]) -> list[str]:
             f"{sr['calls_failed']:,} failed of {sr['calls_started']:,} started "
             f"({sr['calls_per_s']}/s); no idle pair {sr['no_idle_pair']:,} times",
             f"invite → ring: p50 {ring['p50']}ms p99 {ring['p99']}ms max {ring['max']}ms; "
-            f"invite → both tokens: p50 {tokens['p50']}ms p99 {tokens['p99']}ms",
+            f"invite → both tokens: p50 {tokens['p50']}ms p99 {tokens['p99']}ms; "
+            f"server CPU per call {_fmt(sr.get('server_cpu_us_per_call'))} µs",
         ]
     if r["scenario"] == "connect" and sr:
         lines = []

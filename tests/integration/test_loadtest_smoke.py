@@ -187,6 +187,20 @@ async def test_connect_restart_by_hand_over(tmp_path: Path) -> None:
     assert run["deliveries"]["lost"] == 0 and run["deliveries"]["duplicated"] == 0
 
 
+async def test_calls_storm_completes_calls_and_prices_them(tmp_path: Path) -> None:
+    """``calls`` against a spawned server (embedded broker, throwaway Agora
+    credentials): every started call completes (invite, ring, accept, two
+    tokens, end), and the report gives the server's CPU per call set-up."""
+    args = ["calls", "--spawn-server", "-n", "20", "-r", "10", "-d", "2"]
+    document = await run_tool(args, tmp_path / "calls.json", tool_env())
+    run = check_report(document, "calls", "digis-signal")
+    results = run["scenario_results"]
+    assert results["calls_completed"] > 0 and results["calls_failed"] == 0, results
+    assert results["invite_to_ring_ms"]["count"] >= results["calls_completed"], results
+    expected = run["server"]["cpu_s"] / results["calls_completed"] * 1e6
+    assert results["server_cpu_us_per_call"] == pytest.approx(expected, rel=0.05), results
+
+
 async def test_repeated_runs_pair_each_repetition_and_report_medians(tmp_path: Path) -> None:
     """``--repeat 2`` with the baseline: both targets run twice, interleaved;
     each comparison pairs runs of one repetition, and medians cover both."""
