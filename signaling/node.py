@@ -188,6 +188,9 @@ class Node:
             on_delivered=metrics.deliveries.inc,
             on_control=self._on_control,
             on_reconnected=self._on_broker_reconnected,
+            # Fan-out written at the end of the iteration (a run of one
+            # channel's publications in one write per subscriber).
+            defer=lambda flush: self.loop.call_soon(flush),
         )
         self.heartbeat = Heartbeat(settings.ping_interval_s, settings.pong_timeout_s)
         self.rpc_handlers: dict[str, RpcHandler] = {}

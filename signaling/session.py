@@ -406,11 +406,12 @@ class ClientSession:
                 raise
             self._send(encode_reply(cmd.id, "publish", {}))
             if conn.held_frames == 1 and req.channel in self.subs:
-                # Only the reply is held: through Redis the copy comes on the
-                # pub/sub connection, often one loop iteration after the
-                # broker's reply. Released at the next iteration, after its
-                # poll for I/O, the two usually still leave in one write.
-                self.node.loop.call_soon(conn.release)
+                # Only the reply is held: the copy is still in the hub's
+                # pending fan-out, or (through Redis) on the pub/sub
+                # connection, often one loop iteration after the broker's
+                # reply. Released at the next iteration, after its poll for
+                # I/O and the fan-out so far, the two usually leave in one write.
+                self.node.loop.call_soon(self._release_after_fan_out)
             else:
                 conn.release()
         elif isinstance(req, SubscribeRequest):
@@ -450,6 +451,10 @@ class ClientSession:
             raise SignalError(ERROR_METHOD_NOT_FOUND)
         else:  # PongCommand is handled inline in on_text.
             raise SignalError(DISCONNECT_BAD_REQUEST)
+
+    def _release_after_fan_out(self) -> None:
+        self.node.hub.flush()
+        self.conn.release()
 
     def _require_identity(self) -> _Identity:
         if self._identity is None:

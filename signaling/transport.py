@@ -127,10 +127,23 @@ def _at_frame_boundary(protocol: WsProtocol) -> bool:
     return getattr(getattr(parser, "gi_code", None), "co_name", None) == "at_eof"
 
 
-def _frame_payload(frame: bytes) -> bytes:
-    """Return the payload of a frame built by :func:`encode_text_frame`."""
-    length = frame[1] & 0x7F
-    return frame[2 if length < 126 else 4 if length == 126 else 10 :]
+def _frame_payloads(frames: bytes) -> list[bytes]:
+    """The payloads of frames built by :func:`encode_text_frame`, back to back."""
+    payloads = []
+    pos, end = 0, len(frames)
+    while pos < end:
+        length = frames[pos + 1] & 0x7F
+        if length < 126:
+            start = pos + 2
+        elif length == 126:
+            start = pos + 4
+            length = int.from_bytes(frames[pos + 2 : start], "big")
+        else:
+            start = pos + 10
+            length = int.from_bytes(frames[pos + 2 : start], "big")
+        payloads.append(frames[start : start + length])
+        pos = start + length
+    return payloads
 
 
 # --- values and interfaces -----------------------------------------------------
@@ -335,11 +348,12 @@ class WebSocketConnection(asyncio.Protocol):
         return self._transport.get_write_buffer_size()
 
     def write_frame(self, frame: bytes) -> None:
-        """Write a frame made by :func:`encode_text_frame`; never awaits.
+        """Write a frame made by :func:`encode_text_frame` (or several, back
+        to back: the hub's runs of publications); never awaits.
 
         The same ``frame`` object is meant to go to many connections. On a
         connection that negotiated permessage-deflate the shared bytes cannot
-        be used: the payload is cut out of the frame (its header is 2, 4 or 10
+        be used: each payload is cut out of its frame (the header is 2, 4 or 10
         bytes) and re-sent through the protocol object, compressed. That path
         costs one compression per recipient, which is why compression is off
         by default.
@@ -351,7 +365,8 @@ class WebSocketConnection(asyncio.Protocol):
         if not self._open:
             return
         if self._compressed:
-            self.send_text(_frame_payload(frame))
+            for payload in _frame_payloads(frame):
+                self.send_text(payload)
             return
         held = self._held
         if held is not None:

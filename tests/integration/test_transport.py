@@ -619,8 +619,14 @@ async def test_compression_on_negotiates_and_write_frame_still_works() -> None:
             session = await next_session(app)
             assert ws.response is not None
             assert "permessage-deflate" in ws.response.headers["Sec-WebSocket-Extensions"]
-            for payload in (b"short", b"m" * 300, b"l" * 70000):  # all three header sizes
+            payloads = (b"short", b"m" * 300, b"l" * 70000)  # all three header sizes
+            for payload in payloads:
                 session.conn.write_frame(encode_text_frame(payload))
+                assert await ws.recv() == payload.decode()
+            # Frames back to back in one call (the hub's run of publications):
+            # each is compressed and arrives as its own message.
+            session.conn.write_frame(b"".join(encode_text_frame(p) for p in payloads))
+            for payload in payloads:
                 assert await ws.recv() == payload.decode()
             await ws.send("compressed echo " * 20)
             assert await ws.recv() == "compressed echo " * 20
@@ -631,6 +637,8 @@ async def test_compression_on_negotiates_and_write_frame_still_works() -> None:
             assert "Sec-WebSocket-Extensions" not in ws.response.headers
             session.conn.write_frame(encode_text_frame(b"plain"))
             assert await ws.recv() == "plain"
+            session.conn.write_frame(encode_text_frame(b"one") + encode_text_frame(b"two"))
+            assert [await ws.recv(), await ws.recv()] == ["one", "two"]
 
 
 # --- fan-out and flow control ------------------------------------------------------

@@ -401,3 +401,86 @@ def test_gap_makes_subscribers_recover_and_is_not_delivered(
     assert live.frames == []
     assert live.overflows == ["room:1"] and syncing.overflows == ["room:1"]
     assert hub.position("room:1") is None and hub.gaps == 1
+
+
+# --- deferred fan-out (the server's mode: written at the end of the iteration) ----
+
+
+class Deferred:
+    """Collects what the hub schedules; run() is the loop reaching the end of
+    the iteration."""
+
+    def __init__(self) -> None:
+        self.calls: list[Callable[[], None]] = []
+
+    def __call__(self, callback: Callable[[], None]) -> None:
+        self.calls.append(callback)
+
+    def run(self) -> None:
+        calls, self.calls = self.calls, []
+        for callback in calls:
+            callback()
+
+
+def test_deferred_fan_out_writes_a_run_of_one_channel_once_per_subscriber(
+    encoder: CountingEncoder,
+) -> None:
+    deferred, delivered = Deferred(), []
+    hub = Hub(encoder, on_delivered=delivered.append, defer=deferred)
+    room = [_live(hub, "room:1", f"r{i}") for i in range(3)]
+    other = _live(hub, "room:2", "o")
+    for n in (1, 2, 3):
+        hub.on_publication("room:1", _pub(n), "ep")
+    hub.on_publication("room:2", _pub(1), "ep")
+    hub.on_publication("room:1", _pub(4), "ep")
+    # Nothing written before the end of the iteration, and one flush scheduled.
+    assert all(not s.frames for s in [*room, other]) and len(deferred.calls) == 1
+    deferred.run()
+    assert len(encoder.calls) == 5  # still once per publication
+    for sub in room:
+        # The run of three in one write, then the one after room:2's.
+        assert len(sub.frames) == 2
+        first, second = sub.frames
+        assert first.count(b"FRAME:") == 3 and second.count(b"FRAME:") == 1
+        assert b'"offset":1' in first and b'"offset":3' in first
+        assert b'"offset":4' in second
+        assert first is room[0].frames[0]  # the same bytes for every subscriber
+    assert [_payload(f) for f in other.frames] == [
+        {"push": {"channel": "room:2", "pub": {"data": {"n": 1}, "offset": 1}}}
+    ]
+    assert delivered == [9, 1, 3]  # frames written, counted per subscriber
+    # The next iteration starts afresh.
+    hub.on_publication("room:1", _pub(5), "ep")
+    assert len(deferred.calls) == 1
+    deferred.run()
+    assert all(len(s.frames) == 3 for s in room)
+
+
+def test_deferred_fan_out_uses_who_was_subscribed_when_it_arrived(
+    encoder: CountingEncoder,
+) -> None:
+    deferred = Deferred()
+    hub = Hub(encoder, defer=deferred)
+    early = _live(hub, "room:1", "early")
+    hub.on_publication("room:1", _pub(1), "ep")
+    late = _live(hub, "room:1", "late")  # live after publication 1 arrived
+    hub.on_publication("room:1", _pub(2), "ep")
+    deferred.run()
+    assert [f.count(b"FRAME:") for f in early.frames] == [1, 1]  # two snapshots
+    assert [_payload(f) for f in late.frames] == [
+        {"push": {"channel": "room:1", "pub": {"data": {"n": 2}, "offset": 2}}}
+    ]
+
+
+def test_a_gap_writes_what_came_before_it_first(encoder: CountingEncoder) -> None:
+    deferred = Deferred()
+    hub = Hub(encoder, defer=deferred)
+    sub = _live(hub, "room:1", "a")
+    order: list[str] = []
+    sub.on_deliver = lambda: order.append("frame")
+    sub.on_overflow = lambda: order.append("recover")
+    hub.on_publication("room:1", _pub(1), "ep")
+    hub.on_publication("room:1", _pub(3), "ep")  # 2 is missing: a gap
+    assert order == ["frame", "recover"]
+    deferred.run()  # nothing left to write
+    assert len(sub.frames) == 1
