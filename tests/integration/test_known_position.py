@@ -217,7 +217,17 @@ async def test_a_subscription_answered_during_a_pubsub_outage_recovers_what_the_
     publishing = asyncio.create_task(publish_many())
     cutting = asyncio.create_task(cut_pubsub(redis_server.port, 0.6))
     await asyncio.sleep(0.15)
-    joined = (await joiner.call("subscribe", {"channel": "room:c"}))["subscribe"]
+    # Answered from the instance's position if the instance has not noticed
+    # the cut yet; once it has, its position is unknown and a subscribe gets
+    # the temporary 100 until pub/sub is back: retried, as the SDKs do.
+    while True:
+        reply = await joiner.call("subscribe", {"channel": "room:c"})
+        if "subscribe" in reply:
+            break
+        assert reply["error"]["code"] == 100 and reply["error"]["temporary"], reply
+        await asyncio.sleep(0.05)
+    joined = reply["subscribe"]
+    during_cut = not cutting.done()
     assert joined["epoch"] == first["epoch"]
     await publishing
     killed = await cutting
@@ -234,7 +244,10 @@ async def test_a_subscription_answered_during_a_pubsub_outage_recovers_what_the_
         f"\npub/sub connections killed: {killed}; joined at {start}; recoveries: "
         f"joiner {joiner_recoveries}, watcher {watcher_recoveries}"
     )
-    # The cut made the instance miss publications: both were told to recover.
-    assert joiner_recoveries > 0 and watcher_recoveries > 0
+    # The cut made the instance miss publications: its subscribers were told
+    # to recover (the joiner too, if subscribed while publications were being
+    # missed).
+    assert watcher_recoveries > 0
+    assert joiner_recoveries > 0 or not during_cut
     for client in (watcher, writer, joiner):
         await client.close()
