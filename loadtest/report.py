@@ -253,8 +253,8 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
     probe = r["machine"].get("speed_probe")
     if probe:
         lines.append(
-            f"machine speed probe: {probe['best_us']} µs per reference iteration "
-            f"(median {probe['median_us']}; lower is faster, loadtest/speed.py)"
+            f"machine speed probe: {probe['median_us']} µs per reference iteration "
+            f"(fastest round {probe['best_us']}; lower is faster, loadtest/speed.py)"
         )
     cl = r["client"]
     lines.append(

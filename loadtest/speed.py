@@ -12,6 +12,12 @@ The work is the kind a server does per message: JSON decode and encode with
 orjson, dict and str handling, calls of small Python functions, bytes joins.
 It runs on the server's CPUs when the server is pinned (the coordinator
 borrows that affinity for the probe), while nothing else of the tool runs.
+
+What it cannot do: a guest's core here changes speed within seconds (fast and
+slow phases, about 2x apart), so a probe before a run tells the speed of the
+hour, not of the run's every second. Within a run on Redis, Redis's own CPU
+per publication (``machine.helpers_cpu_us_per_publication``) is the steadier
+gauge: it is the same work for every publication.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ import orjson
 
 __all__ = ["SpeedProbe", "probe_speed"]
 
-# One round is this many iterations (≈ 10-30 ms on the machines seen here).
+# One round is this many iterations (≈ 10-20 ms on the machines seen here).
+# The host's speed flips within seconds (rounds of 1.7 and 3.4 µs a second
+# apart on an idle machine): the median of many short rounds is the figure.
 _ITERATIONS = 5_000
-_ROUNDS = 7
+_ROUNDS = 21
 
 _COMMAND = (
     b'{"id":7,"publish":{"channel":"room:creator-42","data":'
@@ -71,7 +79,7 @@ def _one_round(iterations: int) -> float:
 
 
 def probe_speed(cpus: Sequence[int] | None = None) -> SpeedProbe:
-    """Run the reference work (≈ 0.1-0.2 s), on ``cpus`` if given."""
+    """Run the reference work (≈ 0.3-0.5 s), on ``cpus`` if given."""
     previous = os.sched_getaffinity(0) if cpus else None
     try:
         if cpus:
