@@ -96,8 +96,15 @@ refusals_log = Throttle(log)
 _PING_WIRE = encode_text_frame(PING_FRAME)
 
 SERVER_VERSION = "digis-signal 0.1"
-# Commands queued behind a slow one before the client counts as flooding.
-MAX_QUEUED_COMMANDS = 256
+# Commands queued behind a slow one: at this many the connection stops being
+# read (the client's writes wait in TCP, its own back-pressure) until the
+# queue is down to RESUME_READING_AT. A client that is fast, not abusive (the
+# command rate limit is for those), is slowed down instead of disconnected.
+PAUSE_READING_AT = 256
+RESUME_READING_AT = 64
+# More than this in the queue at once (commands already read when it paused,
+# packed many to a frame) is flooding: 3013.
+MAX_QUEUED_COMMANDS = 10_000
 # Subscribe flag bit: reply 112 instead of recovered=false (client.proto).
 FLAG_REJECT_UNRECOVERED = 1 << 1
 # Close codes the transport sends by itself: 1007 invalid UTF-8, 1009 too
@@ -136,6 +143,7 @@ class ClientSession:
         "_identity",
         "_last_refill",
         "_pong_deadline",
+        "_reading_paused",
         "_runner",
         "_stale_timer",
         "_tokens",
@@ -158,6 +166,8 @@ class ClientSession:
         # Created when a command arrives: most connections are idle.
         self._commands: deque[Command] | None = None
         self._runner: asyncio.Task[None] | None = None
+        # The socket is not read while too many commands wait (PAUSE_READING_AT).
+        self._reading_paused = False
         self._closed = False
         self._finalized = False
         self._pong_deadline = 0.0
@@ -202,6 +212,9 @@ class ClientSession:
             self.node.metrics.rate_limited.inc()
             self.disconnect(DISCONNECT_TOO_MANY_REQUESTS)
             return
+        if len(queue) >= PAUSE_READING_AT and not self._reading_paused:
+            self._reading_paused = True
+            self.conn.pause_reading()
         if queue and self._runner is None:
             self._runner = self.node.loop.create_task(self._run_commands())
 
@@ -355,6 +368,9 @@ class ClientSession:
         try:
             while queue and not self._closed:
                 await self._run_command(queue.popleft())
+                if self._reading_paused and len(queue) <= RESUME_READING_AT:
+                    self._reading_paused = False
+                    self.conn.resume_reading()
         finally:
             self._runner = None
             if self._commands is queue and not queue:

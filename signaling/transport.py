@@ -465,6 +465,16 @@ class WebSocketConnection(asyncio.Protocol):
         self._local_close = True
         self._transport.abort()
 
+    def pause_reading(self) -> None:
+        """Stop reading from the socket (the peer's writes then wait in TCP's
+        buffers, its own flow control) until :meth:`resume_reading`."""
+        if not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.resume_reading()
+
     # Internals
 
     def _attach(self, pending: list[Event]) -> None:

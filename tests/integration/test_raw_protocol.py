@@ -565,6 +565,45 @@ async def test_rate_limit_errors_then_disconnect(server_factory: Any) -> None:
     assert metric_value(body, "signal_rate_limit_disconnects_total") == 1
 
 
+async def test_a_fast_publisher_is_slowed_down_not_disconnected(server_factory: Any) -> None:
+    """2,000 publishes sent without waiting (20 frames of 100), no rate limit:
+    the commands queue past the point where the server stops reading the
+    connection (session.PAUSE_READING_AT, 256); it reads on once the queue is
+    worked down. Every publish is acknowledged, in order, and delivered once;
+    the connection stays open (this was a 3013 before)."""
+    srv = await server_factory({"SIGNAL_COMMANDS_PER_SECOND": "0", **QUIET}, name="fast")
+    watcher = await connected(srv, "watcher")
+    await watcher.call("subscribe", {"channel": "room:fast"})
+    publisher = await connected(srv, "alice")
+    ids: list[int] = []
+    for batch in range(20):
+        publishes = [
+            {"publish": {"channel": "room:fast", "data": msg(f"{batch * 100 + i}")}}
+            for i in range(100)
+        ]
+        ids += await publisher.send(*publishes)
+    replies = [await publisher.reply(i) for i in ids]
+    assert all("publish" in r for r in replies), [r for r in replies if "publish" not in r][:3]
+    texts = [(await watcher.push())["pub"]["data"]["text"] for _ in ids]
+    assert texts == [str(n) for n in range(2000)]
+    assert (await publisher.call("ping", {})) == {"id": ids[-1] + 1, "ping": {}}
+    for client in (watcher, publisher):
+        await client.close()
+
+
+async def test_more_commands_at_once_than_the_queue_takes_is_a_flood(
+    server_factory: Any,
+) -> None:
+    """Pausing reads cannot stop commands already read: one (large) frame of
+    10,001 pings is more than session.MAX_QUEUED_COMMANDS and ends with 3013."""
+    srv = await server_factory(
+        {"SIGNAL_COMMANDS_PER_SECOND": "0", "SIGNAL_MAX_FRAME_BYTES": "1048576"}, name="flood"
+    )
+    client = await connected(srv, "alice")
+    await client.send(*[{"ping": {}} for _ in range(10_001)])
+    assert (await client.closed_with())[0] == 3013
+
+
 async def test_slow_client_closed_with_3008(server_factory: Any) -> None:
     srv = await server_factory(
         {
