@@ -238,8 +238,10 @@ class CallService:
         }
         # The call exists (pending) and has its timer before anyone is marked
         # busy with it: a busy flag always points at a call that will end.
-        pending = await self.calls.create(fields, call_id)
-        await self.timers.schedule(call_id, now + self.ring_ms)
+        # (A timer whose call was never created finds nothing and is dropped.)
+        pending, _ = await asyncio.gather(
+            self.calls.create(fields, call_id), self.timers.schedule(call_id, now + self.ring_ms)
+        )
         try:
             await self._claim_both(caller, callee, call_id)
             change = await self.calls.update(
@@ -260,7 +262,6 @@ class CallService:
         if change is None:  # the pending call timed out meanwhile
             await self._abandon(call_id, (caller, callee))
             raise wrong_state(CallState.MISSED)
-        await self._deliver(change)
         call = change.after
         self.metrics.invites.inc()
         extra: JSONObject = {
@@ -269,7 +270,15 @@ class CallService:
             "created_at_ms": call.created_at_ms,
             "ring_deadline_ms": call.ring_deadline_ms,
         }
-        await self._publish((callee,), event_data(EventType.INCOMING, call, now, extra))
+        # The invited record's append is issued first, the ring with it: the
+        # ring waits for neither its reply nor the outbox's clearing. The
+        # billing stream keeps its order whatever happens: an accept's record
+        # follows the ring, and a record not appended waits in the outbox,
+        # which is appended in order.
+        await asyncio.gather(
+            self._deliver(change),
+            self._publish((callee,), event_data(EventType.INCOMING, call, now, extra)),
+        )
         return call
 
     async def _claim_both(self, caller: str, callee: str, call_id: str) -> None:
