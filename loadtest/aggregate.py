@@ -166,6 +166,15 @@ def _timeline_point(hist: Histogram) -> dict[str, Any]:
     return {k: summary[k] for k in ("count", "p50", "p99", "max")}
 
 
+def _server_cpu_s(facts: RunFacts) -> float | None:
+    """The server's CPU seconds over the measured phase and drain; None if
+    the server was not measured."""
+    start, end = facts.server_start, facts.server_end
+    if not facts.server_pids or start is None or end is None:
+        return None
+    return end.cpu_s - start.cpu_s
+
+
 def _server_section(
     facts: RunFacts, deliveries: int, acked: int, connected: int, window_s: float
 ) -> dict[str, Any]:
@@ -180,11 +189,10 @@ def _server_section(
         out["core_busy_percent_mean"] = round(sum(busy) / len(busy) * 100, 1)
         out["core_busy_percent_max"] = round(max(busy) * 100, 1)
         out["core_saturated_seconds"] = facts.server_core_saturated_s
-    start, end = facts.server_start, facts.server_end
-    if not facts.server_pids or start is None or end is None:
+    cpu_s, end = _server_cpu_s(facts), facts.server_end
+    if cpu_s is None or end is None:
         out["measured"] = False
         return out
-    cpu_s = end.cpu_s - start.cpu_s
     out.update(
         measured=True,
         cpu_s=round(cpu_s, 3),
@@ -214,8 +222,7 @@ def _scenario_section(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str
         setup = _hist(p["setup"] for p in parts)
         completed = sum(p["calls_completed"] for p in parts)
         measured_s = max(1e-9, facts.t_stop - facts.t_start)
-        start, end = facts.server_start, facts.server_end
-        server_cpu_s = end.cpu_s - start.cpu_s if facts.server_pids and start and end else None
+        server_cpu_s = _server_cpu_s(facts)
         return {
             "pairs": sum(p["pairs"] for p in parts),
             "calls_started": sum(p["calls_started"] for p in parts),

@@ -88,11 +88,6 @@ class BufferedHistogram:
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
 
-    @property
-    def pending(self) -> int:
-        """Observations not yet handed to prometheus-client."""
-        return sum(self._counts)
-
     def observe(self, amount: float) -> None:
         self._sum += amount
         self._counts[bisect.bisect_left(self._bounds, amount)] += 1
