@@ -35,6 +35,7 @@ class RunFacts:
     server_start: ProcSample | None = None  # measured phase starts
     server_end: ProcSample | None = None  # measured phase and drain over
     client_cpu_s: float = 0.0
+    client_wakeups: int = 0  # the workers' voluntary context switches, measured phase
     client_saturated_s: int = 0
     client_seconds: int = 0
     client_max_cpu_percent: float = 0.0
@@ -150,6 +151,10 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
             "saturated_seconds": facts.client_saturated_s,
             "measured_seconds": facts.client_seconds,
             "max_loop_lag_ms": facts.client_max_lag_ms,
+            "wakeups_per_s": round(facts.client_wakeups / measured_s, 1),
+            "wakeups_per_1000_deliveries": (
+                round(facts.client_wakeups / deliveries * 1000, 2) if deliveries else None
+            ),
             "rss_per_connection_kib": round(client_rss / connected, 2) if connected else None,
         },
         "scenario_results": _scenario_section(facts, finals),

@@ -26,6 +26,9 @@ class RunSettings:
     tokens: tuple[str, ...] = ()
     source_addresses: tuple[str | None, ...] = (None,)
     connect_concurrency: int = 100
+    # >0: in the measured phase workers never wait in epoll; they sleep this long
+    # between loop iterations (see loadtest/README.md, "client wake-ups").
+    client_poll_us: int = 0
     connect_timeout_s: float = 15.0
     publishers: int = 1
     room_size: int = 100  # connect/idle: clients per room; chat: members of a group room

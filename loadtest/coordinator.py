@@ -183,6 +183,7 @@ class _Run:
         facts.server_end = sample(facts.server_pids)
         self._account_noise(own_start)
         facts.client_cpu_s = sum(f["extra"].get("cpu_s", 0.0) for f in finals)
+        facts.client_wakeups = sum(f["extra"].get("wakeups", 0) for f in finals)
         self._broadcast("close")
         self.progress.done()
         return build_report(facts, finals)

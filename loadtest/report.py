@@ -260,7 +260,13 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
     lines.append(
         f"client: {cl['workers']} workers, {cl['cpu_s']}s CPU, busiest worker "
         f"{cl['max_worker_cpu_percent']}% of a core, max loop lag {cl['max_loop_lag_ms']}ms, "
-        f"{_fmt(cl['rss_per_connection_kib'], 2)} KiB per connection"
+        f"{_fmt(cl['rss_per_connection_kib'], 2)} KiB per connection, "
+        f"{_fmt(cl.get('wakeups_per_s'))} wake-ups/s"
+        + (
+            f" ({cl['wakeups_per_1000_deliveries']} per 1,000 deliveries)"
+            if cl.get("wakeups_per_1000_deliveries") is not None
+            else ""
+        )
     )
     if cl["saturated"]:
         lines.append(

@@ -25,7 +25,7 @@ from loadtest.procstat import rss_kib
 from loadtest.recorder import Recorder
 from loadtest.scenarios import SCENARIO_CLASSES, Scenario
 
-__all__ = ["worker_main"]
+__all__ = ["LoopPoller", "worker_main"]
 
 _PROGRESS_S = 1.0
 # Allocations between young collections (the server uses the same).
@@ -140,12 +140,19 @@ async def _phases(control: _Control, scenario: Scenario, recorder: Recorder) -> 
     control.send("ready", setup)
     _, t0, deadline = await control.expect("start")
     recorder.start(t0)
+    # Sleeps in the measured phase: on one machine each wake-up of a sleeping
+    # worker is a cross-CPU wake-up paid by the server's write (the report).
+    sleeps_before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
     stop = asyncio.Event()
     listener = asyncio.create_task(_listen_for_stop(control, stop))
+    poller = LoopPoller(settings.client_poll_us) if settings.client_poll_us else None
     try:
         await scenario.run(deadline, stop)
     finally:
         listener.cancel()
+        if poller is not None:
+            poller.stop()
+    recorder.extra["wakeups"] = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - sleeps_before
     if scenario.fatal is not None:
         control.send("fatal", scenario.fatal)
     control.send("stopped", {k: bytes(v).rstrip(b"\0") for k, v in recorder.acked.items()})
@@ -156,6 +163,29 @@ async def _phases(control: _Control, scenario: Scenario, recorder: Recorder) -> 
     recorder.extra["cpu_s"] = time.process_time()
     control.send("final", recorder.to_wire())
     await control.expect("close")
+
+
+class LoopPoller:
+    """Keeps the loop from waiting in epoll: a callback that sleeps ``us`` and
+    reschedules itself, so the loop polls without blocking between sleeps.
+
+    On one machine a worker blocked in epoll is woken by the server's write,
+    and the server's CPU pays for that cross-CPU wake-up; how often depends on
+    whether the worker keeps up with the server, which differs between servers
+    (loadtest/README.md). A worker that wakes itself costs the server nothing.
+    """
+
+    def __init__(self, us: int) -> None:
+        self._seconds = us / 1e6
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        time.sleep(self._seconds)
+        self._handle = self._loop.call_soon(self._tick)
+
+    def stop(self) -> None:
+        self._handle.cancel()
 
 
 async def _or_abort(control: _Control, work: Any) -> Any:

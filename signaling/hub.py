@@ -55,6 +55,13 @@ class Subscriber(Protocol):
         client recover."""
 
 
+Deliver = Callable[[bytes], None]
+
+
+def _deliverers(subs: dict[str, Subscriber]) -> tuple[Deliver, ...]:
+    return tuple([sub.deliver for sub in subs.values()])
+
+
 @dataclass(slots=True)
 class _Channel:
     live: dict[str, Subscriber] = field(default_factory=dict)
@@ -63,17 +70,20 @@ class _Channel:
     syncing_subs: dict[str, Subscriber] = field(default_factory=dict)
     # Syncing subscribers that asked for join/leave: they get them once live.
     pending_join_leave: set[str] = field(default_factory=set)
-    # Snapshot of live subscribers for iteration: a delivery may close a slow
-    # connection, which unsubscribes it while we iterate.
-    snapshot: tuple[Subscriber, ...] | None = None
+    # The live subscribers' deliver methods, for iteration: a delivery may close
+    # a slow connection, which unsubscribes it while we iterate. The methods
+    # themselves, not the subscribers: a fan-out to a thousand touches a
+    # thousand fewer objects (each a likely cache miss after the last write's
+    # trip through the kernel).
+    snapshot: tuple[Deliver, ...] | None = None
     # Last offset/epoch seen from the broker: the channel's position on this
     # instance (for position checks after a broker reconnect).
     last_offset: int = 0
     epoch: str = ""
 
-    def live_snapshot(self) -> tuple[Subscriber, ...]:
+    def live_snapshot(self) -> tuple[Deliver, ...]:
         if self.snapshot is None:
-            self.snapshot = tuple(self.live.values())
+            self.snapshot = tuple([sub.deliver for sub in self.live.values()])
         return self.snapshot
 
     def empty(self) -> bool:
@@ -106,7 +116,7 @@ class Hub:
         self.gaps = 0
         self._channels: dict[str, _Channel] = {}
         # Broadcasts of this iteration not written yet (with defer), in order.
-        self._pending: list[tuple[tuple[Subscriber, ...], bytes]] = []
+        self._pending: list[tuple[tuple[Deliver, ...], bytes]] = []
 
     # --- bookkeeping -------------------------------------------------------
 
@@ -224,12 +234,12 @@ class Hub:
     def on_join(self, channel: str, info: ClientInfo) -> None:
         ch = self._channels.get(channel)
         if ch is not None and ch.join_leave:
-            self._broadcast(tuple(ch.join_leave.values()), encode_join_push(channel, info))
+            self._broadcast(_deliverers(ch.join_leave), encode_join_push(channel, info))
 
     def on_leave(self, channel: str, info: ClientInfo) -> None:
         ch = self._channels.get(channel)
         if ch is not None and ch.join_leave:
-            self._broadcast(tuple(ch.join_leave.values()), encode_leave_push(channel, info))
+            self._broadcast(_deliverers(ch.join_leave), encode_leave_push(channel, info))
 
     def on_control(self, message: bytes) -> None:
         if self._on_control is not None:
@@ -239,7 +249,7 @@ class Hub:
         if self._on_reconnected is not None:
             self._on_reconnected()
 
-    def _broadcast(self, subs: tuple[Subscriber, ...], payload: bytes) -> None:
+    def _broadcast(self, subs: tuple[Deliver, ...], payload: bytes) -> None:
         frame = self._encode_frame(payload)
         if self._defer is None:
             self._write(subs, frame, 1)
@@ -268,8 +278,8 @@ class Hub:
             self._write(subs, frame, stop - start)
             start = stop
 
-    def _write(self, subs: tuple[Subscriber, ...], frames: bytes, count: int) -> None:
-        for sub in subs:
-            sub.deliver(frames)
+    def _write(self, subs: tuple[Deliver, ...], frames: bytes, count: int) -> None:
+        for deliver in subs:
+            deliver(frames)
         if self._on_delivered is not None:
             self._on_delivered(len(subs) * count)

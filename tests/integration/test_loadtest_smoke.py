@@ -95,7 +95,9 @@ def check_report(document: dict[str, Any], scenario: str, target: str) -> dict[s
     assert run["connections"]["connect_latency_ms"].keys() >= LATENCY_KEYS
     for key in ("cpu_us_per_delivery", "cpu_us_per_publication", "rss_per_connection_kib"):
         assert key in run["server"], run["server"]
-    assert {"saturated", "cpu_s", "workers"} <= run["client"].keys()
+    client = run["client"]
+    assert {"saturated", "cpu_s", "workers", "wakeups_per_s"} <= client.keys()
+    assert client["wakeups_per_s"] > 0, client  # a worker waits for the server at times
     machine = run["machine"]
     assert {"helpers_cpu_s", "other_processes_cpu_s", "steal_cpu_s"} <= machine.keys()
     assert machine["steal_cpu_s"] >= 0, machine
@@ -199,6 +201,17 @@ async def test_calls_storm_completes_calls_and_prices_them(tmp_path: Path) -> No
     assert results["invite_to_ring_ms"]["count"] >= results["calls_completed"], results
     expected = run["server"]["cpu_s"] / results["calls_completed"] * 1e6
     assert results["server_cpu_us_per_call"] == pytest.approx(expected, rel=0.05), results
+
+
+async def test_client_poll_delivers_everything(tmp_path: Path) -> None:
+    """``--client-poll-us``: workers that sleep between loop iterations instead
+    of waiting in epoll still get every publication, and the report says the
+    run was polled (the poller itself: tests/unit/test_loadtest_poller.py)."""
+    args = [*SMOKE_RUNS["fanout"], "--spawn-server", "--client-poll-us", "500"]
+    document = await run_tool(args, tmp_path / "poll.json", tool_env())
+    run = check_report(document, "fanout", "digis-signal")
+    check_fanout(run)
+    assert run["settings"]["client_poll_us"] == 500
 
 
 async def test_repeated_runs_pair_each_repetition_and_report_medians(tmp_path: Path) -> None:
