@@ -56,6 +56,8 @@ class WebSocketLike(Protocol):
 
     def send_text(self, payload: bytes) -> None: ...
 
+    def ack_on_read(self) -> None: ...
+
     def close(self, code: int = 1000) -> None: ...
 
     def abort(self) -> None: ...
@@ -261,6 +263,7 @@ class CentrifugeClient(Client):
         ws = self.ws
         if ws is not None:
             ws.send_text(PING)
+            ws.ack_on_read()  # a pong is no conversation (wsclient.ack_on_read)
             self.sink.on_ping(self)
 
     def _message(self, msg: JSONDict) -> None:

@@ -140,6 +140,9 @@ async def _phases(control: _Control, scenario: Scenario, recorder: Recorder) -> 
     control.send("ready", setup)
     _, t0, deadline = await control.expect("start")
     recorder.start(t0)
+    for client in scenario.clients:
+        if client.ws is not None and client.ws.is_open:
+            client.ws.ack_on_read()  # set-up's requests made them "interactive"
     # Sleeps in the measured phase: on one machine each wake-up of a sleeping
     # worker is a cross-CPU wake-up paid by the server's write (the report).
     sleeps_before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import random
@@ -85,6 +86,29 @@ async def connect_socket(host: str, port: int, source: str | None) -> socket.soc
     return sock
 
 
+def ack_on_read(transport: asyncio.BaseTransport) -> None:
+    """Put the connection's socket back in the kernel's bulk-receive ACK mode.
+
+    A socket that sent something soon after receiving (a request answered, a
+    pong) is taken for an interactive session and delays its ACKs, hoping to
+    piggyback them on its next message. A subscriber has no next message: its
+    ACK then goes out when the server's next frame arrives, and on one machine
+    that frame's arrival runs inside the server's ``write()``: the client's
+    ACK and the server's handling of it are billed to the server. A Centrifuge
+    client has sent connect and subscribe; the baseline's has sent nothing since
+    its upgrade, so the same delivery cost digis-signal one ACK round more per
+    two frames (loadtest/README.md, "Client ACKs"). ``TCP_QUICKACK`` ends the
+    interactive guess: ACKs go out when the client reads, on the client's CPU,
+    for every server alike. Called when the measured phase starts and after
+    each pong.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
 def _mask(payload: bytes, key: int) -> bytes:
     """XOR ``payload`` with the 4-byte ``key`` repeated, via one big-int XOR."""
     n = len(payload)
@@ -142,6 +166,11 @@ class RawWebSocket(asyncio.Protocol):
         """Send one text message; dropped once the connection is closing."""
         if self.is_open and self.transport is not None:
             self.transport.write(_client_frame(0x1, payload))
+
+    def ack_on_read(self) -> None:
+        """Acknowledge what arrives when it is read (see :func:`ack_on_read`)."""
+        if self.transport is not None:
+            ack_on_read(self.transport)
 
     def close(self, code: int = 1000) -> None:
         """Start the closing handshake (the server's close frame ends it)."""
@@ -262,6 +291,7 @@ class RawWebSocket(asyncio.Protocol):
             elif opcode == 0x9:  # ping (websockets' keepalive in the baseline)
                 if self.transport is not None and self.is_open:
                     self.transport.write(_client_frame(0xA, payload))
+                    ack_on_read(self.transport)
             elif opcode == 0x8:
                 self._on_close_frame(payload)
                 return

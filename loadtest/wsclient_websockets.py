@@ -15,7 +15,13 @@ import contextlib
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from loadtest.wsclient import ABNORMAL_CLOSE, MessageHandler, connect_socket, split_url
+from loadtest.wsclient import (
+    ABNORMAL_CLOSE,
+    MessageHandler,
+    ack_on_read,
+    connect_socket,
+    split_url,
+)
 
 __all__ = ["LibraryWebSocket", "open_library"]
 
@@ -36,6 +42,9 @@ class LibraryWebSocket:
             # send() is a coroutine: one task per message is this backend's price.
             task = asyncio.ensure_future(self._conn.send(payload.decode()))
             task.add_done_callback(_ignore_result)
+
+    def ack_on_read(self) -> None:
+        ack_on_read(self._conn.transport)
 
     def close(self, code: int = 1000) -> None:
         if self.is_open:
