@@ -551,7 +551,7 @@ class PresenceTracker:
                 continue
             # A connection elsewhere may have published "online" between our
             # read and our publish; look again so the last word is right.
-            await publish_if_changed(node, await status_view(node, user))
+            await refresh_status(node, user)
 
 
 def register(node: Node) -> None:

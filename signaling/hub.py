@@ -83,7 +83,7 @@ class _Channel:
 
     def live_snapshot(self) -> tuple[Deliver, ...]:
         if self.snapshot is None:
-            self.snapshot = tuple([sub.deliver for sub in self.live.values()])
+            self.snapshot = _deliverers(self.live)
         return self.snapshot
 
     def empty(self) -> bool:
