@@ -598,10 +598,15 @@ class CallService:
         call = change.after
         assert call.accepted_at_ms is not None
         ends_at = call.accepted_at_ms + self.max_ms
-        await self.timers.schedule(
-            call.call_id, min(self._next_clock_due(call), call.accepted_at_ms + self.live_check_ms)
+        # The call's clock and its place among the active calls, then the
+        # news; each pair in one round trip.
+        await asyncio.gather(
+            self.timers.schedule(
+                call.call_id,
+                min(self._next_clock_due(call), call.accepted_at_ms + self.live_check_ms),
+            ),
+            self.store.zadd(ACTIVE_KEY, call.call_id, float(ends_at + self.grace_ms + 60_000)),
         )
-        await self.store.zadd(ACTIVE_KEY, call.call_id, float(ends_at + self.grace_ms + 60_000))
         self.metrics.ring_to_answer.observe((call.accepted_at_ms - call.created_at_ms) / 1000)
         extra: JSONObject = {
             "media": call.media,
@@ -610,8 +615,7 @@ class CallService:
             "tick_ms": self.tick_ms,
         }
         data = event_data(EventType.ACCEPTED, call, call.accepted_at_ms, extra)
-        await self._publish(call.participants, data)
-        await self._show_in_call(call, True)
+        await asyncio.gather(self._publish(call.participants, data), self._show_in_call(call, True))
 
     async def _show_in_call(self, call: Call, busy: bool) -> None:
         """Fans see both participants as ``busy`` while the call is accepted
@@ -630,16 +634,13 @@ class CallService:
     async def _finished(self, change: Change) -> None:
         """A call reached a terminal state: free everything, tell everyone."""
         call = change.after
-        await _each(
-            functools.partial(self.calls.release_busy, call_id=call.call_id), call.participants
+        # The busy flags, the timer and the active set in one round trip; the
+        # participants hear of the end after their flags are free (their next
+        # invite must not find them busy).
+        await asyncio.gather(
+            *(self.calls.release_busy(user, call.call_id) for user in call.participants),
+            self._after_end(change),
         )
-        # The timer goes with the call, unless its outbox still holds records
-        # (in flight from another instance, or not appended): it appends them.
-        retry = await self._outbox_due(call, change.unsent)
-        if retry is None:
-            await self.timers.cancel(call.call_id)
-        else:
-            await self.timers.schedule(call.call_id, retry)
         at = call.ended_at_ms if call.ended_at_ms is not None else self.clock()
         event = _TERMINAL_EVENT[call.state]
         extra: JSONObject = {}
@@ -649,7 +650,6 @@ class CallService:
             extra[who] = call.ended_by
         duration = call.duration_ms(at)
         if call.state == CallState.ENDED:
-            await self.store.zrem(ACTIVE_KEY, call.call_id)
             assert call.reason is not None
             extra |= {"reason": call.reason, "duration_ms": duration}
             extra["accepted_at_ms"] = call.accepted_at_ms
@@ -660,9 +660,26 @@ class CallService:
             self.metrics.duration.observe(duration / 1000)
         else:
             self.metrics.calls.labels(call.state.value).inc()
-        await self._publish(call.participants, event_data(event, call, at, extra))
+        news = self._publish(call.participants, event_data(event, call, at, extra))
         if call.state == CallState.ENDED:
-            await self._show_in_call(call, False)
+            await asyncio.gather(news, self._show_in_call(call, False))
+        else:
+            await news
+
+    async def _after_end(self, change: Change) -> None:
+        """The timer goes with the call, unless its outbox still holds records
+        (in flight from another instance, or not appended): it appends them.
+        An ended call leaves the active set."""
+        call = change.after
+        retry = await self._outbox_due(call, change.unsent)
+        if retry is None:
+            timer = self.timers.cancel(call.call_id)
+        else:
+            timer = self.timers.schedule(call.call_id, retry)
+        if call.state == CallState.ENDED:
+            await asyncio.gather(timer, self.store.zrem(ACTIVE_KEY, call.call_id))
+        else:
+            await timer
 
     async def _publish(self, users: tuple[str, ...], data: bytes) -> None:
         """Publish to the users' personal channels (with history, so a
