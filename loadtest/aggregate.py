@@ -12,7 +12,11 @@ from loadtest.procstat import ProcSample
 from loadtest.speed import SpeedProbe
 from loadtest.stats import Histogram
 
-__all__ = ["RunFacts", "build_report"]
+__all__ = ["RunFacts", "build_report", "latency_client_bound", "reading_ms_per_publication"]
+
+# The latency tail is called the client's when at least this share of its p99 is
+# the busiest worker's CPU time per publication (see reading_ms_per_publication).
+CLIENT_BOUND_SHARE = 0.5
 
 
 @dataclass
@@ -35,6 +39,8 @@ class RunFacts:
     server_start: ProcSample | None = None  # measured phase starts
     server_end: ProcSample | None = None  # measured phase and drain over
     client_cpu_s: float = 0.0
+    # Each worker's CPU seconds in the measured phase (sampled once a second), by PID.
+    client_worker_cpu_s: dict[int, float] = field(default_factory=dict)
     client_wakeups: int = 0  # the workers' voluntary context switches, measured phase
     client_saturated_s: int = 0
     client_seconds: int = 0
@@ -69,6 +75,28 @@ def _per(value: float, count: int, scale: float = 1e6) -> float | None:
     return round(value / count * scale, 2) if count else None
 
 
+def reading_ms_per_publication(
+    worker_cpu_s: Mapping[int, float], publications: int
+) -> float | None:
+    """The busiest client worker's CPU milliseconds per publication in the measured phase.
+
+    A worker reads a publication's deliveries to its clients one after another. In a
+    fan-out, where each publication goes to many of one worker's clients, the last of
+    them waits for about this much of the worker's own work: a floor under the latency
+    tail that no server can lower. None without publications."""
+    if not publications or not worker_cpu_s:
+        return None
+    return round(max(worker_cpu_s.values()) / publications * 1000, 3)
+
+
+def latency_client_bound(p99_ms: float | None, reading_ms: float | None) -> bool:
+    """True when at least half of the p99 latency is a client worker's own reading of a
+    publication's deliveries: comparing such p99s compares the clients, not the servers."""
+    if not p99_ms or reading_ms is None:
+        return False
+    return reading_ms >= CLIENT_BOUND_SHARE * p99_ms
+
+
 def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any]:
     measured_s = max(1e-9, facts.t_stop - facts.t_start)
     window_s = max(1e-9, facts.t_end - facts.t_start)
@@ -93,6 +121,8 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
     client_rss = sum(
         (s.get("rss_after_kib") or 0) - (s.get("rss_before_kib") or 0) for s in facts.setups
     )
+    latency_summary = latency.summary_ms()
+    reading = reading_ms_per_publication(facts.client_worker_cpu_s, acked)
 
     report: dict[str, Any] = {
         "scenario": facts.scenario,
@@ -129,7 +159,7 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
             "duplicated": sum(f["duplicates"] for f in finals),
             "foreign": sum(f["foreign"] for f in finals),
         },
-        "latency_ms": latency.summary_ms(),
+        "latency_ms": latency_summary,
         "errors": _merge_counts(f["errors"] for f in finals),
         "disconnects": _merge_counts(f["disconnects"] for f in finals),
         "pings_answered": sum(f.get("pings", 0) for f in finals),
@@ -156,6 +186,8 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
                 round(facts.client_wakeups / deliveries * 1000, 2) if deliveries else None
             ),
             "rss_per_connection_kib": round(client_rss / connected, 2) if connected else None,
+            "reading_ms_per_publication": reading,
+            "latency_client_bound": latency_client_bound(latency_summary["p99"], reading),
         },
         "scenario_results": _scenario_section(facts, finals),
         "timeline": [{"t": second, **_timeline_point(series[second])} for second in sorted(series)],

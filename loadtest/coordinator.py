@@ -309,6 +309,9 @@ class _Run:
             self._cpu_last[pid] = cpu
             if before is not None:
                 worker_cpu.append((cpu - before) / elapsed)
+                if self._measuring:
+                    spent = self.facts.client_worker_cpu_s
+                    spent[pid] = spent.get(pid, 0.0) + cpu - before
         server_cpu = None
         if self.facts.server_pids:
             total = sample(self.facts.server_pids).cpu_s

@@ -81,9 +81,16 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "connections": key[2],
                     "repetition": repetition,
                     "ratios": ratios,
+                    # Either p99 mostly the clients' own reading: the latency ratios
+                    # then compare what the clients could resolve, not the servers.
+                    "latency_client_bound": _client_bound(ours) or _client_bound(base),
                 }
             )
     return out
+
+
+def _client_bound(run: dict[str, Any]) -> bool:
+    return bool(_get(run, ("client", "latency_client_bound")))
 
 
 def _median_of(values: Iterable[Any]) -> float | None:
@@ -195,6 +202,8 @@ def print_summary(runs: list[dict[str, Any]], out: TextIO | None = None) -> None
         out.write("\ndigis-signal ÷ baseline, same scenario and rate (lower is better):\n")
         for comp in comps:
             parts = [f"{k} {v:.2f}x" for k, v in comp["ratios"].items() if v is not None]
+            if comp["latency_client_bound"]:
+                parts.append("latency client-bound (see the client reading notes)")
             head = f"  {comp['target']}, {comp['scenario']} rate {comp['rate']:g}"
             head += f" (repetition {comp['repetition']}): " if repeated else ": "
             out.write(head + ", ".join(parts) + "\n")
@@ -268,6 +277,17 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
             else ""
         )
     )
+    if cl.get("reading_ms_per_publication") is not None:
+        lines.append(
+            f"client reading: the busiest worker spent {cl['reading_ms_per_publication']} ms "
+            "of CPU per publication"
+        )
+    if cl.get("latency_client_bound"):
+        lines.append(
+            f"NOTE: at least half of the latency p99 ({r['latency_ms']['p99']} ms) is the "
+            "clients' own reading: a worker reads a publication's deliveries one after "
+            "another, so p99 comparisons measure the client here, not the server"
+        )
     if cl["saturated"]:
         lines.append(
             f"WARNING: client CPU saturated {cl['saturated_seconds']}/{cl['measured_seconds']}s:"

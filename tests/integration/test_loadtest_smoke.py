@@ -97,6 +97,8 @@ def check_report(document: dict[str, Any], scenario: str, target: str) -> dict[s
         assert key in run["server"], run["server"]
     client = run["client"]
     assert {"saturated", "cpu_s", "workers", "wakeups_per_s"} <= client.keys()
+    assert {"reading_ms_per_publication", "latency_client_bound"} <= client.keys()
+    assert isinstance(client["latency_client_bound"], bool)
     assert client["wakeups_per_s"] > 0, client  # a worker waits for the server at times
     machine = run["machine"]
     assert {"helpers_cpu_s", "other_processes_cpu_s", "steal_cpu_s"} <= machine.keys()
@@ -120,6 +122,10 @@ def check_fanout(run: dict[str, Any]) -> None:
     assert run["deliveries"]["count"] == acked * subscribers
     assert run["latency_ms"]["count"] == run["deliveries"]["count"]
     assert run["timeline"] and run["histogram_us"]
+    # The busiest worker's reading per publication, a share of all the client CPU
+    # (which also counts the set-up) spread over the publications.
+    reading = run["client"]["reading_ms_per_publication"]
+    assert 0 < reading <= run["client"]["cpu_s"] / acked * 1000, run["client"]
 
 
 def tool_env(secret: str | None = None) -> dict[str, str]:
@@ -230,6 +236,9 @@ async def test_repeated_runs_pair_each_repetition_and_report_medians(tmp_path: P
         check_fanout(run)
     comps = document["comparisons"]
     assert [c["repetition"] for c in comps] == [1, 2]
+    for comp in comps:
+        bound = [r["client"]["latency_client_bound"] for r in runs[: 2 * comp["repetition"]][-2:]]
+        assert comp["latency_client_bound"] is any(bound)
     label = "server CPU per delivery"
     ours = [r["server"]["cpu_us_per_delivery"] for r in runs if r["target"] == "digis-signal"]
     figures = {g["target"]: g for g in document["medians"]["figures"]}
