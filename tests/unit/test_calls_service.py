@@ -21,7 +21,7 @@ from handlers.calls.agora import TokenIssuer
 from handlers.calls.metrics import CallMetrics
 from handlers.calls.service import OUTBOX_STALE_MS, CallService
 from handlers.calls.state import CallState, busy_key
-from handlers.calls.timers import LEASE_MS, TIMERS_KEY, TimerQueue
+from handlers.calls.timers import ACTIVE_KEY, LEASE_MS, TIMERS_KEY, TimerQueue
 from handlers.channels import PlatformChannelPolicy, personal_channel
 from signaling.auth import TokenVerifier
 from signaling.broker.base import BrokerUnavailable, HistoryOptions
@@ -671,3 +671,39 @@ async def test_a_hangup_while_a_tick_is_being_appended_leaves_the_tick_to_its_wr
     assert await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")) == []
     assert len(records_of(h, call_id)) == 4
     assert h.service.metrics.billing_redelivered._value.get() == 0
+
+
+async def test_participants_hear_of_the_end_once_free_to_call_again(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end's follow-ups go out together, its events after them: when a
+    participant's app hears ``call.ended``, their busy flag is gone (a new invite
+    goes through), and so are the call's timer and its place among the active
+    calls. A store that yields at every operation interleaves everything that
+    runs concurrently."""
+    service = h.instance(yielding=True)
+    call = await service.invite("alice", "bob", "video", "")
+    await service.accept("bob", call.call_id)
+    store = h.memory
+    assert await store.get(busy_key("alice")) == call.call_id
+    seen: dict[str, tuple[Any, ...]] = {}
+    publish = h.node.publish
+
+    async def watching(channel: str, data: bytes, **kwargs: Any) -> Any:
+        if orjson.loads(data).get("type") == "call.ended":
+            timers = await store.zrange_by_score(TIMERS_KEY, 0, float("inf"))
+            active = await store.zrange_by_score(ACTIVE_KEY, 0, float("inf"))
+            seen[channel] = (
+                await store.get(busy_key("alice")),
+                await store.get(busy_key("bob")),
+                call.call_id in {member for member, _ in timers},
+                call.call_id in {member for member, _ in active},
+            )
+        return await publish(channel, data, **kwargs)
+
+    monkeypatch.setattr(h.node, "publish", watching)
+    await service.end("alice", call.call_id)
+    free = (None, None, False, False)
+    assert seen == {personal_channel("alice"): free, personal_channel("bob"): free}
+    # Free indeed: bob calls alice at once.
+    await service.invite("bob", "alice", "audio", "")
