@@ -598,8 +598,8 @@ class CallService:
         call = change.after
         assert call.accepted_at_ms is not None
         ends_at = call.accepted_at_ms + self.max_ms
-        # The call's clock and its place among the active calls, then the
-        # news; each pair in one round trip.
+        # The call's clock and its place among the active calls in one round
+        # trip; then the events and the in-call status, side by side.
         await asyncio.gather(
             self.timers.schedule(
                 call.call_id,
