@@ -91,7 +91,7 @@ def reading_ms_per_publication(
 
 def latency_client_bound(p99_ms: float | None, reading_ms: float | None) -> bool:
     """True when at least half of the p99 latency is a client worker's own reading of a
-    publication's deliveries: comparing such p99s compares the clients, not the servers."""
+    publication's deliveries: comparing such p99s mostly compares the clients."""
     if not p99_ms or reading_ms is None:
         return False
     return reading_ms >= CLIENT_BOUND_SHARE * p99_ms

@@ -82,7 +82,7 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "repetition": repetition,
                     "ratios": ratios,
                     # Either p99 mostly the clients' own reading: the latency ratios
-                    # then compare what the clients could resolve, not the servers.
+                    # then mostly compare the clients, not the servers.
                     "latency_client_bound": _client_bound(ours) or _client_bound(base),
                 }
             )
@@ -286,7 +286,7 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
         lines.append(
             f"NOTE: at least half of the latency p99 ({r['latency_ms']['p99']} ms) is the "
             "clients' own reading: a worker reads a publication's deliveries one after "
-            "another, so p99 comparisons measure the client here, not the server"
+            "another, so p99 comparisons here mostly measure the client, not the server"
         )
     if cl["saturated"]:
         lines.append(
