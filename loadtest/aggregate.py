@@ -84,9 +84,9 @@ def reading_ms_per_publication(
     fan-out, where each publication goes to many of one worker's clients, the last of
     them waits for about this much of the worker's own work: a floor under the latency
     tail that no server can lower. None without publications."""
-    if not publications or not worker_cpu_s:
+    if not worker_cpu_s:
         return None
-    return round(max(worker_cpu_s.values()) / publications * 1000, 3)
+    return _per(max(worker_cpu_s.values()), publications, 1e3)
 
 
 def latency_client_bound(p99_ms: float | None, reading_ms: float | None) -> bool:
