@@ -269,7 +269,7 @@ async def test_redis_restart_makes_subscribers_recover_without_new_publications(
     personal = f"user:#{user}"
 
     def told_channels() -> set[str]:
-        return {c for _, c, _ in reader.recovered_false}
+        return {c for _, c in reader.recovered_false}
 
     with contextlib.suppress(TimeoutError):
         await wait_until(lambda: told_channels() == {room, personal}, 6.0)

@@ -17,9 +17,10 @@ For the multi-instance and fault tests (real servers, real redis-server):
 * :func:`audit` - every acknowledged publication against every subscriber:
   received (live or by recovery), "excused" (the subscriber was told
   ``recovered: false`` for the channel after the publication was acknowledged,
-  i.e. it learned it cannot recover; or after it was sent, with a stream
-  position at or past the publication's offset, i.e. the subscription started
-  after it), or lost; plus duplicates and offset-order violations.
+  i.e. it learned it cannot recover; or after it was sent, and then received,
+  gap-free from where it started, a publication sent after this one's
+  acknowledgement, i.e. this one lies before its new start), or lost; plus
+  duplicates and offset-order violations.
 
 Publication data is a chat message whose text is ``"<publisher>:<seq>"``
 (:func:`message`): unique, so a duplicate is a publication delivered twice to
@@ -322,9 +323,8 @@ class _Recording:
         # Per channel: deliveries and "reset" markers (a recovered=false
         # resubscribe) in the order the application saw them.
         self.timeline: dict[str, list[Delivery | str]] = defaultdict(list)
-        # (when, channel, stream offset it started from) of every subscribe
-        # that reported recovered=false.
-        self.recovered_false: list[tuple[float, str, int]] = []
+        # (when, channel) of every subscribe that reported recovered=false.
+        self.recovered_false: list[tuple[float, str]] = []
         self.anomalies: list[str] = []
         self.events: list[tuple[float, str]] = []
 
@@ -336,8 +336,8 @@ class _Recording:
         self.deliveries.append(d)
         self.timeline[channel].append(d)
 
-    def _reset(self, channel: str, offset: int) -> None:
-        self.recovered_false.append((now(), channel, offset))
+    def _reset(self, channel: str) -> None:
+        self.recovered_false.append((now(), channel))
         self.timeline[channel].append("reset")
 
     def received(self, channel: str) -> Counter[Key]:
@@ -530,7 +530,7 @@ class Subscriber(_Recording):
             f"offset={result.get('offset', 0)} epoch={result.get('epoch')} pubs={len(pubs)}"
         )
         if was_recovering and not recovered:
-            self._reset(channel, int(result.get("offset", 0)))
+            self._reset(channel)
             state.offset = int(result.get("offset", 0))
             state.epoch = str(result.get("epoch", ""))
             if pubs:
@@ -628,8 +628,8 @@ class SdkSubscriber(_Recording):
             async def on_subscribed(self, ctx: Any) -> None:
                 recording.note(f"subscribed {self.channel} {ctx}")
                 if ctx.was_recovering and not ctx.recovered:
+                    recording._reset(self.channel)
                     self.last = ctx.stream_position.offset if ctx.stream_position else 0
-                    recording._reset(self.channel, self.last)
                 elif not ctx.was_recovering and ctx.stream_position is not None:
                     self.last = ctx.stream_position.offset
 
@@ -946,8 +946,7 @@ def audit(publishers: Sequence[Publisher], subscribers: Sequence[_Recording]) ->
     result.unknown = sum(r.closed for r in records)
     result.unanswered = sum(r.replied is None and not r.closed for r in records)
     refused_keys = {r.key for r in records if r.error is not None}
-    # A publication's offset, from whoever received it (one offset per publication).
-    offsets = {(d.channel, d.key): d.offset for sub in subscribers for d in sub.deliveries}
+    sent_at = {r.key: r.sent for r in records}
     for sub in subscribers:
         result.anomalies += [f"{sub.name}: {a}" for a in sub.anomalies]
         result.recovered_false += len(sub.recovered_false)
@@ -957,27 +956,48 @@ def audit(publishers: Sequence[Publisher], subscribers: Sequence[_Recording]) ->
             got = sub.received(channel)
             result.duplicates += [(sub.name, k, n) for k, n in got.items() if n > 1]
             result.refused_delivered += sum(1 for k in got if k in refused_keys)
-            resets = [(t, start) for t, c, start in sub.recovered_false if c == channel]
+            resets = [t for t, c in sub.recovered_false if c == channel]
+            restarts = _restarts(resets, sub.timeline[channel], sent_at)
             for record in records:
                 if record.channel != channel or not record.acked:
                     continue
                 result.expected += 1
-                offset = offsets.get((channel, record.key))
+                replied = record.replied or 0
                 if got[record.key]:
                     result.received += 1
-                elif any(
-                    t > (record.replied or 0)
-                    # Told after the publish was sent, from a position at or past
-                    # its offset: the stream had it before the subscription began
-                    # (its acknowledgement was still on its way to the publisher).
-                    or (t > record.sent and offset is not None and offset <= start)
-                    for t, start in resets
+                elif any(t > replied for t in resets) or any(
+                    t > record.sent and latest > replied for t, latest in restarts
                 ):
                     result.excused.append((sub.name, record.key, channel))
                 else:
                     result.lost.append((sub.name, record.key, channel))
             result.order += _order_violations(sub.name, channel, sub.timeline[channel])
     return result
+
+
+def _restarts(
+    resets: list[float], timeline: list[Delivery | str], sent_at: dict[Key, float]
+) -> list[tuple[float, float]]:
+    """For each recovered=false reset (its time), when the latest publication the
+    subscriber then received before the next reset was sent.
+
+    After a reset the subscriber's offsets run on without a gap (a gap is an
+    anomaly), so a publication sent after another's acknowledgement, received in
+    that run, means the other one, if sent before the reset and not received,
+    lies at or before the run's start: the subscriber is not owed it."""
+    out: list[tuple[float, float]] = []
+    pending = iter(resets)
+    current: tuple[float, float] | None = None
+    for item in timeline:
+        if isinstance(item, str):
+            if current is not None:
+                out.append(current)
+            current = (next(pending), 0.0)
+        elif current is not None and item.key in sent_at:
+            current = (current[0], max(current[1], sent_at[item.key]))
+    if current is not None:
+        out.append(current)
+    return out
 
 
 def _order_violations(name: str, channel: str, timeline: list[Delivery | str]) -> list[str]:
