@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest.procstat import ProcSample
+from loadtest.slowmoments import SlowMoments
 from loadtest.speed import SpeedProbe
 from loadtest.stats import Histogram
 
@@ -57,6 +58,7 @@ class RunFacts:
     other_cpu_s: float = 0.0  # everything else on the machine during the window
     steal_s: float = 0.0  # CPU time the hypervisor gave to other guests meanwhile
     speed: SpeedProbe | None = None  # the reference work's time before the run
+    slow_moments: SlowMoments | None = None  # the same work timed during the run
     notes: list[str] = field(default_factory=list)
 
 
@@ -170,6 +172,9 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
             "other_processes_cpu_percent": round(facts.other_cpu_s / window_s * 100, 1),
             "steal_cpu_s": round(facts.steal_s, 3),
             "speed_probe": facts.speed.to_json() if facts.speed is not None else None,
+            "slow_moments": (
+                facts.slow_moments.to_json() if facts.slow_moments is not None else None
+            ),
         },
         "server": _server_section(facts, deliveries, acked, connected, window_s),
         "client": {

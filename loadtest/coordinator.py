@@ -30,6 +30,7 @@ from loadtest.procstat import (
 )
 from loadtest.progress import ProgressLine
 from loadtest.servers import ServerGroup
+from loadtest.slowmoments import SlowMomentWatch
 from loadtest.speed import probe_speed
 from loadtest.stats import bitmap_or
 from loadtest.worker import worker_main
@@ -142,6 +143,8 @@ class _Run:
         self._last_tick = time.monotonic()
         self._measuring = False
         self._restart_thread: threading.Thread | None = None
+        self._watch: SlowMomentWatch | None = None
+        self._watch_cpu_s = 0.0  # the slow-moment watcher's CPU: the tool's own
 
     # --- the phases -------------------------------------------------------------------
 
@@ -150,6 +153,9 @@ class _Run:
         pids = facts.server_pids
         # Before any client exists: the core's speed, on the server's CPUs.
         facts.speed = probe_speed(facts.server_cpus)
+        slow_note = facts.speed.pieces.slow_moments_note()
+        if slow_note is not None:
+            facts.notes.append(slow_note)
         facts.server_before = sample(pids)
         self._start_workers()
         setup_budget = self.s.connect_timeout_s + 30.0 + self.s.connections / 250.0
@@ -158,6 +164,8 @@ class _Run:
         time.sleep(self.s.settle_s)
         facts.server_ready = sample(pids)
 
+        self._watch = watch = SlowMomentWatch(facts.server_cpus)
+        watch.start()
         facts.t_start = time.time()
         facts.server_start = sample(pids)
         own_start = self._own_cpu()
@@ -170,6 +178,10 @@ class _Run:
         stopped = self._gather("stopped", self.s.duration_s + 30.0, on_tick=self._maybe_stop)
         facts.t_stop = time.time()
         self._measuring = False
+        facts.slow_moments = watch.stop()
+        self._watch_cpu_s = watch.cpu_s
+        if facts.slow_moments is not None and (note := facts.slow_moments.note()):
+            facts.notes.append(note)
         if self._restart_thread is not None:
             self._restart_thread.join(60.0)
 
@@ -209,7 +221,7 @@ class _Run:
         if self.restart:
             server = 0.0  # the restarted server's PIDs changed: not comparable
         window = max(1e-9, self.facts.t_end - self.facts.t_start)
-        other = max(0.0, busy - clients - helpers - server)
+        other = max(0.0, busy - clients - self._watch_cpu_s - helpers - server)
         self.facts.helpers_cpu_s = helpers
         self.facts.other_cpu_s = other
         self.facts.steal_s = steal
@@ -413,6 +425,8 @@ class _Run:
     def shutdown(self) -> None:
         """End every worker this run started: politely, then by PID."""
         self._broadcast("abort")
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()  # a run that ended early
         deadline = time.monotonic() + 8.0
         for proc in self.procs:
             proc.join(max(0.1, deadline - time.monotonic()))

@@ -16,6 +16,8 @@ from typing import Any, TextIO
 
 import orjson
 
+from loadtest.speed import SLOW_MOMENTS
+
 __all__ = ["comparisons", "machine_info", "medians", "print_summary", "write_json"]
 
 _OURS = "digis-signal"
@@ -264,6 +266,21 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
         lines.append(
             f"machine speed probe: {probe['median_us']} µs per reference iteration "
             f"(fastest round {probe['best_us']}; lower is faster, loadtest/speed.py)"
+        )
+        pieces = probe.get("pieces")
+        if pieces:
+            lines.append(
+                f"machine slow moments before the run: pieces of that work took "
+                f"{pieces['median_us']} µs (median), {pieces['p99_us']} µs (p99), "
+                f"{pieces['p999_us']} µs (p99.9, "
+                f"{pieces['p999_over_median']}x the median), {pieces['max_us']} µs (max)"
+            )
+    slow = r["machine"].get("slow_moments")
+    if slow:
+        lines.append(
+            f"machine slow moments during the run: {slow['pieces']:,} pieces timed, median "
+            f"{slow['median_us']} µs, p99 {slow['p99_us']} µs, max {slow['max_us']} µs; "
+            f"{slow['slow_share'] * 100:.1f} % at {SLOW_MOMENTS:g}x the median or more"
         )
     cl = r["client"]
     lines.append(
