@@ -153,6 +153,9 @@ class _Run:
         pids = facts.server_pids
         # Before any client exists: the core's speed, on the server's CPUs.
         facts.speed = probe_speed(facts.server_cpus)
+        # Started now so that its start-up is over before the measured phase.
+        self._watch = watch = SlowMomentWatch(facts.server_cpus)
+        watch.start()
         slow_note = facts.speed.pieces.slow_moments_note()
         if slow_note is not None:
             facts.notes.append(slow_note)
@@ -164,8 +167,7 @@ class _Run:
         time.sleep(self.s.settle_s)
         facts.server_ready = sample(pids)
 
-        self._watch = watch = SlowMomentWatch(facts.server_cpus)
-        watch.start()
+        watch.begin()
         facts.t_start = time.time()
         facts.server_start = sample(pids)
         own_start = self._own_cpu()

@@ -11,8 +11,14 @@ reference work every :data:`PERIOD_S`.
 It must not compete with the server it watches: it runs under ``SCHED_IDLE``
 (the kernel gives it the core only when nothing else wants it, and takes it
 back at once), and a piece during which it was switched out (the server woke)
-is not counted, so each counted piece's wall time is its own. Its CPU (≈ 0.5 %
-of a core) is counted as the tool's own, not as machine noise.
+is not counted, so each counted piece's wall time is its own. Its CPU (≈ 1-1.5 %
+of a core, taken only when the core is idle) is counted as the tool's own, not as
+machine noise.
+
+What it cannot see: the moments while the server keeps the core busy (it only
+runs when the server leaves the core idle). A slow moment that builds a queue
+in the server is timed by the server's latency tail, not here; the pieces tell
+how often the core was slow when it could be watched.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from loadtest.speed import PIECE_ITERATIONS, SLOW_MOMENTS, one_piece
 
 __all__ = ["PERIOD_S", "SlowMomentWatch", "SlowMoments", "summarize"]
 
-PERIOD_S = 0.01
+PERIOD_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +96,24 @@ def _switches() -> int:
     return usage.ru_nvcsw + usage.ru_nivcsw
 
 
+def _cpu_s() -> float:
+    own = os.times()
+    return own.user + own.system
+
+
 def _watch(cpus: Sequence[int] | None, period_s: float, conn: Connection) -> None:
-    """The watcher process: a piece every ``period_s`` until told to stop, then
-    send back (piece times in µs, pieces dropped as switched out, its own CPU
-    seconds)."""
+    """The watcher process. Settles first (its interpreter's start-up must not
+    land on the server's core during the measurement), says "ready", then on
+    "go" times a piece every ``period_s`` until "stop", and sends back (piece
+    times in µs, pieces dropped as switched out, its CPU seconds since "go")."""
     if cpus:
         os.sched_setaffinity(0, cpus)
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     one_piece(0, PIECE_ITERATIONS)  # warm-up
+    conn.send("ready")
+    if conn.recv() != "go":
+        return
+    cpu_at_go = _cpu_s()
     times: list[float] = []
     switched_out = 0
     clock = time.perf_counter
@@ -110,13 +126,12 @@ def _watch(cpus: Sequence[int] | None, period_s: float, conn: Connection) -> Non
             times.append(elapsed * 1e6)
         else:
             switched_out += 1
-    own = os.times()
-    conn.send((times, switched_out, own.user + own.system))
+    conn.send((times, switched_out, _cpu_s() - cpu_at_go))
 
 
 class SlowMomentWatch:
-    """Start with :meth:`start` when the measured phase starts, :meth:`stop`
-    when it ends."""
+    """:meth:`start` it before the run (it takes a moment to be ready),
+    :meth:`begin` when the measured phase starts, :meth:`stop` when it ends."""
 
     def __init__(self, cpus: Sequence[int] | None, period_s: float = PERIOD_S) -> None:
         ctx = mp.get_context("spawn")
@@ -124,7 +139,8 @@ class SlowMomentWatch:
         self._process = ctx.Process(
             target=_watch, args=(cpus, period_s, child), name="loadtest-slow-moments", daemon=True
         )
-        self.cpu_s = 0.0  # the watcher's own CPU, known once stopped
+        self._watching = False
+        self.cpu_s = 0.0  # the watcher's CPU while watching, known once stopped
 
     @property
     def pid(self) -> int | None:
@@ -137,11 +153,22 @@ class SlowMomentWatch:
     def start(self) -> None:
         self._process.start()
 
+    def begin(self, timeout_s: float = 30.0) -> None:
+        """Start timing pieces, once the watcher is ready (if it is not ready
+        in time, or died, the run goes on without it: :meth:`stop` gives None)."""
+        try:
+            if self._conn.poll(timeout_s) and self._conn.recv() == "ready":
+                self._conn.send("go")
+                self._watching = True
+        except (OSError, EOFError):
+            pass
+
     def stop(self, timeout_s: float = 5.0) -> SlowMoments | None:
-        """The run's figures (None if the watcher did not answer in time)."""
+        """The run's figures (None if the watcher never began or did not
+        answer in time). Ends the watcher."""
         try:
             self._conn.send("stop")
-            if not self._conn.poll(timeout_s):
+            if not self._watching or not self._conn.poll(timeout_s):
                 return None
             times, switched_out, self.cpu_s = self._conn.recv()
             return summarize(times, switched_out)
