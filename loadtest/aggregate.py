@@ -13,11 +13,21 @@ from loadtest.slowmoments import SlowMoments
 from loadtest.speed import SpeedProbe
 from loadtest.stats import Histogram
 
-__all__ = ["RunFacts", "build_report", "latency_client_bound", "reading_ms_per_publication"]
+__all__ = [
+    "RunFacts",
+    "build_report",
+    "latency_client_bound",
+    "reading_ms_per_publication",
+    "thin_tail_note",
+]
 
 # The latency tail is called the client's when at least this share of its p99 is
 # the busiest worker's CPU time per publication (see reading_ms_per_publication).
 CLIENT_BOUND_SHARE = 0.5
+# A publication with at least this many deliveries is a fan-out (thin_tail_note),
+# and a p99 resting on fewer publications than this is thin.
+THIN_TAIL_FANOUT = 100
+THIN_TAIL_PUBLICATIONS = 10
 
 
 @dataclass
@@ -97,6 +107,23 @@ def latency_client_bound(p99_ms: float | None, reading_ms: float | None) -> bool
     if not p99_ms or reading_ms is None:
         return False
     return reading_ms >= CLIENT_BOUND_SHARE * p99_ms
+
+
+def thin_tail_note(acked: int, deliveries: int) -> str | None:
+    """A note when the p99 rests on few publications. In a fan-out one
+    publication's deliveries are read one after another, so they are late
+    together: the slowest 1 % of deliveries is the slowest 1 % of publications,
+    and a run of 300 publications puts its p99 on about three of them."""
+    if acked <= 0 or deliveries < THIN_TAIL_FANOUT * acked:
+        return None
+    behind = acked * 0.01
+    if behind >= THIN_TAIL_PUBLICATIONS:
+        return None
+    return (
+        f"the latency p99 rests on about {max(1, round(behind))} publications (1 % of "
+        f"{acked:,}, each with {deliveries // acked:,} deliveries): run longer (-d) or "
+        "--repeat for a steadier tail"
+    )
 
 
 def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any]:
@@ -198,7 +225,7 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
         "timeline": [{"t": second, **_timeline_point(series[second])} for second in sorted(series)],
         "histogram_us": latency.rows(),
         "fatal": facts.fatal,
-        "notes": facts.notes,
+        "notes": [*facts.notes, *filter(None, [thin_tail_note(acked, deliveries)])],
     }
     return report
 

@@ -1,5 +1,5 @@
-"""The load tool's judgment of a client-bound latency tail (loadtest/aggregate.py)
-and how comparisons carry it (loadtest/report.py)."""
+"""The load tool's judgment of a client-bound or thin latency tail
+(loadtest/aggregate.py) and how comparisons carry it (loadtest/report.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.aggregate import latency_client_bound, reading_ms_per_publication
+from loadtest.aggregate import latency_client_bound, reading_ms_per_publication, thin_tail_note
 from loadtest.report import comparisons
 
 
@@ -59,3 +59,33 @@ def test_comparisons_flag_a_client_bound_latency_on_either_side(
     assert comp["latency_client_bound"] is flagged
     assert comp["ratios"]["latency p99"] == pytest.approx(15.7 / 14.8, abs=1e-3)
     assert comp["ratios"]["server CPU per delivery"] == pytest.approx(7.0 / 11.0, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("acked", "deliveries", "behind"),
+    [
+        (300, 300_000, 3),  # fanout, 20 msg/s for 15 s: three publications
+        (750, 750_000, 8),  # 50 msg/s for 15 s
+        (999, 999_000, 10),  # just under ten: rounds to ten, still thin
+    ],
+)
+def test_a_fan_out_p99_on_few_publications_gets_a_note(
+    acked: int, deliveries: int, behind: int
+) -> None:
+    note = thin_tail_note(acked, deliveries)
+    assert note is not None
+    assert f"about {behind} publications" in note
+    assert f"1 % of {acked:,}" in note
+
+
+@pytest.mark.parametrize(
+    ("acked", "deliveries"),
+    [
+        (1_200, 1_200_000),  # 20 msg/s for 60 s: twelve publications
+        (30_000, 90_000),  # chat: three deliveries per publication
+        (300, 29_999),  # under a hundred deliveries per publication
+        (0, 0),  # nothing published
+    ],
+)
+def test_no_note_for_enough_publications_or_no_fan_out(acked: int, deliveries: int) -> None:
+    assert thin_tail_note(acked, deliveries) is None
