@@ -156,8 +156,10 @@ class _Run:
         # Started now so that its start-up is over before the measured phase.
         self._watch = watch = SlowMomentWatch(facts.server_cpus)
         watch.start()
+        # The slow-moment notes speak of latency tails: idle runs measure none.
+        tails = self.s.scenario != "idle"
         slow_note = facts.speed.pieces.slow_moments_note()
-        if slow_note is not None:
+        if slow_note is not None and tails:
             facts.notes.append(slow_note)
         facts.server_before = sample(pids)
         self._start_workers()
@@ -182,7 +184,7 @@ class _Run:
         self._measuring = False
         facts.slow_moments = watch.stop()
         self._watch_cpu_s = watch.cpu_s
-        if facts.slow_moments is not None and (note := facts.slow_moments.note()):
+        if tails and facts.slow_moments is not None and (note := facts.slow_moments.note()):
             facts.notes.append(note)
         if self._restart_thread is not None:
             self._restart_thread.join(60.0)
