@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from loadtest.speed import PIECE_ITERATIONS, SLOW_MOMENTS, one_piece
+from loadtest.speed import PIECE_ITERATIONS, SLOW_MOMENTS, one_piece, quantile
 
 __all__ = ["PERIOD_S", "SlowMomentWatch", "SlowMoments", "summarize"]
 
@@ -85,7 +85,7 @@ def summarize(times_us: list[float], switched_out: int) -> SlowMoments | None:
         pieces=len(ordered),
         switched_out=switched_out,
         median_us=round(median, 1),
-        p99_us=round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
+        p99_us=round(quantile(ordered, 0.99), 1),
         max_us=round(ordered[-1], 1),
         slow_share=round(slow / len(ordered), 4),
     )

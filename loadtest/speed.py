@@ -45,6 +45,7 @@ __all__ = [
     "SpeedProbe",
     "one_piece",
     "probe_speed",
+    "quantile",
 ]
 
 # One round is this many iterations (≈ 10-20 ms on the machines seen here).
@@ -57,7 +58,7 @@ _ROUNDS = 21
 PIECE_ITERATIONS = 25
 # A piece at this multiple of the median is a slow moment: the host slowed the
 # core. Probes here on 2026-11-26 read 1.6-3.5x at p99.9 in calm seconds and
-# 8.7-20.9x in others; chat's p99 was 12-40 ms that day (≈ 3 ms the day before,
+# 8.7-20.9x in others; chat's p99 was 12-43 ms that day (≈ 3 ms the day before,
 # the same code).
 SLOW_MOMENTS = 5.0
 
@@ -155,7 +156,8 @@ def _one_round(iterations: int, pieces: list[float]) -> float:
     return (previous - started) / iterations * 1e6
 
 
-def _quantile(ordered: list[float], q: float) -> float:
+def quantile(ordered: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of sorted, non-empty ``ordered`` (nearest rank below)."""
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
@@ -177,8 +179,8 @@ def probe_speed(cpus: Sequence[int] | None = None) -> SpeedProbe:
         round(statistics.median(rounds), 3),
         Pieces(
             round(statistics.median(pieces), 1),
-            round(_quantile(pieces, 0.99), 1),
-            round(_quantile(pieces, 0.999), 1),
+            round(quantile(pieces, 0.99), 1),
+            round(quantile(pieces, 0.999), 1),
             round(pieces[-1], 1),
         ),
     )
