@@ -30,7 +30,7 @@ from loadtest.procstat import (
 )
 from loadtest.progress import ProgressLine
 from loadtest.servers import ServerGroup
-from loadtest.slowmoments import SlowMomentWatch
+from loadtest.slowmoments import SlowMomentWatch, slow_moment_notes
 from loadtest.speed import probe_speed
 from loadtest.stats import bitmap_or
 from loadtest.worker import worker_main
@@ -156,11 +156,6 @@ class _Run:
         # Started now so that its start-up is over before the measured phase.
         self._watch = watch = SlowMomentWatch(facts.server_cpus)
         watch.start()
-        # The slow-moment notes speak of latency tails: idle runs measure none.
-        tails = self.s.scenario != "idle"
-        slow_note = facts.speed.pieces.slow_moments_note()
-        if slow_note is not None and tails:
-            facts.notes.append(slow_note)
         facts.server_before = sample(pids)
         self._start_workers()
         setup_budget = self.s.connect_timeout_s + 30.0 + self.s.connections / 250.0
@@ -184,8 +179,7 @@ class _Run:
         self._measuring = False
         facts.slow_moments = watch.stop()
         self._watch_cpu_s = watch.cpu_s
-        if tails and facts.slow_moments is not None and (note := facts.slow_moments.note()):
-            facts.notes.append(note)
+        facts.notes += slow_moment_notes(self.s.scenario, facts.speed.pieces, facts.slow_moments)
         if self._restart_thread is not None:
             self._restart_thread.join(60.0)
 

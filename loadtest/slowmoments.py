@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from loadtest.speed import PIECE_ITERATIONS, SLOW_MOMENTS, one_piece, quantile
+from loadtest.speed import PIECE_ITERATIONS, SLOW_MOMENTS, Pieces, one_piece, quantile
 
-__all__ = ["PERIOD_S", "SlowMomentWatch", "SlowMoments", "summarize"]
+__all__ = ["PERIOD_S", "SlowMomentWatch", "SlowMoments", "slow_moment_notes", "summarize"]
 
 PERIOD_S = 0.02
 
@@ -72,6 +72,21 @@ class SlowMoments:
             "max_us": self.max_us,
             "slow_share": self.slow_share,
         }
+
+
+def slow_moment_notes(
+    scenario: str, before: Pieces | None, during: SlowMoments | None
+) -> list[str]:
+    """The run's notes on the core's slow moments, before it (the speed probe's
+    pieces) and during it. None for an idle run: the notes speak of latency
+    tails, and an idle run measures none."""
+    if scenario == "idle":
+        return []
+    notes = [
+        before.slow_moments_note() if before is not None else None,
+        during.note() if during is not None else None,
+    ]
+    return [note for note in notes if note is not None]
 
 
 def summarize(times_us: list[float], switched_out: int) -> SlowMoments | None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import time
 
-from loadtest.slowmoments import SlowMomentWatch, summarize
-from loadtest.speed import SLOW_MOMENTS
+from loadtest.slowmoments import SlowMomentWatch, slow_moment_notes, summarize
+from loadtest.speed import SLOW_MOMENTS, Pieces
 
 
 def test_summary_counts_the_pieces_at_the_slow_multiple_of_the_median() -> None:
@@ -30,6 +30,21 @@ def test_no_note_under_one_percent_and_no_summary_without_pieces() -> None:
     assert moments is not None and moments.slow_share == 0.001
     assert moments.note() is None
     assert summarize([], switched_out=3) is None
+
+
+def test_notes_before_and_during_a_run_but_not_for_idle_runs() -> None:
+    jerky_probe = Pieces(median_us=50.0, p99_us=90.0, p999_us=50.0 * SLOW_MOMENTS, max_us=900.0)
+    jerky_run = summarize([100.0] * 90 + [100.0 * SLOW_MOMENTS] * 10, switched_out=0)
+    steady_probe = Pieces(median_us=50.0, p99_us=60.0, p999_us=80.0, max_us=100.0)
+    steady_run = summarize([100.0] * 100, switched_out=0)
+    notes = slow_moment_notes("chat", jerky_probe, jerky_run)
+    assert len(notes) == 2
+    assert notes[0].startswith("before the run") and notes[1].startswith("during the run")
+    assert slow_moment_notes("fanout", steady_probe, jerky_run) == notes[1:]
+    assert slow_moment_notes("fanout", jerky_probe, steady_run) == notes[:1]
+    assert slow_moment_notes("calls", None, None) == []
+    # An idle run measures no latency: no notes about latency tails.
+    assert slow_moment_notes("idle", jerky_probe, jerky_run) == []
 
 
 def test_the_watcher_times_pieces_at_idle_priority_on_the_given_cpu() -> None:
