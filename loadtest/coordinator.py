@@ -180,6 +180,8 @@ class _Run:
         facts.slow_moments = watch.stop()
         self._watch_cpu_s = watch.cpu_s
         facts.notes += slow_moment_notes(self.s.scenario, facts.speed.pieces, facts.slow_moments)
+        if watch.unavailable is not None:
+            facts.notes.append(f"the core's slow moments were not watched: {watch.unavailable}")
         if self._restart_thread is not None:
             self._restart_thread.join(60.0)
 

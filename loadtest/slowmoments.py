@@ -121,9 +121,14 @@ def _watch(cpus: Sequence[int] | None, period_s: float, conn: Connection) -> Non
     land on the server's core during the measurement), says "ready", then on
     "go" times a piece every ``period_s`` until "stop", and sends back (piece
     times in µs, pieces dropped as switched out, its CPU seconds since "go")."""
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    try:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as exc:
+        # At any other priority it would compete with the server: no watch.
+        conn.send(f"unavailable: {exc}")
+        return
     one_piece(0, PIECE_ITERATIONS)  # warm-up
     conn.send("ready")
     if conn.recv() != "go":
@@ -150,11 +155,15 @@ class SlowMomentWatch:
 
     def __init__(self, cpus: Sequence[int] | None, period_s: float = PERIOD_S) -> None:
         ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
+        self._conn, self._child_conn = ctx.Pipe()
         self._process = ctx.Process(
-            target=_watch, args=(cpus, period_s, child), name="loadtest-slow-moments", daemon=True
+            target=_watch,
+            args=(cpus, period_s, self._child_conn),
+            name="loadtest-slow-moments",
+            daemon=True,
         )
         self._watching = False
+        self.unavailable: str | None = None  # why the watcher could not watch
         self.cpu_s = 0.0  # the watcher's CPU while watching, known once stopped
 
     @property
@@ -167,16 +176,26 @@ class SlowMomentWatch:
 
     def start(self) -> None:
         self._process.start()
+        # The child's end lives on in the child only: if the watcher dies, this
+        # end then reads EOF at once instead of waiting out a time-out.
+        self._child_conn.close()
 
     def begin(self, timeout_s: float = 30.0) -> None:
         """Start timing pieces, once the watcher is ready (if it is not ready
-        in time, or died, the run goes on without it: :meth:`stop` gives None)."""
+        in time, cannot watch, or died, the run goes on without it:
+        :meth:`stop` gives None)."""
         try:
-            if self._conn.poll(timeout_s) and self._conn.recv() == "ready":
-                self._conn.send("go")
-                self._watching = True
-        except (OSError, EOFError):
-            pass
+            if not self._conn.poll(timeout_s):
+                self.unavailable = "not ready in time"
+                return
+            message = self._conn.recv()
+            if message != "ready":
+                self.unavailable = str(message)
+                return
+            self._conn.send("go")
+            self._watching = True
+        except (OSError, EOFError) as exc:
+            self.unavailable = f"the watcher died: {exc!r}"
 
     def stop(self, timeout_s: float = 5.0) -> SlowMoments | None:
         """The run's figures (None if the watcher never began or did not

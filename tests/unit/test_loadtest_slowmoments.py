@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from loadtest.slowmoments import SlowMomentWatch, slow_moment_notes, summarize
@@ -78,3 +79,32 @@ def test_a_watcher_stopped_before_it_began_gives_nothing_and_ends() -> None:
     watch.start()
     assert watch.stop() is None
     assert not watch.running
+
+
+def test_a_watcher_that_cannot_watch_says_why_and_the_run_goes_on() -> None:
+    # No such CPU: the watcher cannot pin itself to the server's core, so it
+    # does not watch at all (anywhere else its pieces would mean nothing).
+    watch = SlowMomentWatch([os.cpu_count() or 1024])
+    watch.start()
+    started = time.monotonic()
+    watch.begin(timeout_s=20.0)
+    assert time.monotonic() - started < 15.0  # told, not timed out
+    assert watch.unavailable is not None and watch.unavailable.startswith("unavailable")
+    assert watch.stop() is None
+    assert not watch.running
+
+
+def test_a_watcher_that_died_is_noticed_at_once() -> None:
+    watch = SlowMomentWatch(None)
+    watch.start()
+    pid = watch.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while watch.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    watch.begin(timeout_s=20.0)
+    assert time.monotonic() - started < 5.0  # EOF, not the time-out
+    assert watch.unavailable is not None and "died" in watch.unavailable
+    assert watch.stop() is None
