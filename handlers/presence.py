@@ -46,7 +46,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, Literal
 
 import orjson
@@ -171,24 +171,29 @@ class StatusView:
 async def status_view(node: Node, user: str, *, online: bool | None = None) -> StatusView:
     """The user's current view; ``online`` overrides the store's answer when
     the caller knows better (a connection of the user is open right here)."""
-    # One command for the user's own keys (they share the user's hash tag).
-    keys = (_chosen_key(user), _in_call_key(user))
-    view, _ = await _read_view(node, user, online, node.store.get_many(keys))
+    view, _ = await _read_view(node, user, online, (_chosen_key(user), _in_call_key(user)))
     return view
 
 
 async def _read_view(
-    node: Node, user: str, online: bool | None, own_keys: Awaitable[list[str | None]]
+    node: Node,
+    user: str,
+    online: bool | None,
+    keys: Sequence[str],
+    write: tuple[str, str | None, float | None] | None = None,
 ) -> tuple[StatusView, list[str | None]]:
-    """The user's view from ``own_keys`` (the values of their chosen status and
-    in-call keys, then any others) and their presence; and those values."""
+    """The user's view from ``keys`` (their chosen status and in-call keys,
+    then any others) and their presence, with ``write`` (key, value or None
+    to delete, ttl_s) written first; and the values of ``keys``. One store
+    command: the keys share the user's hash tag with their presence."""
     if online:
         # An online user has no last-seen time to show: the presence lookup
         # is skipped (every connection set-up comes here).
-        values = await own_keys
+        store = node.store
+        values = await (store.get_many(keys) if write is None else store.set_and_get(*write, keys))
         last_seen = None
     else:
-        presence, values = await asyncio.gather(node.user_presence.status(user), own_keys)
+        presence, values = await node.user_presence.status_and_read(user, keys, write)
         online = presence.online if online is None else online
         last_seen = presence.last_seen
     return _view(user, online, values[0], values[1], last_seen), values
@@ -229,18 +234,13 @@ async def refresh_status(
     ``write``: (key, value or None to delete, ttl_s) of one of the user's keys
     to write first, in that same command. Returns the view and whether it was
     published."""
-    store = node.store
     keys = (_chosen_key(user), _in_call_key(user), _last_key(user))
-
-    def own_keys() -> Awaitable[list[str | None]]:
-        return store.get_many(keys) if write is None else store.set_and_get(*write, keys)
-
     if node.policy.options(status_channel(user)) is None:
         # Nobody can follow this user id: nothing to publish.
-        view, _ = await _read_view(node, user, online, own_keys())
+        view, _ = await _read_view(node, user, online, keys, write)
         return view, False
     async with _publish_lock(node, user):
-        view, values = await _read_view(node, user, online, own_keys())
+        view, values = await _read_view(node, user, online, keys, write)
         return view, await _publish_news(node, view, values[2])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from signaling.state.base import StateStore
@@ -75,12 +76,27 @@ class UserPresence:
             )
 
     async def status(self, user: str) -> UserStatus:
-        now = time.time()
-        live = await self._store.zrange_by_score(online_key(user), now, float("inf"), limit=1)
+        status, _ = await self.status_and_read(user, ())
+        return status
+
+    async def status_and_read(
+        self,
+        user: str,
+        reads: Sequence[str],
+        write: tuple[str, str | None, float | None] | None = None,
+    ) -> tuple[UserStatus, list[str | None]]:
+        """:meth:`status` and the values of ``reads``, keys of the user's own
+        that carry the user's hash tag (``{<user>}``), with ``write`` (key,
+        value or None to delete, ttl_s) written first: one store command
+        (``StateStore.get_many_live``) where a handler would otherwise send
+        its own read beside the presence lookup."""
+        values, live = await self._store.get_many_live(
+            [*reads, seen_key(user)], online_key(user), time.time(), write=write
+        )
+        seen = values.pop()
         if live:
-            return UserStatus(True, None)
-        seen = await self._store.get(seen_key(user))
-        return UserStatus(False, float(seen) if seen else None)
+            return UserStatus(True, None), values
+        return UserStatus(False, float(seen) if seen else None), values
 
     async def is_online(self, user: str) -> bool:
         return (await self.status(user)).online

@@ -70,6 +70,21 @@ class StateStore(Protocol):
         (a write and the reads that follow it in one round trip). All keys,
         ``key`` included, must share a hash tag (one cluster slot)."""
 
+    async def get_many_live(
+        self,
+        reads: Sequence[str],
+        live_key: str,
+        live_from: float,
+        *,
+        write: tuple[str, str | None, float | None] | None = None,
+    ) -> tuple[list[str | None], bool]:
+        """``reads`` as :meth:`get_many` would, and whether the sorted set
+        ``live_key`` holds a member scored ``live_from`` or more; with
+        ``write`` = (key, value or None to delete, ttl_s), that key set first
+        as :meth:`set_and_get` would. Atomic, in one command: a user's own
+        keys and their presence read in one round trip. All keys must share a
+        hash tag (one cluster slot)."""
+
     async def incr(self, key: str, ttl_s: float) -> int:
         """Increment a counter; its expiry is set when it is created, so
         ``incr`` counts events in a fixed window of ``ttl_s``."""

@@ -7,6 +7,7 @@ the broker's periodic sweep so that memory stays bounded.
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -115,6 +116,25 @@ class MemoryStateStore:
         else:
             await self.set(key, value, ttl_s)
         return await self.get_many(reads)
+
+    async def get_many_live(
+        self,
+        reads: Sequence[str],
+        live_key: str,
+        live_from: float,
+        *,
+        write: tuple[str, str | None, float | None] | None = None,
+    ) -> tuple[list[str | None], bool]:
+        # Nothing awaits in between: atomic like the Redis script.
+        if write is not None:
+            key, value, ttl_s = write
+            if value is None:
+                await self.delete(key)
+            else:
+                await self.set(key, value, ttl_s)
+        values = await self.get_many(reads)
+        live = await self.zrange_by_score(live_key, live_from, math.inf, limit=1)
+        return values, bool(live)
 
     async def incr(self, key: str, ttl_s: float) -> int:
         if not self._alive(key) or key not in self._strings:

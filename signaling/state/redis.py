@@ -50,6 +50,7 @@ from redis.exceptions import NoScriptError
 __all__ = [
     "CLAIM_UNLESS",
     "DELETE_IF_EQUALS",
+    "GET_MANY_LIVE",
     "HCAS",
     "HSET_EXPIRE",
     "INCR_WINDOW",
@@ -194,6 +195,35 @@ return {}
 """KEYS: the key written, then the keys read. ARGV: 1 (set) or 0 (delete),
 value, ttl_ms (0 = none). SET (PX) or DEL the first key, then MGET the others;
 returns their values (nil when absent or not a string)."""
+
+GET_MANY_LIVE = LuaScript(
+    """
+local first = 2
+if ARGV[1] ~= '2' then
+  first = 3
+  if ARGV[1] == '1' then
+    local ttl = tonumber(ARGV[3])
+    if ttl > 0 then
+      redis.call('SET', KEYS[2], ARGV[2], 'PX', ttl)
+    else
+      redis.call('SET', KEYS[2], ARGV[2])
+    end
+  else
+    redis.call('DEL', KEYS[2])
+  end
+end
+local values = {}
+if #KEYS >= first then
+  values = redis.call('MGET', unpack(KEYS, first))
+end
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[4], '+inf', 'LIMIT', 0, 1)
+return {values, #live}
+"""
+)
+"""KEYS: the sorted set looked at, then the key written (unless ARGV[1] is 2),
+then the keys read. ARGV: 1 (set), 0 (delete) or 2 (no write), value, ttl_ms
+(0 = none), the lowest live score. Returns {the values read (nil when absent
+or not a string), 1 if the set holds a member scored that or more, else 0}."""
 
 INCR_WINDOW = LuaScript(
     """
@@ -445,6 +475,29 @@ class RedisStateStore:
         args: list[RedisArg] = ["0", "", 0] if value is None else ["1", value, px]
         raw = await self._exec.run_script(SET_AND_GET, keys, args)
         return [None if found is None else _text(found) for found in raw]
+
+    async def get_many_live(
+        self,
+        reads: Sequence[str],
+        live_key: str,
+        live_from: float,
+        *,
+        write: tuple[str, str | None, float | None] | None = None,
+    ) -> tuple[list[str | None], bool]:
+        prefix = self._prefix
+        keys = [prefix + live_key]
+        args: list[RedisArg]
+        if write is None:
+            args = ["2", "", 0]
+        else:
+            key, value, ttl_s = write
+            keys.append(prefix + key)
+            px = 0 if ttl_s is None else ttl_ms(ttl_s)
+            args = ["0", "", 0] if value is None else ["1", value, px]
+        keys += [prefix + k for k in reads]
+        args.append(_score(live_from))
+        values, live = await self._exec.run_script(GET_MANY_LIVE, keys, args)
+        return [None if found is None else _text(found) for found in values], bool(int(live))
 
     async def incr(self, key: str, ttl_s: float) -> int:
         return int(await self._exec.run_script(INCR_WINDOW, [self.key(key)], [ttl_ms(ttl_s)]))

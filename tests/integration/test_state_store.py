@@ -353,6 +353,37 @@ async def test_claim_unless_race_has_one_winner(h: Harness) -> None:
     assert await h.store.get("dedupe:{room:1}:m") == f"v{claimed.index(True)}"
 
 
+async def test_get_many_live_reads_keys_and_whether_a_member_is_live(h: Harness) -> None:
+    live, own, seen = "online:{user:1}", "status:{user:1}", "seen:{user:1}"
+    await h.store.set(seen, "123.5")
+    # No set yet, then only a member scored below the threshold: not live.
+    assert await h.store.get_many_live([own, seen], live, 50.0) == ([None, "123.5"], False)
+    await h.store.zadd(live, "node-a", 40.0)
+    assert await h.store.get_many_live([own, seen], live, 50.0) == ([None, "123.5"], False)
+    # A member scored exactly the threshold or more: live.
+    await h.store.zadd(live, "node-b", 50.0)
+    assert await h.store.get_many_live([seen], live, 50.0) == (["123.5"], True)
+    assert await h.store.get_many_live([], live, 50.5) == ([], False)
+    # With a write first: the reads see it (and it keeps its TTL).
+    written = "in-call:{user:1}"
+    assert await h.store.get_many_live([written, own], live, 45.0, write=(written, "1", TTL_S)) == (
+        ["1", None],
+        True,
+    )
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.get(written) is None
+    # Without a TTL; then a delete.
+    assert await h.store.get_many_live([written], live, 99.0, write=(written, "2", None)) == (
+        ["2"],
+        False,
+    )
+    assert await h.store.get_many_live([written], live, 0.0, write=(written, None, None)) == (
+        [None],
+        True,
+    )
+    assert await h.store.get(written) is None
+
+
 # --- counters ----------------------------------------------------------------------------
 
 
@@ -768,6 +799,18 @@ class TestRedisCluster:
                 "1",
             ]
             assert await cluster_store.set_and_get(written, None, None, [written]) == [None]
+
+    async def test_get_many_live_on_every_node(
+        self, redis_cluster: RedisCluster, cluster_store: RedisStateStore
+    ) -> None:
+        for tag in _tags_on_every_node(redis_cluster):
+            live, written, read = f"online:{{{tag}}}", f"in-call:{{{tag}}}", f"seen:{{{tag}}}"
+            await cluster_store.set(read, "7")
+            await cluster_store.zadd(live, "node", 100.0)
+            assert await cluster_store.get_many_live(
+                [read, written], live, 99.0, write=(written, "1", 60)
+            ) == (["7", "1"], True)
+            assert await cluster_store.get_many_live([read], live, 101.0) == (["7"], False)
 
     async def test_get_groups_reads_groups_on_different_nodes(
         self, redis_cluster: RedisCluster, cluster_store: RedisStateStore
