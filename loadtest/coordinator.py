@@ -144,7 +144,6 @@ class _Run:
         self._measuring = False
         self._restart_thread: threading.Thread | None = None
         self._watch: SlowMomentWatch | None = None
-        self._watch_cpu_s = 0.0  # the slow-moment watcher's CPU: the tool's own
 
     # --- the phases -------------------------------------------------------------------
 
@@ -178,7 +177,6 @@ class _Run:
         facts.t_stop = time.time()
         self._measuring = False
         facts.slow_moments = watch.stop()
-        self._watch_cpu_s = watch.cpu_s
         facts.notes += slow_moment_notes(self.s.scenario, facts.speed.pieces, facts.slow_moments)
         if watch.unavailable is not None:
             facts.notes.append(f"the core's slow moments were not watched: {watch.unavailable}")
@@ -221,7 +219,9 @@ class _Run:
         if self.restart:
             server = 0.0  # the restarted server's PIDs changed: not comparable
         window = max(1e-9, self.facts.t_end - self.facts.t_start)
-        other = max(0.0, busy - clients - self._watch_cpu_s - helpers - server)
+        # The slow-moment watcher's CPU is the tool's own, not the machine's noise.
+        watcher = self._watch.cpu_s if self._watch is not None else 0.0
+        other = max(0.0, busy - clients - watcher - helpers - server)
         self.facts.helpers_cpu_s = helpers
         self.facts.other_cpu_s = other
         self.facts.steal_s = steal

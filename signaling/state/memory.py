@@ -126,13 +126,7 @@ class MemoryStateStore:
         write: tuple[str, str | None, float | None] | None = None,
     ) -> tuple[list[str | None], bool]:
         # Nothing awaits in between: atomic like the Redis script.
-        if write is not None:
-            key, value, ttl_s = write
-            if value is None:
-                await self.delete(key)
-            else:
-                await self.set(key, value, ttl_s)
-        values = await self.get_many(reads)
+        values = await (self.get_many(reads) if write is None else self.set_and_get(*write, reads))
         live = await self.zrange_by_score(live_key, live_from, math.inf, limit=1)
         return values, bool(live)
 

@@ -50,7 +50,6 @@ from redis.exceptions import NoScriptError
 __all__ = [
     "CLAIM_UNLESS",
     "DELETE_IF_EQUALS",
-    "GET_MANY_LIVE",
     "HCAS",
     "HSET_EXPIRE",
     "INCR_WINDOW",
@@ -176,6 +175,7 @@ NX (PX). Returns {1 or 0 (claimed), value or nil per guard and read}."""
 
 SET_AND_GET = LuaScript(
     """
+local n = 1
 if ARGV[1] == '1' then
   local ttl = tonumber(ARGV[3])
   if ttl > 0 then
@@ -183,47 +183,28 @@ if ARGV[1] == '1' then
   else
     redis.call('SET', KEYS[1], ARGV[2])
   end
-else
+  n = 2
+elseif ARGV[1] == '0' then
   redis.call('DEL', KEYS[1])
+  n = 2
 end
-if #KEYS > 1 then
-  return redis.call('MGET', unpack(KEYS, 2))
-end
-return {}
-"""
-)
-"""KEYS: the key written, then the keys read. ARGV: 1 (set) or 0 (delete),
-value, ttl_ms (0 = none). SET (PX) or DEL the first key, then MGET the others;
-returns their values (nil when absent or not a string)."""
-
-GET_MANY_LIVE = LuaScript(
-    """
-local first = 2
-if ARGV[1] ~= '2' then
-  first = 3
-  if ARGV[1] == '1' then
-    local ttl = tonumber(ARGV[3])
-    if ttl > 0 then
-      redis.call('SET', KEYS[2], ARGV[2], 'PX', ttl)
-    else
-      redis.call('SET', KEYS[2], ARGV[2])
-    end
-  else
-    redis.call('DEL', KEYS[2])
-  end
+local live = 0
+if ARGV[4] ~= '' then
+  live = #redis.call('ZRANGEBYSCORE', KEYS[n], ARGV[4], '+inf', 'LIMIT', 0, 1)
+  n = n + 1
 end
 local values = {}
-if #KEYS >= first then
-  values = redis.call('MGET', unpack(KEYS, first))
+if #KEYS >= n then
+  values = redis.call('MGET', unpack(KEYS, n))
 end
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[4], '+inf', 'LIMIT', 0, 1)
-return {values, #live}
+return {values, live}
 """
 )
-"""KEYS: the sorted set looked at, then the key written (unless ARGV[1] is 2),
-then the keys read. ARGV: 1 (set), 0 (delete) or 2 (no write), value, ttl_ms
-(0 = none), the lowest live score. Returns {the values read (nil when absent
-or not a string), 1 if the set holds a member scored that or more, else 0}."""
+"""KEYS: the key written (unless ARGV[1] is 2), the sorted set looked at (if
+ARGV[4] is not empty), then the keys read. ARGV: 1 (set), 0 (delete) or 2 (no
+write), value, ttl_ms (0 = none), the lowest live score or "". Returns {the
+values read (nil when absent or not a string), 1 if the set holds a member
+scored that or more, else 0}: ``set_and_get`` and ``get_many_live``."""
 
 INCR_WINDOW = LuaScript(
     """
@@ -469,12 +450,8 @@ class RedisStateStore:
     async def set_and_get(
         self, key: str, value: str | None, ttl_s: float | None, reads: Sequence[str]
     ) -> list[str | None]:
-        prefix = self._prefix
-        keys = [prefix + key, *[prefix + k for k in reads]]
-        px = 0 if ttl_s is None else ttl_ms(ttl_s)
-        args: list[RedisArg] = ["0", "", 0] if value is None else ["1", value, px]
-        raw = await self._exec.run_script(SET_AND_GET, keys, args)
-        return [None if found is None else _text(found) for found in raw]
+        values, _ = await self._set_and_get((key, value, ttl_s), reads, None, None)
+        return values
 
     async def get_many_live(
         self,
@@ -484,20 +461,31 @@ class RedisStateStore:
         *,
         write: tuple[str, str | None, float | None] | None = None,
     ) -> tuple[list[str | None], bool]:
+        return await self._set_and_get(write, reads, live_key, live_from)
+
+    async def _set_and_get(
+        self,
+        write: tuple[str, str | None, float | None] | None,
+        reads: Sequence[str],
+        live_key: str | None,
+        live_from: float | None,
+    ) -> tuple[list[str | None], bool]:
         prefix = self._prefix
-        keys = [prefix + live_key]
-        args: list[RedisArg]
-        if write is None:
-            args = ["2", "", 0]
-        else:
+        keys: list[str] = []
+        args: list[RedisArg] = ["2", "", 0]
+        if write is not None:
             key, value, ttl_s = write
             keys.append(prefix + key)
             px = 0 if ttl_s is None else ttl_ms(ttl_s)
             args = ["0", "", 0] if value is None else ["1", value, px]
+        if live_key is None or live_from is None:
+            args.append("")
+        else:
+            keys.append(prefix + live_key)
+            args.append(_score(live_from))
         keys += [prefix + k for k in reads]
-        args.append(_score(live_from))
-        values, live = await self._exec.run_script(GET_MANY_LIVE, keys, args)
-        return [None if found is None else _text(found) for found in values], bool(int(live))
+        values, live = await self._exec.run_script(SET_AND_GET, keys, args)
+        return [None if found is None else _text(found) for found in values], int(live) > 0
 
     async def incr(self, key: str, ttl_s: float) -> int:
         return int(await self._exec.run_script(INCR_WINDOW, [self.key(key)], [ttl_ms(ttl_s)]))
