@@ -126,6 +126,16 @@ def thin_tail_note(acked: int, deliveries: int) -> str | None:
     )
 
 
+def over_helpers(server_us: float | None, helpers_us: float | None) -> float | None:
+    """The server's CPU per publication over the helpers' (Redis's). At one load both
+    do a fixed amount of work per publication, so when the machine's speed moves the
+    two figures move together and the ratio moves least. None without a helper or a
+    figure."""
+    if server_us is None or not helpers_us:
+        return None
+    return round(server_us / helpers_us, 2)
+
+
 def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any]:
     measured_s = max(1e-9, facts.t_stop - facts.t_start)
     window_s = max(1e-9, facts.t_end - facts.t_start)
@@ -152,6 +162,9 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
     )
     latency_summary = latency.summary_ms()
     reading = reading_ms_per_publication(facts.client_worker_cpu_s, acked)
+    server = _server_section(facts, deliveries, acked, connected, window_s)
+    helpers_us = _per(facts.helpers_cpu_s, acked)
+    server_over_helpers = over_helpers(server.get("cpu_us_per_publication"), helpers_us)
 
     report: dict[str, Any] = {
         "scenario": facts.scenario,
@@ -194,7 +207,8 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
         "pings_answered": sum(f.get("pings", 0) for f in finals),
         "machine": {
             "helpers_cpu_s": round(facts.helpers_cpu_s, 3),
-            "helpers_cpu_us_per_publication": _per(facts.helpers_cpu_s, acked),
+            "helpers_cpu_us_per_publication": helpers_us,
+            "server_cpu_over_helpers": server_over_helpers,
             "other_processes_cpu_s": round(facts.other_cpu_s, 3),
             "other_processes_cpu_percent": round(facts.other_cpu_s / window_s * 100, 1),
             "steal_cpu_s": round(facts.steal_s, 3),
@@ -203,7 +217,7 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
                 facts.slow_moments.to_json() if facts.slow_moments is not None else None
             ),
         },
-        "server": _server_section(facts, deliveries, acked, connected, window_s),
+        "server": server,
         "client": {
             "workers": facts.workers,
             "cpus": list(facts.client_cpus) if facts.client_cpus else None,

@@ -275,6 +275,13 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
                 f"{pieces['p999_us']} µs (p99.9, "
                 f"{pieces['p999_over_median']}x the median), {pieces['max_us']} µs (max)"
             )
+    ratio = r["machine"].get("server_cpu_over_helpers")
+    if ratio is not None:
+        lines.append(
+            f"helpers (Redis): {r['machine']['helpers_cpu_us_per_publication']} µs of CPU per "
+            f"publication; the server's is {ratio}x that (at one load, steadier than either "
+            "figure when the machine's speed moves)"
+        )
     slow = r["machine"].get("slow_moments")
     if slow:
         lines.append(

@@ -102,6 +102,7 @@ def check_report(document: dict[str, Any], scenario: str, target: str) -> dict[s
     assert client["wakeups_per_s"] > 0, client  # a worker waits for the server at times
     machine = run["machine"]
     assert {"helpers_cpu_s", "other_processes_cpu_s", "steal_cpu_s"} <= machine.keys()
+    assert "server_cpu_over_helpers" in machine
     assert machine["steal_cpu_s"] >= 0, machine
     probe = machine["speed_probe"]
     assert 0 < probe["best_us"] <= probe["median_us"], probe
@@ -199,6 +200,12 @@ async def test_connect_restart_by_hand_over(tmp_path: Path) -> None:
     assert results["recovered"] == 40 and results["not_recovered"] == 0
     assert results["still_out_at_end"] == 0
     assert run["deliveries"]["lost"] == 0 and run["deliveries"]["duplicated"] == 0
+    # Redis was spawned by the tool: its CPU per publication, and ours over it.
+    machine, server = run["machine"], run["server"]
+    assert machine["helpers_cpu_us_per_publication"] > 0, machine
+    assert machine["server_cpu_over_helpers"] == pytest.approx(
+        server["cpu_us_per_publication"] / machine["helpers_cpu_us_per_publication"], abs=0.01
+    ), (machine, server)
 
 
 async def test_calls_storm_completes_calls_and_prices_them(tmp_path: Path) -> None:

@@ -7,7 +7,12 @@ from typing import Any
 
 import pytest
 
-from loadtest.aggregate import latency_client_bound, reading_ms_per_publication, thin_tail_note
+from loadtest.aggregate import (
+    latency_client_bound,
+    over_helpers,
+    reading_ms_per_publication,
+    thin_tail_note,
+)
 from loadtest.report import comparisons
 
 
@@ -89,3 +94,14 @@ def test_a_fan_out_p99_on_few_publications_gets_a_note(
 )
 def test_no_note_for_enough_publications_or_no_fan_out(acked: int, deliveries: int) -> None:
     assert thin_tail_note(acked, deliveries) is None
+
+
+def test_server_cpu_over_redis_is_the_ratio_of_the_per_publication_figures() -> None:
+    assert over_helpers(156.6, 48.7) == pytest.approx(3.22)
+    assert over_helpers(50.0, 100.0) == 0.5
+
+
+@pytest.mark.parametrize(("server_us", "helpers_us"), [(None, 40.0), (150.0, None), (150.0, 0.0)])
+def test_no_ratio_without_both_figures(server_us: float | None, helpers_us: float | None) -> None:
+    # No helper spawned (0 µs) or the server not measured: nothing to compare.
+    assert over_helpers(server_us, helpers_us) is None
