@@ -110,6 +110,9 @@ class BrokerHandler(Protocol):
         """The channels this node needs delivered (to resubscribe after a
         reconnect)."""
 
+    def has_channel(self, channel: str) -> bool:
+        """Whether this node needs ``channel`` delivered now."""
+
 
 class Broker(Protocol):
     def bind(self, handler: BrokerHandler) -> None:

@@ -15,6 +15,12 @@
   pub/sub reader reconnects with jittered backoff, resubscribes to the hub's
   channels (not a copy of its own) and tells the node, which checks every
   channel's position and makes clients with a possible gap recover.
+* **Cluster topology.** On Redis Cluster there is a pub/sub shard per primary.
+  When a slot moves (Redis unsubscribes its channels on the old primary) or a
+  shard loses its node (a failover), the broker re-reads the slot map, opens
+  shards for new primaries, closes those of nodes that serve no slot any more,
+  subscribes every channel on the primary that serves it now, and has the node
+  check positions, as after a reconnect.
 
 Pub/sub is at-most-once; gaps are found by offsets (inline, and by the node's
 periodic position check) and closed from the streams.
@@ -23,6 +29,7 @@ periodic position check) and closed from the streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -80,6 +87,9 @@ META_TTL_S = 30 * 86400
 POSITIONS_BATCH = 1000
 # Client ids per presence removal script call (well under Lua's unpack limit).
 _REMOVE_AT_ONCE = 500
+# Cluster: how often the slot map is re-read while a shard is down (a failover
+# promotes a replica after the cluster's node timeout).
+TOPOLOGY_RETRY_S = 1.0
 
 
 class RedisBroker:
@@ -114,6 +124,11 @@ class RedisBroker:
         self._shards: dict[str, PubSubShard | RespPubSubShard] = {}
         self._setup: asyncio.Task[None] | None = None
         self._closing = False
+        # Cluster: the shard that carries the control channel, and whether
+        # the slot map needs re-reading (a slot moved, a shard lost its node).
+        self._control_shard: PubSubShard | None = None
+        self._topology_suspect = asyncio.Event()
+        self._slot_moved = False
 
     def state_store(self) -> RedisStateStore:
         """The state store on this broker's Redis and key prefix: the one
@@ -174,8 +189,11 @@ class RedisBroker:
         for index, node in enumerate(primaries):
             client = node_client(self._url, node.host, int(node.port))
             self._add_shard(node.name, client, control=index == 0)
+        await self._follow_topology()
 
-    def _add_shard(self, label: str, client: aioredis.Redis, *, control: bool) -> None:
+    def _add_shard(
+        self, label: str, client: aioredis.Redis, *, control: bool, takes_over: bool = False
+    ) -> None:
         def wanted() -> list[str]:
             names = (self._ps_name(c) for c in self._require_handler().channels())
             return [n for n in names if self._shard_for(n) is shard]
@@ -188,9 +206,87 @@ class RedisBroker:
             wanted=wanted,
             on_message=self._on_message,
             on_reconnected=self._on_reconnected,
+            on_lost=self._topology_suspect.set,
+            on_dropped=self._on_dropped,
+            takes_over=takes_over,
         )
+        if control:
+            self._control_shard = shard
         self._shards[label] = shard
         shard.start()
+
+    def _on_dropped(self, name: str) -> None:
+        """Redis unsubscribed this node from ``name`` by itself: the channel's
+        slot moved to another primary."""
+        channel = self._channel_of(name)
+        if channel is None or self._closing or not self._require_handler().has_channel(channel):
+            return
+        log.info("redis cluster: %s moved away from its primary", name)
+        self._slot_moved = True
+        self._topology_suspect.set()
+
+    async def _follow_topology(self) -> None:
+        """Cluster: re-read the slot map whenever a shard reports a moved slot
+        or a lost node; while a shard is down, every TOPOLOGY_RETRY_S (until a
+        replica takes over its slots, or the node comes back)."""
+        while not self._closing:
+            timeout = None if self.is_ready() else TOPOLOGY_RETRY_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._topology_suspect.wait(), timeout)
+            self._topology_suspect.clear()
+            try:
+                await self._follow_slots()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("redis cluster: re-reading the slot map failed: %s", exc)
+                await asyncio.sleep(TOPOLOGY_RETRY_S)
+
+    async def _follow_slots(self) -> None:
+        assert isinstance(self.client, RedisCluster)
+        await self.client.nodes_manager.initialize()
+        primaries = {node.name: node for node in self.client.get_primaries()}
+        changed = False
+        for label in [label for label in self._shards if label not in primaries]:
+            log.warning("redis cluster: %s serves no slot now; its channels move", label)
+            await self._shards.pop(label).close()
+            changed = True
+        for label, node in primaries.items():
+            if label not in self._shards:
+                log.warning("redis cluster: new primary %s", label)
+                client = node_client(self._url, node.host, int(node.port))
+                self._add_shard(label, client, control=False, takes_over=True)
+                changed = True
+        control = self._control_shard
+        if control is None or control not in self._shards.values():
+            # Its node is gone: the next shard carries control (bans, remote
+            # unsubscribes) from now on.
+            shard = next(iter(self._shards.values()), None)
+            if isinstance(shard, PubSubShard):
+                shard.take_control(self._control_name)
+                self._control_shard = shard
+        moved, self._slot_moved = self._slot_moved, False
+        if changed or moved:
+            await self._resubscribe_everywhere()
+
+    async def _resubscribe_everywhere(self) -> None:
+        """Every channel this node needs, on the shard that serves it now (an
+        SSUBSCRIBE of a channel already subscribed only confirms it); then the
+        node checks positions: what was published while a channel had no
+        subscription here is in its stream."""
+        waits = []
+        for channel in self._require_handler().channels():
+            name = self._ps_name(channel)
+            shard = self._shard_for(name)
+            if shard is not None and shard.ready:
+                waits.append(shard.subscribe(name))
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning("redis cluster: %d resubscribes failed (%s)", len(failed), failed[0])
+            self._slot_moved = True  # try again with the next slot map
+            self._topology_suspect.set()
+        self._on_reconnected()
 
     def _add_resp_shard(self) -> None:
         def wanted() -> list[str]:

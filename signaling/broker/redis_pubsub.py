@@ -7,7 +7,10 @@ confirmed it, so nothing published afterwards is missed. On a lost
 connection the reader reconnects with full-jitter backoff, resubscribes to
 what the hub needs now (not a copy of its own) and reports the reconnect,
 since messages may have been lost meanwhile. The reader never dies: any error
-is logged and retried.
+is logged and retried. It also reports the loss itself (``on_lost``), and a
+sharded shard reports the channels Redis unsubscribed by itself
+(``on_dropped``: their slot moved to another primary), so that the broker can
+follow the cluster's slot map.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.crc import key_slot
 
 from signaling.broker.base import BrokerUnavailable
 from signaling.broker.resp import RedisAddress
@@ -49,12 +53,18 @@ class _Shard:
         wanted: Callable[[], list[str]],
         on_message: Callable[[str, bytes], None],
         on_reconnected: Callable[[], None],
+        on_lost: Callable[[], None] | None = None,
+        takes_over: bool = False,
     ) -> None:
         self.label = label
+        # Opened for slots another shard served (a failover): its first
+        # connection may follow lost messages, like a reconnect.
+        self._takes_over = takes_over
         self._control = control
         self._wanted = wanted
         self._on_message = on_message
         self._on_reconnected = on_reconnected
+        self._on_lost = on_lost
         self.ready = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -106,7 +116,7 @@ class _Shard:
 
     async def _run_forever(self) -> None:
         backoff = BACKOFF_MIN_S
-        connected_before = False
+        connected_before = self._takes_over
         while not self._closing:
             try:
                 await self._open()
@@ -138,6 +148,8 @@ class _Shard:
             if not future.done():
                 future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
                 future.exception()  # retrieved: a waiter may have timed out
+        if self._on_lost is not None and not self._closing:
+            self._on_lost()
 
     # --- for subclasses --------------------------------------------------------------
 
@@ -169,6 +181,9 @@ class PubSubShard(_Shard):
         wanted: Callable[[], list[str]],
         on_message: Callable[[str, bytes], None],
         on_reconnected: Callable[[], None],
+        on_lost: Callable[[], None] | None = None,
+        on_dropped: Callable[[str], None] | None = None,
+        takes_over: bool = False,
     ) -> None:
         super().__init__(
             label=label,
@@ -176,13 +191,19 @@ class PubSubShard(_Shard):
             wanted=wanted,
             on_message=on_message,
             on_reconnected=on_reconnected,
+            on_lost=on_lost,
+            takes_over=takes_over,
         )
         self._client = client
         # Sharded pub/sub (SSUBSCRIBE) for channels; classic for control.
         self._sharded = sharded
+        self._on_dropped = on_dropped
         self._pubsub: PubSub | None = None
         self._ops: list[tuple[bool, str]] = []
         self._ops_scheduled = False
+        # SUNSUBSCRIBEs sent and not yet confirmed, by name: a sunsubscribe
+        # that matches none is Redis's own (the channel's slot moved away).
+        self._unsubscribing: dict[str, int] = {}
 
     async def close(self) -> None:
         await self._stop_task()
@@ -201,6 +222,8 @@ class PubSubShard(_Shard):
 
     def _send_subscribe(self, subscribe: bool, name: str) -> None:
         self._ops.append((subscribe, name))
+        if not subscribe:
+            self._unsubscribing[name] = self._unsubscribing.get(name, 0) + 1
         if not self._ops_scheduled:
             self._ops_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_ops)
@@ -219,11 +242,24 @@ class PubSubShard(_Shard):
         if groups and self._pubsub is not None:
             asyncio.get_running_loop().create_task(self._send_ops(self._pubsub, groups))
 
+    def _batches(self, names: list[str]) -> Iterator[list[str]]:
+        """``names`` in (un)subscribe commands of at most SUBSCRIBE_BATCH; for
+        sharded pub/sub one slot per command, as Redis Cluster requires
+        (CROSSSLOT otherwise)."""
+        groups: Iterable[list[str]] = [names]
+        if self._sharded:
+            by_slot: dict[int, list[str]] = {}
+            for name in names:
+                by_slot.setdefault(key_slot(name.encode()), []).append(name)
+            groups = by_slot.values()
+        for group in groups:
+            for start in range(0, len(group), SUBSCRIBE_BATCH):
+                yield group[start : start + SUBSCRIBE_BATCH]
+
     async def _send_ops(self, pubsub: PubSub, groups: list[tuple[bool, list[str]]]) -> None:
         try:
             for subscribe, names in groups:
-                for start in range(0, len(names), SUBSCRIBE_BATCH):
-                    chunk = names[start : start + SUBSCRIBE_BATCH]
+                for chunk in self._batches(names):
                     if subscribe:
                         await self._subscribe_names(pubsub, chunk)
                     elif self._sharded:
@@ -240,14 +276,29 @@ class PubSubShard(_Shard):
         else:
             await pubsub.subscribe(*names)
 
+    def take_control(self, name: str) -> None:
+        """Carry the control channel from now on (the shard that did is gone)."""
+        self._control = name
+        if self._pubsub is not None and self.ready:
+            pubsub = self._pubsub
+            asyncio.get_running_loop().create_task(self._subscribe_control(pubsub, name))
+
+    async def _subscribe_control(self, pubsub: PubSub, name: str) -> None:
+        try:
+            await pubsub.subscribe(name)
+        except Exception as exc:
+            # The reader notices a broken connection and subscribes it on reopening.
+            log.warning("redis control subscribe failed on %s: %s", self.label, exc)
+
     async def _open(self) -> None:
         await self._close_pubsub()
+        self._unsubscribing.clear()
         pubsub = self._pubsub = self._client.pubsub()
         if self._control is not None:
             await pubsub.subscribe(self._control)
         names = self._wanted()
-        for start in range(0, len(names), SUBSCRIBE_BATCH):
-            await self._subscribe_names(pubsub, names[start : start + SUBSCRIBE_BATCH])
+        for chunk in self._batches(names):
+            await self._subscribe_names(pubsub, chunk)
         if self._control is None and not names:
             # Nothing to subscribe yet: prove the connection with a PING.
             await pubsub.ping()
@@ -266,6 +317,17 @@ class PubSubShard(_Shard):
                 self._on_message(name, message["data"])
             elif kind in ("subscribe", "ssubscribe"):
                 self._confirmed(name)
+            elif kind == "sunsubscribe":
+                self._unsubscribed(name)
+
+    def _unsubscribed(self, name: str) -> None:
+        pending = self._unsubscribing.get(name, 0)
+        if pending > 1:
+            self._unsubscribing[name] = pending - 1
+        elif pending == 1:
+            del self._unsubscribing[name]
+        elif self._on_dropped is not None:
+            self._on_dropped(name)
 
 
 # Liveness of a RespPubSubShard's connection: a PING after this much silence...

@@ -9,9 +9,13 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from redis.cluster import key_slot
 from websockets.asyncio.client import ClientConnection, connect
 
+from signaling.broker.base import HistoryOptions
+from signaling.broker.redis import RedisBroker
+from signaling.protocol import ClientInfo, Publication
 from support.cluster import RedisCluster
 from support.processes import ServerProcess
 
@@ -55,9 +59,13 @@ class Client:
             await self._fill()
 
     async def pub(self) -> dict[str, Any]:
+        return await self.push("pub")
+
+    async def push(self, *kinds: str) -> dict[str, Any]:
+        """The first push of one of ``kinds``."""
         while True:
             for msg in self.inbox:
-                if "push" in msg and "pub" in msg["push"]:
+                if "push" in msg and any(kind in msg["push"] for kind in kinds):
                     self.inbox.remove(msg)
                     return msg["push"]
             await self._fill()
@@ -73,14 +81,22 @@ async def open_client(server: ServerProcess, user: str) -> Client:
     return client
 
 
-async def test_two_instances_on_a_cluster(server_factory: Any, redis_cluster: RedisCluster) -> None:
+async def two_instances(
+    server_factory: Any, cluster: RedisCluster
+) -> tuple[ServerProcess, ServerProcess]:
+    """Two instances on the cluster, each given a different node to start from."""
     env = {
-        "REDIS_URL": redis_cluster.url,
+        "REDIS_URL": cluster.url,
         "SIGNAL_REDIS_CLUSTER": "1",
         "SIGNAL_COMMANDS_PER_SECOND": "0",
     }
     a = await server_factory(env, name="a")
-    b = await server_factory({**env, "REDIS_URL": redis_cluster.nodes[1].url}, name="b")
+    b = await server_factory({**env, "REDIS_URL": cluster.nodes[1].url}, name="b")
+    return a, b
+
+
+async def test_two_instances_on_a_cluster(server_factory: Any, redis_cluster: RedisCluster) -> None:
+    a, b = await two_instances(server_factory, redis_cluster)
     channels = channels_on_every_node(redis_cluster)
     reader = await open_client(a, "reader")
     writer = await open_client(b, "writer")
@@ -120,3 +136,128 @@ async def test_two_instances_on_a_cluster(server_factory: Any, redis_cluster: Re
     assert body == b"ready\n"
     await reader.ws.close()
     await writer.ws.close()
+
+
+async def publish(writer: Client, channel: str, n: int) -> None:
+    body = {"channel": channel, "data": {"type": "message", "text": f"{channel} {n}"}}
+    assert "publish" in await writer.call("publish", body)
+
+
+async def wait_for_shard_subscriber(node: Any, name: str, timeout: float = 10.0) -> None:
+    client = aioredis.Redis(host=node.host, port=node.port)
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            _, count = await client.execute_command("PUBSUB", "SHARDNUMSUB", name)
+            if count:
+                return
+            assert asyncio.get_running_loop().time() < deadline, f"nobody subscribed {name}"
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
+async def test_deliveries_follow_a_channel_whose_slot_moves(
+    server_factory: Any, redis_cluster: RedisCluster
+) -> None:
+    """Resharding: Redis unsubscribes a moved slot's shard channels on the
+    old primary. The instance subscribes them on the new one, and a
+    publication made in between reaches the subscriber, pushed or recovered."""
+    a, b = await two_instances(server_factory, redis_cluster)
+    channel = channels_on_every_node(redis_cluster)[0]
+    source, target = redis_cluster.nodes[0], redis_cluster.nodes[2]
+    reader = await open_client(a, "reader")
+    writer = await open_client(b, "writer")
+    epoch = (await reader.call("subscribe", {"channel": channel}))["subscribe"]["epoch"]
+    await publish(writer, channel, 1)
+    assert (await reader.pub())["pub"]["offset"] == 1
+
+    redis_cluster.move_slot(key_slot(f"{{{channel}}}".encode()), source, target)
+    await publish(writer, channel, 2)
+    push = await reader.push("pub", "unsubscribe")
+    if "unsubscribe" in push:
+        # Published before the instance had subscribed on the new primary:
+        # its position check found the gap, and the client recovers it.
+        assert push["unsubscribe"]["code"] >= 2500, push
+        body = {"channel": channel, "recover": True, "offset": 1, "epoch": epoch}
+        reply = await reader.call("subscribe", body)
+        result = reply.get("subscribe") or pytest.fail(f"{reply}")
+        assert result["recovered"] is True, result
+        assert [p["offset"] for p in result["publications"]] == [2]
+    else:
+        assert push["pub"]["offset"] == 2, push
+
+    await wait_for_shard_subscriber(target, f"sig:ch:{{{channel}}}")
+    await publish(writer, channel, 3)
+    assert (await reader.pub())["pub"]["offset"] == 3
+    _, ready = await a.aget("/readyz")
+    assert ready == b"ready\n"
+    await reader.ws.close()
+    await writer.ws.close()
+
+
+class PublicationRecorder:
+    """A broker handler that needs ``wanted`` and keeps what it is given."""
+
+    def __init__(self, wanted: list[str]) -> None:
+        self.wanted = wanted
+        self.got: dict[str, list[int]] = {}
+        self.arrived = asyncio.Event()
+
+    def on_publication(self, channel: str, pub: Publication, epoch: str) -> None:
+        self.got.setdefault(channel, []).append(pub.offset)
+        self.arrived.set()
+
+    def on_join(self, channel: str, info: ClientInfo) -> None:
+        pass
+
+    def on_leave(self, channel: str, info: ClientInfo) -> None:
+        pass
+
+    def on_control(self, message: bytes) -> None:
+        pass
+
+    def on_broker_reconnected(self) -> None:
+        pass
+
+    def channels(self) -> list[str]:
+        return list(self.wanted)
+
+    def has_channel(self, channel: str) -> bool:
+        return channel in self.wanted
+
+
+async def test_channels_of_several_slots_on_a_node_subscribe_at_once(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Subscribes issued together go out together, but SSUBSCRIBE takes one
+    slot per command: a node's channels of several slots, subscribed in one
+    loop iteration, all get their publications (no CROSSSLOT refusal)."""
+    per_node = 16384 // len(redis_cluster.nodes)
+    channels: list[str] = []
+    slots: set[int] = set()
+    for i in range(10000):
+        channel = f"room:s{i}"
+        slot = key_slot(f"{{{channel}}}".encode())
+        if slot < per_node and slot not in slots:  # all on the first node
+            slots.add(slot)
+            channels.append(channel)
+            if len(channels) == 5:
+                break
+    broker = RedisBroker(redis_cluster.url, cluster=True, prefix="slots:")
+    handler = PublicationRecorder(channels)
+    broker.bind(handler)
+    await broker.start()
+    try:
+        await asyncio.gather(*(broker.subscribe(channel) for channel in channels))
+        history = HistoryOptions(size=10, ttl_s=60)
+        for channel in channels:
+            await broker.publish(channel, Publication(b'{"n":1}'), history)
+        async with asyncio.timeout(5):
+            while len(handler.got) < len(channels):
+                handler.arrived.clear()
+                await handler.arrived.wait()
+        assert handler.got == {channel: [1] for channel in channels}
+        assert broker.reconnects == 0
+    finally:
+        await broker.close()

@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import redis
+
 from support.processes import ProcessStartError, RedisProcess, free_port
 
 
@@ -78,3 +80,25 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop(grace=5.0)
+
+    def move_slot(self, slot: int, source: RedisClusterNode, target: RedisClusterNode) -> None:
+        """Move ``slot`` and its keys from ``source`` to ``target`` the way
+        ``redis-cli --cluster reshard`` does; the source learns last, and
+        unsubscribes the slot's shard channels then."""
+        clients = {node.port: redis.Redis(host=node.host, port=node.port) for node in self.nodes}
+        try:
+            src, dst = clients[source.port], clients[target.port]
+            source_id, target_id = (
+                src.execute_command("CLUSTER", "MYID"),
+                dst.execute_command("CLUSTER", "MYID"),
+            )
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+            others = [c for port, c in clients.items() if port not in (source.port, target.port)]
+            for client in [dst, *others, src]:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        finally:
+            for client in clients.values():
+                client.close()

@@ -33,3 +33,6 @@ class LeaveRecorder:
 
     def channels(self) -> list[str]:
         return []
+
+    def has_channel(self, channel: str) -> bool:
+        return False
