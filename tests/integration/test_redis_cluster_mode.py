@@ -261,3 +261,69 @@ async def test_channels_of_several_slots_on_a_node_subscribe_at_once(
         assert broker.reconnects == 0
     finally:
         await broker.close()
+
+
+@pytest.fixture
+def redis_cluster_with_replicas(tmp_path: Path) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(tmp_path / "cluster", size=6, replicas=1).start()
+    yield cluster
+    cluster.stop()
+
+
+async def publish_until_acknowledged(writer: Client, channel: str, n: int) -> None:
+    """Right after a failover a command may fail (error 100, temporary)."""
+    body = {"channel": channel, "data": {"type": "message", "text": f"{channel} {n}"}}
+    for _ in range(50):
+        reply = await writer.call("publish", body)
+        if "publish" in reply:
+            return
+        assert reply["error"]["temporary"], reply
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"publication {n} never acknowledged")
+
+
+async def test_deliveries_follow_a_failover(
+    server_factory: Any, redis_cluster_with_replicas: RedisCluster
+) -> None:
+    """A primary dies and its replica takes over its slots: the instances
+    subscribe the channels there, nothing published is lost (pushed or
+    recovered), and they are ready again."""
+    cluster = redis_cluster_with_replicas
+    a, b = await two_instances(server_factory, cluster)
+    starts = {cluster.nodes[0].port, cluster.nodes[1].port}
+    for i in range(10000):  # a channel whose primary is not where either instance started
+        channel = f"room:f{i}"
+        slot = key_slot(f"{{{channel}}}".encode())
+        doomed = cluster.primary_of(slot)
+        if doomed.port not in starts:
+            break
+    reader = await open_client(a, "reader")
+    writer = await open_client(b, "writer")
+    epoch = (await reader.call("subscribe", {"channel": channel}))["subscribe"]["epoch"]
+    await publish(writer, channel, 1)
+    assert (await reader.pub())["pub"]["offset"] == 1
+
+    doomed.kill()
+    async with asyncio.timeout(30):
+        while (successor := cluster.primary_of(slot)) is doomed:
+            await asyncio.sleep(0.2)
+    await publish_until_acknowledged(writer, channel, 2)
+    push = await reader.push("pub", "unsubscribe")
+    if "unsubscribe" in push:
+        assert push["unsubscribe"]["code"] >= 2500, push
+        body = {"channel": channel, "recover": True, "offset": 1, "epoch": epoch}
+        reply = await reader.call("subscribe", body)
+        result = reply.get("subscribe") or pytest.fail(f"{reply}")
+        assert result["recovered"] is True, result
+        assert [p["offset"] for p in result["publications"]] == [2]
+    else:
+        assert push["pub"]["offset"] == 2, push
+
+    await wait_for_shard_subscriber(successor, f"sig:ch:{{{channel}}}")
+    await publish(writer, channel, 3)
+    assert (await reader.pub())["pub"]["offset"] == 3
+    async with asyncio.timeout(10):
+        while (await a.aget("/readyz"))[0] != 200:
+            await asyncio.sleep(0.2)
+    await reader.ws.close()
+    await writer.ws.close()

@@ -40,11 +40,12 @@ class RedisClusterNode(RedisProcess):
 
 
 class RedisCluster:
-    def __init__(self, data_dir: Path, size: int = 3) -> None:
+    def __init__(self, data_dir: Path, size: int = 3, replicas: int = 0) -> None:
         self.nodes = [
             RedisClusterNode(data_dir, port=_free_cluster_port(), name=f"cluster{i}")
             for i in range(size)
         ]
+        self.replicas = replicas
 
     @property
     def url(self) -> str:
@@ -57,8 +58,9 @@ class RedisCluster:
         if cli is None:
             raise ProcessStartError("redis-cli not found (.ci/run installs redis-tools)")
         addresses = [f"{n.host}:{n.port}" for n in self.nodes]
+        replicas = ["--cluster-replicas", str(self.replicas)]
         subprocess.run(
-            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            [cli, "--cluster", "create", *addresses, *replicas, "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=timeout,
@@ -71,15 +73,38 @@ class RedisCluster:
                 text=True,
                 timeout=5,
             ).stdout
-            if "cluster_state:ok" in info:
+            if "cluster_state:ok" in info and self._replicas_in_sync():
                 return self
             if time.monotonic() > deadline:
                 raise ProcessStartError(f"cluster did not become ok:\n{info}")
             time.sleep(0.1)
 
+    def _replicas_in_sync(self) -> bool:
+        """Every replica attached and its link to its primary up: a replica
+        that never synced does not take over when its primary dies."""
+        expected = len(self.nodes) * self.replicas // (self.replicas + 1)
+        in_sync = 0
+        for node in self.nodes:
+            with redis.Redis(host=node.host, port=node.port) as client:
+                info = client.info("replication")
+            in_sync += info.get("role") == "slave" and info.get("master_link_status") == "up"
+        return in_sync == expected
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop(grace=5.0)
+
+    def primary_of(self, slot: int) -> RedisClusterNode:
+        """The node serving ``slot`` now, as a running node sees the cluster."""
+        for node in self.nodes:
+            if not node.running:
+                continue
+            with redis.Redis(host=node.host, port=node.port) as client:
+                for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        port = int(primary[1])
+                        return next(n for n in self.nodes if n.port == port)
+        raise AssertionError(f"no running node knows slot {slot}")
 
     def move_slot(self, slot: int, source: RedisClusterNode, target: RedisClusterNode) -> None:
         """Move ``slot`` and its keys from ``source`` to ``target`` the way
