@@ -327,3 +327,47 @@ async def test_deliveries_follow_a_failover(
             await asyncio.sleep(0.2)
     await reader.ws.close()
     await writer.ws.close()
+
+
+async def test_bans_still_reach_connections_after_the_control_node_fails(
+    server_factory: Any, redis_cluster_with_replicas: RedisCluster
+) -> None:
+    """The node that carried the instance's control subscription dies: the
+    control channel moves to another shard, so a ban made after the failover
+    still removes the banned fan (a node hears its own control messages
+    through Redis, so one instance shows it)."""
+    cluster = redis_cluster_with_replicas
+    env = {"REDIS_URL": cluster.url, "SIGNAL_REDIS_CLUSTER": "1"}
+    a = await server_factory({**env, "SIGNAL_COMMANDS_PER_SECOND": "0"}, name="a")
+    carriers = []
+    for node in cluster.nodes:
+        client = aioredis.Redis(host=node.host, port=node.port)
+        _, count = await client.execute_command("PUBSUB", "NUMSUB", "sig:control")
+        await client.aclose()
+        if count:
+            carriers.append(node)
+    assert len(carriers) == 1, carriers
+    doomed = carriers[0]
+    slots = {cluster.primary_of(slot) for slot in (0, 8000, 16000)}
+    assert doomed in slots  # a primary: it has a replica to take over
+    creator = await open_client(a, "cre")
+    fan = await open_client(a, "fan")
+    assert "subscribe" in await fan.call("subscribe", {"channel": "room:cre"})
+
+    doomed.kill()
+    async with asyncio.timeout(30):
+        while doomed in {cluster.primary_of(slot) for slot in (0, 8000, 16000)}:
+            await asyncio.sleep(0.2)
+        while (await a.aget("/readyz"))[0] != 200:
+            await asyncio.sleep(0.2)
+    body = {"method": "room.ban", "data": {"channel": "room:cre", "user": "fan"}}
+    for _ in range(50):  # right after a failover a command may fail (temporary)
+        reply = await creator.call("rpc", body)
+        if "rpc" in reply:
+            break
+        assert reply["error"]["temporary"], reply
+        await asyncio.sleep(0.2)
+    push = await fan.push("unsubscribe")
+    assert push["channel"] == "room:cre" and push["unsubscribe"]["code"] < 2500, push
+    await creator.ws.close()
+    await fan.ws.close()
