@@ -221,7 +221,7 @@ class RedisBroker:
         channel = self._channel_of(name)
         if channel is None or self._closing or not self._require_handler().has_channel(channel):
             return
-        log.info("redis cluster: %s moved away from its primary", name)
+        log.debug("redis cluster: %s moved away from its primary", name)
         self._slot_moved = True
         self._topology_suspect.set()
 
@@ -229,6 +229,7 @@ class RedisBroker:
         """Cluster: re-read the slot map whenever a shard reports a moved slot
         or a lost node; while a shard is down, every TOPOLOGY_RETRY_S (until a
         replica takes over its slots, or the node comes back)."""
+        failing = False
         while not self._closing:
             timeout = None if self.is_ready() else TOPOLOGY_RETRY_S
             with contextlib.suppress(TimeoutError):
@@ -239,8 +240,15 @@ class RedisBroker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("redis cluster: re-reading the slot map failed: %s", exc)
+                # Once per outage at WARNING, not every retry.
+                level = logging.DEBUG if failing else logging.WARNING
+                log.log(level, "redis cluster: re-reading the slot map failed: %s", exc)
+                failing = True
                 await asyncio.sleep(TOPOLOGY_RETRY_S)
+            else:
+                if failing:
+                    log.info("redis cluster: slot map read again")
+                failing = False
 
     async def _follow_slots(self) -> None:
         assert isinstance(self.client, RedisCluster)
@@ -282,6 +290,7 @@ class RedisBroker:
                 waits.append(shard.subscribe(name))
         results = await asyncio.gather(*waits, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
+        log.info("redis cluster: slot map changed; %d channels resubscribed", len(waits))
         if failed:
             log.warning("redis cluster: %d resubscribes failed (%s)", len(failed), failed[0])
             self._slot_moved = True  # try again with the next slot map
