@@ -256,12 +256,12 @@ class RedisBroker:
         primaries = {node.name: node for node in self.client.get_primaries()}
         changed = False
         for label in [label for label in self._shards if label not in primaries]:
-            log.warning("redis cluster: %s serves no slot now; its channels move", label)
+            log.info("redis cluster: %s serves no slot now; its channels move", label)
             await self._shards.pop(label).close()
             changed = True
         for label, node in primaries.items():
             if label not in self._shards:
-                log.warning("redis cluster: new primary %s", label)
+                log.info("redis cluster: new primary %s", label)
                 client = node_client(self._url, node.host, int(node.port))
                 self._add_shard(label, client, control=False, takes_over=True)
                 changed = True

@@ -57,8 +57,8 @@ class _Shard:
         takes_over: bool = False,
     ) -> None:
         self.label = label
-        # Opened for slots another shard served (a failover): its first
-        # connection may follow lost messages, like a reconnect.
+        # Opened for slots another shard served (a failover, a scale-out):
+        # its first connection may follow lost messages, like a reconnect.
         self._takes_over = takes_over
         self._control = control
         self._wanted = wanted
@@ -116,7 +116,7 @@ class _Shard:
 
     async def _run_forever(self) -> None:
         backoff = BACKOFF_MIN_S
-        connected_before = self._takes_over
+        connected_before = False
         while not self._closing:
             try:
                 await self._open()
@@ -124,6 +124,9 @@ class _Shard:
                 if connected_before:
                     self.reconnects += 1
                     log.warning("redis pub/sub %s reconnected; checking positions", self.label)
+                    self._on_reconnected()
+                elif self._takes_over:
+                    log.info("redis pub/sub %s took over slots; checking positions", self.label)
                     self._on_reconnected()
                 else:
                     log.info("redis pub/sub %s connected", self.label)

@@ -143,6 +143,23 @@ async def publish(writer: Client, channel: str, n: int) -> None:
     assert "publish" in await writer.call("publish", body)
 
 
+async def delivered_or_recovered(reader: Client, channel: str, offset: int, epoch: str) -> None:
+    """Publication ``offset`` reaches ``reader``: pushed, or, when it was
+    published while the reader's instance had no subscription on the node
+    serving the channel, recovered after the instance's position check made
+    the client resubscribe (unsubscribe push, code 2500)."""
+    push = await reader.push("pub", "unsubscribe")
+    if "pub" in push:
+        assert push["pub"]["offset"] == offset, push
+        return
+    assert push["unsubscribe"]["code"] >= 2500, push
+    body = {"channel": channel, "recover": True, "offset": offset - 1, "epoch": epoch}
+    reply = await reader.call("subscribe", body)
+    result = reply.get("subscribe") or pytest.fail(f"{reply}")
+    assert result["recovered"] is True, result
+    assert [p["offset"] for p in result["publications"]] == [offset]
+
+
 async def wait_for_shard_subscriber(node: Any, name: str, timeout: float = 10.0) -> None:
     client = aioredis.Redis(host=node.host, port=node.port)
     try:
@@ -174,18 +191,7 @@ async def test_deliveries_follow_a_channel_whose_slot_moves(
 
     redis_cluster.move_slot(key_slot(f"{{{channel}}}".encode()), source, target)
     await publish(writer, channel, 2)
-    push = await reader.push("pub", "unsubscribe")
-    if "unsubscribe" in push:
-        # Published before the instance had subscribed on the new primary:
-        # its position check found the gap, and the client recovers it.
-        assert push["unsubscribe"]["code"] >= 2500, push
-        body = {"channel": channel, "recover": True, "offset": 1, "epoch": epoch}
-        reply = await reader.call("subscribe", body)
-        result = reply.get("subscribe") or pytest.fail(f"{reply}")
-        assert result["recovered"] is True, result
-        assert [p["offset"] for p in result["publications"]] == [2]
-    else:
-        assert push["pub"]["offset"] == 2, push
+    await delivered_or_recovered(reader, channel, 2, epoch)
 
     await wait_for_shard_subscriber(target, f"sig:ch:{{{channel}}}")
     await publish(writer, channel, 3)
@@ -308,16 +314,7 @@ async def test_deliveries_follow_a_failover(
         while (successor := cluster.primary_of(slot)) is doomed:
             await asyncio.sleep(0.2)
     await publish_until_acknowledged(writer, channel, 2)
-    push = await reader.push("pub", "unsubscribe")
-    if "unsubscribe" in push:
-        assert push["unsubscribe"]["code"] >= 2500, push
-        body = {"channel": channel, "recover": True, "offset": 1, "epoch": epoch}
-        reply = await reader.call("subscribe", body)
-        result = reply.get("subscribe") or pytest.fail(f"{reply}")
-        assert result["recovered"] is True, result
-        assert [p["offset"] for p in result["publications"]] == [2]
-    else:
-        assert push["pub"]["offset"] == 2, push
+    await delivered_or_recovered(reader, channel, 2, epoch)
 
     await wait_for_shard_subscriber(successor, f"sig:ch:{{{channel}}}")
     await publish(writer, channel, 3)
@@ -371,3 +368,29 @@ async def test_bans_still_reach_connections_after_the_control_node_fails(
     assert push["channel"] == "room:cre" and push["unsubscribe"]["code"] < 2500, push
     await creator.ws.close()
     await fan.ws.close()
+
+
+async def test_deliveries_follow_a_slot_moved_to_a_node_that_joined(
+    server_factory: Any, redis_cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """Scaling out: a new node joins and a slot moves to it. The instances had
+    no connection to it; the moved slot's channel is subscribed there."""
+    a, b = await two_instances(server_factory, redis_cluster)
+    channel = channels_on_every_node(redis_cluster)[0]
+    slot = key_slot(f"{{{channel}}}".encode())
+    source = redis_cluster.primary_of(slot)
+    reader = await open_client(a, "reader")
+    writer = await open_client(b, "writer")
+    epoch = (await reader.call("subscribe", {"channel": channel}))["subscribe"]["epoch"]
+    await publish(writer, channel, 1)
+    assert (await reader.pub())["pub"]["offset"] == 1
+
+    newcomer = redis_cluster.add_node(tmp_path / "newcomer")
+    redis_cluster.move_slot(slot, source, newcomer)
+    await wait_for_shard_subscriber(newcomer, f"sig:ch:{{{channel}}}")
+    await publish(writer, channel, 2)
+    await delivered_or_recovered(reader, channel, 2, epoch)
+    await publish(writer, channel, 3)
+    assert (await reader.pub())["pub"]["offset"] == 3
+    await reader.ws.close()
+    await writer.ws.close()

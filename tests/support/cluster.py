@@ -79,6 +79,33 @@ class RedisCluster:
                 raise ProcessStartError(f"cluster did not become ok:\n{info}")
             time.sleep(0.1)
 
+    def add_node(self, data_dir: Path, timeout: float = 20.0) -> RedisClusterNode:
+        """Start an empty node and have the cluster meet it (a scale-out
+        before slots move to it); returns once every node knows it and it
+        knows the slot map."""
+        node = RedisClusterNode(
+            data_dir, port=_free_cluster_port(), name=f"cluster{len(self.nodes)}"
+        )
+        node.start()
+        self.nodes.append(node)
+        with redis.Redis(host=self.nodes[0].host, port=self.nodes[0].port) as first:
+            first.execute_command("CLUSTER", "MEET", node.host, node.port)
+        deadline = time.monotonic() + timeout
+        while True:
+            views = []
+            for member in self.nodes:
+                with redis.Redis(host=member.host, port=member.port) as client:
+                    views.append(client.execute_command("CLUSTER", "NODES"))
+            text = [v.decode() if isinstance(v, bytes) else str(v) for v in views]
+            with redis.Redis(host=node.host, port=node.port) as client:
+                state = client.cluster("INFO").get("cluster_state")
+            # Every node knows it, and it knows the slot map (else CLUSTERDOWN).
+            if all(f":{node.port}@" in view for view in text) and state == "ok":
+                return node
+            if time.monotonic() > deadline:
+                raise ProcessStartError(f"the cluster did not meet {node.name}")
+            time.sleep(0.1)
+
     def _replicas_in_sync(self) -> bool:
         """Every replica attached and its link to its primary up: a replica
         that never synced does not take over when its primary dies."""
