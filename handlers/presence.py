@@ -56,6 +56,7 @@ from handlers.chat.args import bad_request, check_user, object_args
 from signaling.broker.base import BrokerUnavailable
 from signaling.errors import ERROR_LIMIT_EXCEEDED, SignalError
 from signaling.node import ConnectionEvent, Node, RpcContext
+from signaling.state.base import KeyWrite
 from signaling.values import JSON, JSONObject, record
 
 __all__ = [
@@ -180,7 +181,7 @@ async def _read_view(
     user: str,
     online: bool | None,
     keys: Sequence[str],
-    write: tuple[str, str | None, float | None] | None = None,
+    write: KeyWrite | None = None,
 ) -> tuple[StatusView, list[str | None]]:
     """The user's view from ``keys`` (their chosen status and in-call keys,
     then any others) and their presence, with ``write`` (key, value or None
@@ -226,7 +227,7 @@ async def refresh_status(
     user: str,
     *,
     online: bool | None = None,
-    write: tuple[str, str | None, float | None] | None = None,
+    write: KeyWrite | None = None,
 ) -> tuple[StatusView, bool]:
     """Read the user's view (``online`` as in :func:`status_view`) and publish
     it if it changed: :func:`status_view` then :func:`publish_if_changed`, with

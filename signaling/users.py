@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from signaling.state.base import StateStore
+from signaling.state.base import KeyWrite, StateStore
 
 __all__ = ["UserPresence", "UserStatus", "online_key", "seen_key"]
 
@@ -83,7 +83,7 @@ class UserPresence:
         self,
         user: str,
         reads: Sequence[str],
-        write: tuple[str, str | None, float | None] | None = None,
+        write: KeyWrite | None = None,
     ) -> tuple[UserStatus, list[str | None]]:
         """:meth:`status` and the values of ``reads``, keys of the user's own
         that carry the user's hash tag (``{<user>}``), with ``write`` (key,

@@ -19,7 +19,10 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
-__all__ = ["StateStore"]
+__all__ = ["KeyWrite", "StateStore"]
+
+# One key to write with a read: (key, value or None to delete it, ttl_s or None).
+KeyWrite = tuple[str, str | None, float | None]
 
 
 class StateStore(Protocol):
@@ -76,7 +79,7 @@ class StateStore(Protocol):
         live_key: str,
         live_from: float,
         *,
-        write: tuple[str, str | None, float | None] | None = None,
+        write: KeyWrite | None = None,
     ) -> tuple[list[str | None], bool]:
         """``reads`` as :meth:`get_many` would, and whether the sorted set
         ``live_key`` holds a member scored ``live_from`` or more; with

@@ -12,6 +12,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 
+from signaling.state.base import KeyWrite
+
 __all__ = ["MemoryStateStore", "StreamEntry"]
 
 StreamEntry = tuple[str, dict[str, str]]
@@ -123,7 +125,7 @@ class MemoryStateStore:
         live_key: str,
         live_from: float,
         *,
-        write: tuple[str, str | None, float | None] | None = None,
+        write: KeyWrite | None = None,
     ) -> tuple[list[str | None], bool]:
         # Nothing awaits in between: atomic like the Redis script.
         values = await (self.get_many(reads) if write is None else self.set_and_get(*write, reads))

@@ -47,6 +47,8 @@ from typing import Any, Protocol
 
 from redis.exceptions import NoScriptError
 
+from signaling.state.base import KeyWrite
+
 __all__ = [
     "CLAIM_UNLESS",
     "DELETE_IF_EQUALS",
@@ -459,13 +461,13 @@ class RedisStateStore:
         live_key: str,
         live_from: float,
         *,
-        write: tuple[str, str | None, float | None] | None = None,
+        write: KeyWrite | None = None,
     ) -> tuple[list[str | None], bool]:
         return await self._set_and_get(write, reads, live_key, live_from)
 
     async def _set_and_get(
         self,
-        write: tuple[str, str | None, float | None] | None,
+        write: KeyWrite | None,
         reads: Sequence[str],
         live_key: str | None,
         live_from: float | None,
