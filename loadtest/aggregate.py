@@ -136,6 +136,17 @@ def over_helpers(server_us: float | None, helpers_us: float | None) -> float | N
     return round(server_us / helpers_us, 2)
 
 
+def kernel_percent(start: ProcSample, end: ProcSample) -> float | None:
+    """The share of the CPU used between two samples that was the kernel's work
+    for the processes (stime: system calls, and on loopback the receiver's TCP
+    work too), in percent. What is left is their own code; None when no CPU was
+    used."""
+    used = end.cpu_s - start.cpu_s
+    if used <= 0:
+        return None
+    return round((end.system_s - start.system_s) / used * 100, 1)
+
+
 def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any]:
     measured_s = max(1e-9, facts.t_stop - facts.t_start)
     window_s = max(1e-9, facts.t_end - facts.t_start)
@@ -280,6 +291,9 @@ def _server_section(
         measured=True,
         cpu_s=round(cpu_s, 3),
         cpu_percent_of_core=round(cpu_s / window_s * 100, 1),
+        kernel_cpu_percent=(
+            kernel_percent(facts.server_start, end) if facts.server_start is not None else None
+        ),
         cpu_us_per_delivery=_per(cpu_s, deliveries),
         cpu_us_per_publication=_per(cpu_s, acked),
     )

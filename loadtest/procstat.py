@@ -18,6 +18,7 @@ __all__ = [
     "alive",
     "cpu_seconds",
     "cpu_ticks",
+    "cpu_times",
     "discover_listeners",
     "machine_busy_seconds",
     "machine_steal_seconds",
@@ -32,6 +33,14 @@ _TCP_LISTEN = "0A"
 
 def cpu_seconds(pid: int) -> float | None:
     """utime + stime of ``pid`` in seconds; None if the process is gone."""
+    times = cpu_times(pid)
+    return None if times is None else times[0] + times[1]
+
+
+def cpu_times(pid: int) -> tuple[float, float] | None:
+    """(utime, stime) of ``pid`` in seconds: its own code, and the kernel's work
+    for it (system calls; on loopback also the receiver's TCP work, billed to
+    the sender). None if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
@@ -40,7 +49,7 @@ def cpu_seconds(pid: int) -> float | None:
     # The command name (field 2) may contain spaces: split after its closing ')'.
     fields = raw[raw.rfind(b")") + 2 :].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
 
 
 def cpu_ticks(cpus: Iterable[int]) -> tuple[int, int]:
@@ -112,21 +121,23 @@ class ProcSample:
     cpu_s: float
     rss_kib: int
     alive: int
+    system_s: float = 0.0  # the part of cpu_s spent in the kernel (stime)
 
 
 def sample(pids: Iterable[int]) -> ProcSample:
-    cpu = 0.0
+    cpu = system = 0.0
     rss = 0
     alive = 0
     for pid in pids:
-        c = cpu_seconds(pid)
+        times = cpu_times(pid)
         r = rss_kib(pid)
-        if c is None or r is None:
+        if times is None or r is None:
             continue
-        cpu += c
+        cpu += times[0] + times[1]
+        system += times[1]
         rss += r
         alive += 1
-    return ProcSample(cpu, rss, alive)
+    return ProcSample(cpu, rss, alive, system)
 
 
 def _listening_inodes(port: int) -> set[str]:

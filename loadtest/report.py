@@ -145,6 +145,12 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return {"figures": figures, "ratios": ratios}
 
 
+def _kernel_part(percent: float | None) -> str:
+    if percent is None:
+        return ""
+    return f" ({percent} % of it in the kernel: system calls and loopback TCP)"
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -252,7 +258,8 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
     srv = r["server"]
     if srv.get("measured"):
         lines.append(
-            f"server: {srv['cpu_s']}s CPU over {r['window_s']}s; RSS "
+            f"server: {srv['cpu_s']}s CPU over {r['window_s']}s"
+            f"{_kernel_part(srv.get('kernel_cpu_percent'))}; RSS "
             f"{_fmt(srv.get('rss_before_kib'))} → {_fmt(srv.get('rss_connected_kib'))} KiB "
             f"(setup {_fmt(srv.get('setup_cpu_us_per_connection'))} µs CPU per connection)"
         )

@@ -95,6 +95,9 @@ def check_report(document: dict[str, Any], scenario: str, target: str) -> dict[s
     assert run["connections"]["connect_latency_ms"].keys() >= LATENCY_KEYS
     for key in ("cpu_us_per_delivery", "cpu_us_per_publication", "rss_per_connection_kib"):
         assert key in run["server"], run["server"]
+    kernel = run["server"]["kernel_cpu_percent"]
+    # None only when the server used less than a clock tick while measured.
+    assert kernel is None or 0 <= kernel <= 100, run["server"]
     client = run["client"]
     assert {"saturated", "cpu_s", "workers", "wakeups_per_s"} <= client.keys()
     assert {"reading_ms_per_publication", "latency_client_bound"} <= client.keys()
