@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -59,6 +60,7 @@ from signaling.broker.redis_scripts import (
     HISTORY,
     POSITIONS,
     PRESENCE_ADD,
+    PRESENCE_ADD_MANY,
     PRESENCE_GET,
     PRESENCE_REMOVE,
     PRESENCE_STATS,
@@ -74,7 +76,14 @@ from signaling.protocol import (
     encode_client_info,
     publication_body,
 )
-from signaling.state.redis import RedisArg, RedisStateStore, run_script_many, ttl_ms
+from signaling.state.redis import (
+    RedisArg,
+    RedisStateStore,
+    SlotOf,
+    run_script_many,
+    run_script_per_item,
+    ttl_ms,
+)
 
 __all__ = ["RedisBroker"]
 
@@ -117,6 +126,7 @@ class RedisBroker:
             self.executor = RespClient(url)
         self.prefix = prefix
         self._cluster = cluster
+        self._slot_of: SlotOf | None = _slot_of if cluster else None
         self._publish_cmd = "SPUBLISH" if cluster else "PUBLISH"
         self._control_name = f"{prefix}control"
         self._handler: BrokerHandler | None = None
@@ -133,7 +143,7 @@ class RedisBroker:
     def state_store(self) -> RedisStateStore:
         """The state store on this broker's Redis and key prefix: the one
         whose keys :meth:`publish_claimed` takes."""
-        return RedisStateStore(self.executor, prefix=self.prefix)
+        return RedisStateStore(self.executor, prefix=self.prefix, slot_of=self._slot_of)
 
     # --- names ------------------------------------------------------------------
 
@@ -504,10 +514,10 @@ class RedisBroker:
         # a future chain per channel (that made the idle CPU come in bursts).
         results: list[Any] = []
         for start in range(0, len(channels), POSITIONS_BATCH):
-            calls: list[tuple[Sequence[str], Sequence[RedisArg]]] = [
+            items: list[tuple[Sequence[str], Sequence[RedisArg]]] = [
                 ([self._stream_keys(c)[1]], []) for c in channels[start : start + POSITIONS_BATCH]
             ]
-            results += await self._script_many(POSITIONS, calls)
+            results += await self._script_per_item(POSITIONS, items)
         out: dict[str, StreamPosition] = {}
         for channel, (offset, epoch) in zip(channels, results, strict=True):
             if epoch is not None:
@@ -531,11 +541,10 @@ class RedisBroker:
     ) -> None:
         expires_at = f"{time.time() + ttl_s:.3f}"
         ttl_ms = int(ttl_s * 1000)
-        calls: list[tuple[Sequence[str], Sequence[RedisArg]]] = [
-            (list(self._presence_keys(c)), [i.client, encode_client_info(i), expires_at, ttl_ms])
-            for c, i in entries
+        items: list[tuple[Sequence[str], Sequence[RedisArg]]] = [
+            (self._presence_keys(c), [i.client, encode_client_info(i)]) for c, i in entries
         ]
-        await self._script_many(PRESENCE_ADD, calls)
+        await self._script_per_item(PRESENCE_ADD_MANY, items, [expires_at, ttl_ms])
 
     async def remove_presence(self, channel: str, client_id: str) -> None:
         await self._script(PRESENCE_REMOVE, list(self._presence_keys(channel)), [client_id])
@@ -591,10 +600,29 @@ class RedisBroker:
         except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
             raise BrokerUnavailable(str(exc)) from exc
 
+    async def _script_per_item(
+        self,
+        script: Any,
+        items: Sequence[tuple[Sequence[str], Sequence[RedisArg]]],
+        shared: Sequence[RedisArg] = (),
+    ) -> list[Any]:
+        """``script`` over many items in few calls (grouped by slot on a
+        cluster): see :func:`signaling.state.redis.run_script_per_item`."""
+        try:
+            return await run_script_per_item(
+                self.executor, script, items, shared, slot_of=self._slot_of
+            )
+        except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
     def _require_handler(self) -> BrokerHandler:
         if self._handler is None:
             raise RuntimeError("broker used before bind()")
         return self._handler
+
+
+def _slot_of(key: str) -> int:
+    return int(key_slot(key.encode()))
 
 
 def _text(value: Any) -> str:

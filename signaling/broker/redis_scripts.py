@@ -3,6 +3,9 @@
 Every script touches the keys of ONE channel, all hash-tagged ``{channel}``,
 so they share a Redis Cluster slot — and the publication's shard channel has
 the same tag, so ``SPUBLISH`` from inside the script is allowed in a cluster.
+The per-item scripts (``POSITIONS``, ``PRESENCE_ADD_MANY``) take several
+channels' keys; on a cluster their caller groups the channels by slot
+(:func:`signaling.state.redis.run_script_per_item`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ __all__ = [
     "HISTORY",
     "POSITIONS",
     "PRESENCE_ADD",
+    "PRESENCE_ADD_MANY",
     "PRESENCE_GET",
     "PRESENCE_REMOVE",
     "PRESENCE_STATS",
@@ -103,10 +107,15 @@ return {top, epoch, entries}
 """
 )
 
-# The stream top without creating anything. KEYS: meta.
+# Stream tops without creating anything, one per item (run_script_per_item).
+# KEYS: a meta key per channel.
 POSITIONS = LuaScript(
     """
-return redis.call('HMGET', KEYS[1], 's', 'e')
+local out = {}
+for i = 1, #KEYS do
+  out[i] = redis.call('HMGET', KEYS[i], 's', 'e')
+end
+return out
 """
 )
 
@@ -119,6 +128,23 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
+"""
+)
+
+# PRESENCE_ADD per item (run_script_per_item), for the periodic refresh. KEYS:
+# hash, zset per entry. ARGV: expires_at (unix s), ttl_ms, then client, info per entry.
+PRESENCE_ADD_MANY = LuaScript(
+    """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local hash, zset, client = KEYS[2 * i - 1], KEYS[2 * i], ARGV[2 * i + 1]
+  redis.call('HSET', hash, client, ARGV[2 * i + 2])
+  redis.call('ZADD', zset, ARGV[1], client)
+  redis.call('PEXPIRE', hash, ARGV[2])
+  redis.call('PEXPIRE', zset, ARGV[2])
+  out[i] = 1
+end
+return out
 """
 )
 

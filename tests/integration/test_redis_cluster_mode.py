@@ -269,6 +269,34 @@ async def test_channels_of_several_slots_on_a_node_subscribe_at_once(
         await broker.close()
 
 
+async def test_periodic_refresh_and_position_check_group_channels_by_slot(
+    redis_cluster: RedisCluster,
+) -> None:
+    """The presence refresh and the position check batch many channels per
+    script call; on a cluster a call holds channels of one slot only (a call
+    across slots is refused): every channel of every node is reached."""
+    channels = [f"room:g{i}" for i in range(60)]  # about 20 per node, mostly one per slot
+    assert len({key_slot(f"{{{c}}}".encode()) for c in channels}) > 3
+    broker = RedisBroker(redis_cluster.url, cluster=True, prefix="grouped:")
+    broker.bind(PublicationRecorder(channels))
+    await broker.start()
+    try:
+        entries = [(c, ClientInfo(f"u{i}", f"c{i}", None, None)) for i, c in enumerate(channels)]
+        await broker.refresh_presence(entries, ttl_s=60)
+        for i, channel in enumerate(channels):
+            assert sorted(await broker.presence(channel)) == [f"c{i}"], channel
+        history = HistoryOptions(size=10, ttl_s=60)
+        for i, channel in enumerate(channels):
+            for _ in range(i % 3 + 1):
+                await broker.publish(channel, Publication(b"{}"), history)
+        tops = await broker.positions(channels)
+        assert {c: top.offset for c, top in tops.items()} == {
+            c: i % 3 + 1 for i, c in enumerate(channels)
+        }
+    finally:
+        await broker.close()
+
+
 @pytest.fixture
 def redis_cluster_with_replicas(tmp_path: Path) -> Iterator[RedisCluster]:
     cluster = RedisCluster(tmp_path / "cluster", size=6, replicas=1).start()

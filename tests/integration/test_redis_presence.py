@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+from signaling.broker.base import HistoryOptions
 from signaling.broker.redis import RedisBroker
-from signaling.protocol import ClientInfo
+from signaling.protocol import ClientInfo, Publication
+from signaling.state.redis import SCRIPT_ITEMS_MAX
 from support.handlers import LeaveRecorder
 from support.processes import RedisProcess
 
@@ -68,5 +70,36 @@ async def test_closed_connections_presence_is_removed_and_leaves_published_in_ba
                 handler.left.clear()
                 await handler.left.wait()
         assert sorted(handler.leaves) == [(rooms[0], clients[1]), (rooms[1], clients[0])]
+    finally:
+        await broker.close()
+
+
+async def test_a_large_presence_refresh_and_position_check_reach_every_channel(
+    redis_server: RedisProcess,
+) -> None:
+    """The periodic refresh and position check take many channels per Redis call
+    (run_script_per_item): every channel's entry is refreshed and every
+    channel's own top read, across more channels than one call takes."""
+    broker = RedisBroker(redis_server.url, prefix="many:")
+    try:
+        channels = [f"room:m{i}" for i in range(SCRIPT_ITEMS_MAX * 2 + 5)]
+        entries = [(c, ClientInfo(f"u{i}", f"c{i}", None, None)) for i, c in enumerate(channels)]
+        await broker.refresh_presence(entries, ttl_s=0.3)
+        await broker.refresh_presence(entries[::2], ttl_s=60)  # extends half of them
+        await asyncio.sleep(0.5)
+        for i, channel in enumerate(channels):
+            expected = [f"c{i}"] if i % 2 == 0 else []
+            assert sorted(await broker.presence(channel)) == expected, channel
+
+        history = HistoryOptions(size=10, ttl_s=60)
+        for i, channel in enumerate(channels[:-1]):  # the last one has no stream
+            for _ in range(i % 4 + 1):
+                top = await broker.publish(channel, Publication(b"{}"), history)
+            assert top.offset == i % 4 + 1
+        tops = await broker.positions(channels)
+        assert sorted(tops) == sorted(channels[:-1])
+        for i, channel in enumerate(channels[:-1]):
+            assert tops[channel].offset == i % 4 + 1, channel
+        assert len({top.epoch for top in tops.values()}) == len(tops)  # each its own stream
     finally:
         await broker.close()

@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 from signaling.broker.base import BrokerUnavailable
 from signaling.broker.resp import RespClient, parse_redis_url
 from signaling.broker.resp_pubsub import RespPubSub
-from signaling.state.redis import INCR_WINDOW, LuaScript, RedisStateStore
+from signaling.state.redis import INCR_WINDOW, LuaScript, RedisStateStore, run_script_per_item
 from support.processes import RedisProcess
 
 MS = 0.001
@@ -244,6 +244,34 @@ async def test_execute_many_returns_errors_in_place(client: RespClient) -> None:
 
 
 # --- pipelining -------------------------------------------------------------------------------
+
+
+# One value per item naming its key and argument, after the shared one.
+ECHO_ITEMS = LuaScript(
+    """
+local out = {}
+for i = 1, #KEYS do
+  out[i] = ARGV[1] .. ':' .. KEYS[i] .. '=' .. ARGV[i + 1]
+end
+return out
+"""
+)
+
+
+async def test_a_script_per_item_answers_each_item_in_its_place(client: RespClient) -> None:
+    items = [([f"k{i}"], [str(i)]) for i in range(11)]
+    # Standalone: consecutive items, max_items per call. (The first run loads
+    # the script: EVALSHA, NOSCRIPT, then EVAL.)
+    got = await run_script_per_item(client, ECHO_ITEMS, items, ["t"], max_items=4)
+    assert got == [f"t:k{i}={i}".encode() for i in range(11)]
+    # As on a cluster: items grouped by "slot" (here i % 3), at most 2 per call.
+    batches = client.batches
+    got = await run_script_per_item(
+        client, ECHO_ITEMS, items, ["s"], slot_of=lambda key: int(key[1:]) % 3, max_items=2
+    )
+    assert got == [f"s:k{i}={i}".encode() for i in range(11)]
+    assert client.batches == batches + 1  # every call in one write
+    assert await run_script_per_item(client, ECHO_ITEMS, [], ["t"]) == []
 
 
 async def test_concurrent_commands_share_writes_and_keep_order(client: RespClient) -> None:

@@ -35,7 +35,14 @@ from signaling.broker.base import BrokerUnavailable
 from signaling.broker.redis_exec import AutoPipeline, connect_client
 from signaling.state.base import StateStore
 from signaling.state.memory import MemoryStateStore, StreamEntry
-from signaling.state.redis import INCR_WINDOW, LuaScript, RedisArg, RedisExecutor, RedisStateStore
+from signaling.state.redis import (
+    INCR_WINDOW,
+    SCRIPT_ITEMS_MAX,
+    LuaScript,
+    RedisArg,
+    RedisExecutor,
+    RedisStateStore,
+)
 from support.cluster import RedisCluster
 from support.processes import RedisProcess
 
@@ -709,6 +716,18 @@ async def test_zadd_many_sets_members_and_ttl(h: Harness) -> None:
     assert await h.store.zrange_by_score("b{x}", -INF, INF) == [("n2", 2.0)]
 
 
+async def test_zadd_many_reaches_every_item_of_a_large_refresh(h: Harness) -> None:
+    # More items than one Redis call takes (SCRIPT_ITEMS_MAX), each under its own
+    # tag as the users' presence keys are, and the TTL on every key.
+    items = [(f"online:{{u{i}}}", "node-a", float(i)) for i in range(SCRIPT_ITEMS_MAX * 2 + 7)]
+    await h.store.zadd_many(items, TTL_S)
+    for key, member, score in items:
+        assert await h.store.zrange_by_score(key, -INF, INF) == [(member, score)], key
+    await h.elapse(PAST_TTL_S)
+    for key, _, _ in items[:: SCRIPT_ITEMS_MAX // 2]:
+        assert await h.store.zrange_by_score(key, -INF, INF) == [], key
+
+
 async def test_get_groups_reads_each_group_in_order(h: Harness) -> None:
     await h.store.set("a:{u1}", "1")
     await h.store.set("c:{u2}", "3")
@@ -746,9 +765,13 @@ async def cluster_store(redis_cluster: RedisCluster) -> AsyncIterator[RedisState
     """The production cluster executor (redis-py's cluster client, auto-pipelined)."""
     executor = AutoPipeline(connect_client(redis_cluster.url, cluster=True, pool_size=4))
     try:
-        yield RedisStateStore(executor, prefix=f"t{uuid.uuid4().hex[:8]}:")
+        yield RedisStateStore(executor, prefix=f"t{uuid.uuid4().hex[:8]}:", slot_of=_slot_of)
     finally:
         await executor.close()
+
+
+def _slot_of(key: str) -> int:
+    return int(key_slot(key.encode()))
 
 
 def _tags_on_every_node(cluster: RedisCluster) -> list[str]:
@@ -820,6 +843,28 @@ class TestRedisCluster:
             await cluster_store.set(f"k:{{{tag}}}", str(i))
         groups = [(f"k:{{{tag}}}", f"none:{{{tag}}}") for tag in tags]
         assert await cluster_store.get_groups(groups) == [[str(i), None] for i in range(len(tags))]
+
+    async def test_zadd_many_groups_its_items_by_slot(
+        self, redis_cluster: RedisCluster, cluster_store: RedisStateStore
+    ) -> None:
+        tags = _tags_on_every_node(redis_cluster)
+        # Items of every node, interleaved, and more of one slot than one call takes.
+        items = [(f"online:{{{tag}}}:{i}", "node-a", float(i)) for i in range(3) for tag in tags]
+        one_slot = f"online:{{{tags[0]}}}"
+        items += [(f"{one_slot}:x{i}", "node-b", 1.0) for i in range(SCRIPT_ITEMS_MAX + 1)]
+        await cluster_store.zadd_many(items, 60)
+        for key, member, score in items:
+            assert await cluster_store.zrange_by_score(key, -INF, INF) == [(member, score)], key
+
+        # Without slot_of the items of several slots would go in one call, which
+        # the cluster client refuses: hence the parameter.
+        executor = AutoPipeline(connect_client(redis_cluster.url, cluster=True, pool_size=2))
+        try:
+            unsharded = RedisStateStore(executor, prefix=cluster_store.prefix)
+            with pytest.raises(RedisClusterException):
+                await asyncio.wait_for(unsharded.zadd_many(items, 60), 5)
+        finally:
+            await executor.close()
 
     async def test_keys_of_different_slots_are_refused(
         self, redis_cluster: RedisCluster, cluster_store: RedisStateStore
