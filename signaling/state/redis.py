@@ -9,12 +9,16 @@ Key layout and cluster safety:
 * Every key is ``prefix + key``. Callers put hash tags (``{call:42}``) in their
   keys so that related keys share a cluster slot; prepending the prefix keeps
   the tag, so the prefix itself must not contain ``{`` or ``}``.
-* Every method touches one key, except ``get_many`` (MGET) and
-  ``claim_unless`` (a script) whose keys must share a hash tag; every script
-  declares its keys in ``KEYS``. So all of it runs unchanged on Redis Cluster,
-  where a call whose keys span slots fails instead of running on one node with
-  another node's keys (Redis answers CROSSSLOT to the MGET; redis-py's
-  cluster client refuses a script's keys before sending).
+* A method that reads or writes several keys in one command (``get_many``,
+  ``claim_unless``, ``set_and_get``, ``get_many_live``) needs them to share a
+  hash tag; every script declares its keys in ``KEYS``. ``get_groups`` sends
+  one command per group (a group's keys share a tag, groups need not), and
+  ``zadd_many`` takes keys of any slots: one script call per slot when the
+  store is given ``slot_of`` (Redis Cluster), up to 100 keys per call. So
+  all of it runs unchanged on Redis Cluster, where a call whose keys span
+  slots fails instead of running on one node with another node's keys (Redis
+  answers CROSSSLOT to the MGET; redis-py's cluster client refuses a script's
+  keys before sending).
 
 Semantics follow :class:`~signaling.state.memory.MemoryStateStore` (the
 reference), with these Redis facts the memory store does not share:
