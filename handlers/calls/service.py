@@ -36,8 +36,6 @@ import dataclasses
 import functools
 import logging
 import math
-import secrets
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from handlers.calls.agora import MAX_UID, RtcGrant, TokenIssuer, channel_name
@@ -78,6 +76,7 @@ from handlers.channels import personal_channel
 from handlers.presence import set_call_busy
 from signaling.broker.base import BrokerUnavailable
 from signaling.errors import SignalError
+from signaling.ids import random_below, random_uuid_hex
 from signaling.node import ConnectionEvent, Node
 from signaling.state.base import StateStore
 from signaling.values import JSONObject
@@ -222,9 +221,9 @@ class CallService:
         count = await self.store.incr(invites_key(caller), INVITE_WINDOW_S)
         if count > self.invites_per_window:
             raise SignalError(CALL_RATE_LIMITED)
-        call_id = uuid.uuid4().hex
+        call_id = random_uuid_hex()
         now = self.clock()
-        caller_uid = secrets.randbelow(MAX_UID) + 1
+        caller_uid = random_below(MAX_UID) + 1
         callee_uid = caller_uid % MAX_UID + 1  # distinct, nonzero, <= MAX_UID
         fields = {
             "caller": caller,
