@@ -52,24 +52,20 @@ def _random_bytes(n: int) -> bytes:
     return out
 
 
-def _uuid4_hex() -> str:
-    raw = bytearray(_random_bytes(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    return raw.hex()
-
-
 def random_uuid() -> str:
     """A random (version 4) UUID string, like ``str(uuid.uuid4())``, from the
     same source (``os.urandom``), without a system call and a ``UUID`` object
     per identifier: a connection storm makes thousands per second."""
-    h = _uuid4_hex()
+    h = random_uuid_hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def random_uuid_hex() -> str:
     """:func:`random_uuid` without the dashes, like ``uuid.uuid4().hex``."""
-    return _uuid4_hex()
+    raw = bytearray(_random_bytes(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return raw.hex()
 
 
 def random_below(n: int) -> int:
