@@ -39,7 +39,6 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -55,7 +54,7 @@ from signaling.broker.base import (
 )
 from signaling.broker.memory import new_epoch
 from signaling.broker.redis_exec import AutoPipeline, connect_client, node_client
-from signaling.broker.redis_pubsub import PubSubShard, RespPubSubShard
+from signaling.broker.redis_pubsub import PubSubShard, RespPubSubShard, cluster_slot
 from signaling.broker.redis_scripts import (
     HISTORY,
     POSITIONS,
@@ -126,7 +125,7 @@ class RedisBroker:
             self.executor = RespClient(url)
         self.prefix = prefix
         self._cluster = cluster
-        self._slot_of: SlotOf | None = _slot_of if cluster else None
+        self._slot_of: SlotOf | None = cluster_slot if cluster else None
         self._publish_cmd = "SPUBLISH" if cluster else "PUBLISH"
         self._control_name = f"{prefix}control"
         self._handler: BrokerHandler | None = None
@@ -619,10 +618,6 @@ class RedisBroker:
         if self._handler is None:
             raise RuntimeError("broker used before bind()")
         return self._handler
-
-
-def _slot_of(key: str) -> int:
-    return int(key_slot(key.encode()))
 
 
 def _text(value: Any) -> str:

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -28,8 +28,9 @@ from redis.crc import key_slot
 from signaling.broker.base import BrokerUnavailable
 from signaling.broker.resp import RedisAddress
 from signaling.broker.resp_pubsub import RespPubSub
+from signaling.state.redis import in_batches
 
-__all__ = ["PubSubShard", "RespPubSubShard"]
+__all__ = ["PubSubShard", "RespPubSubShard", "cluster_slot"]
 
 log = logging.getLogger("signaling.redis")
 
@@ -245,19 +246,11 @@ class PubSubShard(_Shard):
         if groups and self._pubsub is not None:
             asyncio.get_running_loop().create_task(self._send_ops(self._pubsub, groups))
 
-    def _batches(self, names: list[str]) -> Iterator[list[str]]:
+    def _batches(self, names: list[str]) -> list[list[str]]:
         """``names`` in (un)subscribe commands of at most SUBSCRIBE_BATCH; for
         sharded pub/sub one slot per command, as Redis Cluster requires
         (CROSSSLOT otherwise)."""
-        groups: Iterable[list[str]] = [names]
-        if self._sharded:
-            by_slot: dict[int, list[str]] = {}
-            for name in names:
-                by_slot.setdefault(key_slot(name.encode()), []).append(name)
-            groups = by_slot.values()
-        for group in groups:
-            for start in range(0, len(group), SUBSCRIBE_BATCH):
-                yield group[start : start + SUBSCRIBE_BATCH]
+        return in_batches(names, SUBSCRIBE_BATCH, cluster_slot if self._sharded else None)
 
     async def _send_ops(self, pubsub: PubSub, groups: list[tuple[bool, list[str]]]) -> None:
         try:
@@ -413,3 +406,8 @@ class RespPubSubShard(_Shard):
                 await ps.ping(PING_TIMEOUT_S)
                 continue
             raise BrokerUnavailable(f"redis pub/sub connection lost: {ps.lost_reason!r}")
+
+
+def cluster_slot(key: str) -> int:
+    """The Redis Cluster hash slot of ``key`` (its hash tag decides)."""
+    return int(key_slot(key.encode()))

@@ -45,9 +45,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import NoScriptError
 
@@ -70,12 +70,14 @@ __all__ = [
     "RedisExecutor",
     "RedisStateStore",
     "SlotOf",
+    "in_batches",
     "run_script_many",
     "run_script_per_item",
     "ttl_ms",
 ]
 
 RedisArg = str | bytes | int | float
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +145,20 @@ SlotOf = Callable[[str], int]
 """A key's Redis Cluster hash slot (its hash tag decides)."""
 
 
+def in_batches(
+    values: Sequence[T], size: int, slot_of: Callable[[T], int] | None = None
+) -> list[list[T]]:
+    """``values`` in lists of at most ``size``, in their order; with
+    ``slot_of`` (Redis Cluster), each list holds values of one slot only."""
+    groups: Iterable[Sequence[T]] = [values]
+    if slot_of is not None:
+        by_slot: dict[int, list[T]] = {}
+        for value in values:
+            by_slot.setdefault(slot_of(value), []).append(value)
+        groups = by_slot.values()
+    return [list(group[i : i + size]) for group in groups for i in range(0, len(group), size)]
+
+
 async def run_script_per_item(
     executor: RedisExecutor,
     script: LuaScript,
@@ -165,16 +181,8 @@ async def run_script_per_item(
     pass ``slot_of``: a call then holds items of one slot only, because
     Redis refuses a call whose keys span slots. Raises the first failure.
     """
-    groups: list[list[int]] = []
-    if slot_of is None:
-        order = list(range(len(items)))
-        groups = [order[i : i + max_items] for i in range(0, len(order), max_items)]
-    else:
-        by_slot: dict[int, list[int]] = {}
-        for index, (keys, _) in enumerate(items):
-            by_slot.setdefault(slot_of(keys[0]), []).append(index)
-        for indexes in by_slot.values():
-            groups += [indexes[i : i + max_items] for i in range(0, len(indexes), max_items)]
+    item_slot = None if slot_of is None else (lambda index: slot_of(items[index][0][0]))
+    groups = in_batches(range(len(items)), max_items, item_slot)
     calls: list[tuple[Sequence[str], Sequence[RedisArg]]] = []
     for group in groups:
         keys = [key for index in group for key in items[index][0]]
