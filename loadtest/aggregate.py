@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.procstat import ProcSample
+from loadtest.procstat import Interpreter, ProcSample
 from loadtest.slowmoments import SlowMoments
 from loadtest.speed import SpeedProbe
 from loadtest.stats import Histogram
@@ -49,6 +49,8 @@ class RunFacts:
     server_ready: ProcSample | None = None  # all clients set up
     server_start: ProcSample | None = None  # measured phase starts
     server_end: ProcSample | None = None  # measured phase and drain over
+    # What the server processes run, each distinct one once (read before the run).
+    server_interpreters: list[Interpreter] = field(default_factory=list)
     client_cpu_s: float = 0.0
     # Each worker's CPU seconds in the measured phase (sampled once a second), by PID.
     client_worker_cpu_s: dict[int, float] = field(default_factory=dict)
@@ -275,6 +277,9 @@ def _server_section(
     out: dict[str, Any] = {
         "pids": facts.server_pids,
         "cpus": list(facts.server_cpus) if facts.server_cpus else None,
+        "interpreters": [
+            {"exe": i.exe, "libpython": i.libpython} for i in facts.server_interpreters
+        ],
     }
     if facts.server_core_busy:
         # The pinned core's whole load, softirq included (loopback TCP work that is

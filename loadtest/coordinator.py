@@ -23,6 +23,7 @@ from loadtest.procstat import (
     cpu_seconds,
     cpu_ticks,
     discover_listeners,
+    interpreters,
     machine_busy_seconds,
     machine_steal_seconds,
     sample,
@@ -156,6 +157,7 @@ class _Run:
         self._watch = watch = SlowMomentWatch(facts.server_cpus)
         watch.start()
         facts.server_before = sample(pids)
+        facts.server_interpreters = interpreters(pids)
         self._start_workers()
         setup_budget = self.s.connect_timeout_s + 30.0 + self.s.connections / 250.0
         facts.setups = [m[1] for m in self._gather("ready", setup_budget)]

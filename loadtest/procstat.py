@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "Interpreter",
     "ProcSample",
     "alive",
     "cpu_seconds",
     "cpu_ticks",
     "cpu_times",
     "discover_listeners",
+    "interpreter",
+    "interpreters",
     "machine_busy_seconds",
     "machine_steal_seconds",
     "rss_kib",
@@ -138,6 +141,49 @@ def sample(pids: Iterable[int]) -> ProcSample:
         rss += r
         alive += 1
     return ProcSample(cpu, rss, alive, system)
+
+
+@dataclass(frozen=True, slots=True)
+class Interpreter:
+    """The executable a process runs, and the libpython shared library it has
+    loaded: None when there is none (libpython linked into the executable, as in
+    Debian's ``/usr/bin/python3.11``, or no Python at all). The same Python costs
+    a server measurably more CPU through a shared libpython built without
+    ``--enable-optimizations`` (pyenv's default build): docs/benchmarks.md,
+    § Fifteenth run."""
+
+    exe: str
+    libpython: str | None
+
+
+def interpreter(pid: int) -> Interpreter | None:
+    """What ``pid`` runs (see :class:`Interpreter`); None if it is gone or not
+    ours to read."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            maps = f.read()
+    except OSError:
+        return None
+    libpython = None
+    for line in maps.splitlines():
+        # address perms offset dev inode path: the path is the sixth field.
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and os.path.basename(fields[5]).startswith(b"libpython"):
+            libpython = fields[5].decode(errors="replace")
+            break
+    return Interpreter(exe, libpython)
+
+
+def interpreters(pids: Iterable[int]) -> list[Interpreter]:
+    """The distinct :func:`interpreter` of ``pids`` (workers of one server run
+    the same one), in the order first seen; gone processes are left out."""
+    found: list[Interpreter] = []
+    for pid in pids:
+        one = interpreter(pid)
+        if one is not None and one not in found:
+            found.append(one)
+    return found
 
 
 def _listening_inodes(port: int) -> set[str]:

@@ -145,6 +145,14 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return {"figures": figures, "ratios": ratios}
 
 
+def _libpython_part(libpython: str | None) -> str:
+    if libpython is None:
+        return "no shared libpython loaded"
+    # Figures of the same Python differ by about a tenth between the two builds
+    # (docs/benchmarks.md, § Fifteenth run): say which one this was.
+    return f"shared libpython: {libpython}"
+
+
 def _kernel_part(percent: float | None) -> str:
     if percent is None:
         return ""
@@ -263,6 +271,8 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
             f"{_fmt(srv.get('rss_before_kib'))} → {_fmt(srv.get('rss_connected_kib'))} KiB "
             f"(setup {_fmt(srv.get('setup_cpu_us_per_connection'))} µs CPU per connection)"
         )
+    for one in srv.get("interpreters") or ():
+        lines.append(f"server runs {one['exe']} ({_libpython_part(one['libpython'])})")
     if srv.get("core_saturated_seconds"):
         lines.append(
             f"WARNING: the server's CPU core was ≥90 % busy (softirq included) "

@@ -76,6 +76,9 @@ async def run_tool(args: list[str], json_path: Path, env: dict[str, str]) -> dic
     text = output.decode(errors="replace")
     assert proc.returncode == 0, f"loadtest {' '.join(args)} exited {proc.returncode}:\n{text}"
     document: dict[str, Any] = json.loads(json_path.read_text())
+    for run in document["runs"]:
+        for one in run["server"].get("interpreters", ()):
+            assert f"server runs {one['exe']} (" in text, text
     return document
 
 
@@ -95,6 +98,8 @@ def check_report(document: dict[str, Any], scenario: str, target: str) -> dict[s
     assert run["connections"]["connect_latency_ms"].keys() >= LATENCY_KEYS
     for key in ("cpu_us_per_delivery", "cpu_us_per_publication", "rss_per_connection_kib"):
         assert key in run["server"], run["server"]
+    # The server (or baseline) runs the interpreter running the tests.
+    assert [i["exe"] for i in run["server"]["interpreters"]] == [os.path.realpath(sys.executable)]
     kernel = run["server"]["kernel_cpu_percent"]
     # None only when the server used less than a clock tick while measured.
     assert kernel is None or 0 <= kernel <= 100, run["server"]

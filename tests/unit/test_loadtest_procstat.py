@@ -1,15 +1,27 @@
 """What the load tool reads from /proc about a process's CPU (loadtest/procstat.py),
-and the kernel's share of it that reports carry (loadtest/aggregate.py)."""
+the kernel's share of it that reports carry (loadtest/aggregate.py), and which
+interpreter build a server runs."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from loadtest.aggregate import kernel_percent
-from loadtest.procstat import ProcSample, cpu_seconds, cpu_times, sample
+from loadtest.procstat import (
+    ProcSample,
+    cpu_seconds,
+    cpu_times,
+    interpreter,
+    interpreters,
+    sample,
+)
 
 
 def _own_times() -> tuple[float, float]:
@@ -63,3 +75,65 @@ def test_kernel_percent_is_the_kernel_share_of_the_cpu_between_two_samples() -> 
     end = ProcSample(cpu_s=14.0, rss_kib=0, alive=2, system_s=3.0)
     assert kernel_percent(start, end) == pytest.approx(25.0)
     assert kernel_percent(start, start) is None
+
+
+@pytest.fixture
+def python_child() -> Iterator[subprocess.Popen[bytes]]:
+    """A Python process of the interpreter running the tests, started and ended here."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdout.write('up\\n'); sys.stdout.flush(); "
+         "sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdout is not None and child.stdout.readline() == b"up\n"
+    with child:  # closes the pipes
+        yield child
+        child.kill()
+
+
+def _linked_libpython(executable: str) -> str | None:
+    """The libpython ``ldd`` says ``executable`` needs, resolved; None if none:
+    the dynamic linker's view, against which /proc's is checked."""
+    ldd = shutil.which("ldd")
+    assert ldd is not None, "ldd (libc-bin) is part of every Debian system"
+    out = subprocess.run([ldd, executable], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        name, _, rest = line.strip().partition(" => ")
+        if name.startswith("libpython"):
+            return os.path.realpath(rest.split(" (")[0])
+    return None
+
+
+def test_the_interpreter_of_a_python_process_is_read_from_proc(
+    python_child: subprocess.Popen[bytes],
+) -> None:
+    got = interpreter(python_child.pid)
+    assert got is not None
+    binary = os.path.realpath(sys.executable)
+    assert got.exe == binary
+    expected = _linked_libpython(binary)
+    found = None if got.libpython is None else os.path.realpath(got.libpython)
+    assert found == expected
+
+
+def test_a_process_without_python_has_no_libpython() -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        got = interpreter(sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert got is not None
+    assert got.exe == os.path.realpath(shutil.which("sleep") or "")
+    assert got.libpython is None
+
+
+def test_interpreters_are_listed_once_and_gone_processes_left_out(
+    python_child: subprocess.Popen[bytes],
+) -> None:
+    assert interpreter(2**22 + 1) is None
+    own = interpreter(os.getpid())
+    child = interpreter(python_child.pid)
+    assert own is not None and own == child  # the same binary and library
+    assert interpreters([os.getpid(), 2**22 + 1, python_child.pid]) == [own]
