@@ -80,6 +80,7 @@ from signaling.protocol import (
     UnknownRequest,
     UnsubscribeRequest,
     decode_frame,
+    encode_empty_reply,
     encode_error,
     encode_pub_push,
     encode_reply,
@@ -420,7 +421,7 @@ class ClientSession:
             except BaseException:
                 conn.release()
                 raise
-            self._send(encode_reply(cmd.id, "publish", {}))
+            self._send(encode_empty_reply(cmd.id, "publish"))
             if conn.held_frames == 1 and req.channel in self.subs:
                 # Only the reply is held: the copy is still in the hub's
                 # pending fan-out, or (through Redis) on the pub/sub
@@ -434,7 +435,7 @@ class ClientSession:
             await self._subscribe(cmd.id, req)
         elif isinstance(req, UnsubscribeRequest):
             await self._unsubscribe(req.channel)
-            self._send(encode_reply(cmd.id, "unsubscribe", {}))
+            self._send(encode_empty_reply(cmd.id, "unsubscribe"))
         elif isinstance(req, RpcRequest):
             self._send(encode_reply(cmd.id, "rpc", await self._rpc(req)))
         elif isinstance(req, ConnectRequest):
@@ -459,7 +460,7 @@ class ClientSession:
         elif isinstance(req, SubRefreshRequest):
             self._send(encode_reply(cmd.id, "sub_refresh", await self._sub_refresh(req)))
         elif isinstance(req, PingRequest):
-            self._send(encode_reply(cmd.id, "ping", {}))
+            self._send(encode_empty_reply(cmd.id, "ping"))
         elif isinstance(req, SendRequest):
             # No asynchronous message handler on this server (disconnect.go).
             raise SignalError(DISCONNECT_NOT_AVAILABLE)

@@ -38,6 +38,8 @@ from signaling.protocol import (
     UnknownRequest,
     UnsubscribeRequest,
     decode_frame,
+    encode_client_info,
+    encode_empty_reply,
     encode_error,
     encode_join_push,
     encode_leave_push,
@@ -45,6 +47,7 @@ from signaling.protocol import (
     encode_reply,
     encode_unsubscribe_push,
     join_messages,
+    publication_body,
     publication_object,
 )
 
@@ -496,6 +499,28 @@ def test_encode_reply_empty_results() -> None:
     assert _loads(encode_reply(3, "publish", {})) == {"id": 3, "publish": {}}
     assert _loads(encode_reply(4, "unsubscribe", {})) == {"id": 4, "unsubscribe": {}}
     assert _loads(encode_reply(5, "ping", {})) == {"id": 5, "ping": {}}
+
+
+@pytest.mark.parametrize("method", ["publish", "unsubscribe", "ping"])
+@pytest.mark.parametrize("cmd_id", [1, 77, UINT32_MAX])
+def test_the_formatted_empty_reply_is_the_encoders_bytes(method: str, cmd_id: int) -> None:
+    assert encode_empty_reply(cmd_id, method) == encode_reply(cmd_id, method, {})
+
+
+def test_the_broker_body_leaves_the_offset_out() -> None:
+    # The broker assigns the offset: the body it carries has none, whatever
+    # offset the publication held.
+    data = b'{"text":"hi"}'
+    fresh = Publication(data, INFO, 0, {"k": "v"}, 1700000000000)
+    placed = Publication(data, INFO, 9, {"k": "v"}, 1700000000000)
+    assert publication_body(placed) == publication_body(fresh)
+    assert _loads(publication_body(fresh)) == {
+        "data": {"text": "hi"},
+        "info": _loads(encode_client_info(INFO)),
+        "tags": {"k": "v"},
+        "time": 1700000000000,
+    }
+    assert publication_body(Publication(b"", None, 3, body=b'{"data":1}')) == b'{"data":1}'
 
 
 def test_encode_pub_push_embeds_raw_data_and_info_offset() -> None:
