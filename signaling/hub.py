@@ -219,12 +219,13 @@ class Hub:
                 return  # already delivered
             ch.last_offset = pub.offset
             ch.epoch = epoch
-        # A copy: an overflowing subscriber may be removed right away.
-        for client_id, buffered in list(ch.syncing.items()):
-            if len(buffered) >= SYNC_BUFFER_MAX:
-                ch.syncing_subs[client_id].lost_position(channel)
-            else:
-                buffered.append(pub)
+        if ch.syncing:
+            # A copy: an overflowing subscriber may be removed right away.
+            for client_id, buffered in list(ch.syncing.items()):
+                if len(buffered) >= SYNC_BUFFER_MAX:
+                    ch.syncing_subs[client_id].lost_position(channel)
+                else:
+                    buffered.append(pub)
         subs = ch.live_snapshot()
         if not subs:
             return

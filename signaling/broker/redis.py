@@ -128,6 +128,7 @@ class RedisBroker:
         self._slot_of: SlotOf | None = cluster_slot if cluster else None
         self._publish_cmd = "SPUBLISH" if cluster else "PUBLISH"
         self._control_name = f"{prefix}control"
+        self._ps_head = f"{prefix}ch:{{"
         self._handler: BrokerHandler | None = None
         self._url = url
         self._shards: dict[str, PubSubShard | RespPubSubShard] = {}
@@ -151,7 +152,8 @@ class RedisBroker:
         return f"{self.prefix}ch:{{{channel}}}"
 
     def _channel_of(self, name: str) -> str | None:
-        head = f"{self.prefix}ch:{{"
+        # Every pub/sub message asks: the head is built once (__init__).
+        head = self._ps_head
         if name.startswith(head) and name.endswith("}"):
             return name[len(head) : -1]
         return None
