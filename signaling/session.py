@@ -132,6 +132,9 @@ class _Subscription:
     server_side: bool = False
     # Still recovering: not yet live in the hub.
     syncing: bool = True
+    # An unsubscribe (code, reason) that came while syncing: sent after the
+    # subscribe reply (_go_live).
+    deferred: tuple[int, str] | None = None
 
 
 class ClientSession:
@@ -256,7 +259,8 @@ class ClientSession:
             # Server-side subscriptions are recovered through a reconnect.
             self.disconnect(DISCONNECT_INSUFFICIENT_STATE)
         else:
-            # The SDK resubscribes from its last position (code >= 2500).
+            # The SDK resubscribes from its last position (code >= 2500); one
+            # still syncing is told after its reply (server_unsubscribe).
             self.server_unsubscribe(channel, *UNSUBSCRIBE_INSUFFICIENT_STATE)
 
     # --- heartbeat callbacks ------------------------------------------------------
@@ -331,7 +335,15 @@ class ClientSession:
         return [(c, identity.info) for c, s in self.subs.items() if s.options.presence]
 
     def server_unsubscribe(self, channel: str, code: int, reason: str) -> None:
-        """Remove a subscription from the server side (unsubscribe push)."""
+        """Remove a subscription from the server side (unsubscribe push). One
+        whose subscribe (or connect) reply is not sent yet is removed right
+        after it (:meth:`_go_live`): the SDKs take a reply that follows the
+        push for a live subscription, which the server would no longer feed."""
+        pending = self.subs.get(channel)
+        if pending is not None and pending.syncing:
+            if pending.deferred is None:
+                pending.deferred = (code, reason)
+            return
         identity = self._identity
         sub = self.subs.pop(channel, None)
         if sub is None or identity is None:
@@ -715,6 +727,15 @@ class ClientSession:
         if sub is None or self._closed:
             return
         sub.syncing = False
+        if sub.deferred is not None:
+            # Unsubscribed while it recovered (a gap, say: the reply is sound up
+            # to its position, from which the client recovers the rest).
+            if sub.server_side:
+                # Recovered through a reconnect, as in lost_position.
+                self.disconnect(DISCONNECT_INSUFFICIENT_STATE)
+            else:
+                self.server_unsubscribe(channel, *sub.deferred)
+            return
         hub = self.node.hub
         if result.epoch:
             top = result.publications[-1].offset if result.publications else result.offset

@@ -149,7 +149,7 @@ class RedisBroker:
 
     def _ps_name(self, channel: str) -> str:
         # The hash tag puts the pub/sub shard channel in the stream's slot.
-        return f"{self.prefix}ch:{{{channel}}}"
+        return f"{self._ps_head}{channel}}}"
 
     def _channel_of(self, name: str) -> str | None:
         # Every pub/sub message asks: the head is built once (__init__).
