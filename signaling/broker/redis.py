@@ -59,7 +59,6 @@ from signaling.broker.redis_scripts import (
     HISTORY,
     POSITIONS,
     PRESENCE_ADD,
-    PRESENCE_ADD_MANY,
     PRESENCE_GET,
     PRESENCE_REMOVE,
     PRESENCE_STATS,
@@ -530,10 +529,10 @@ class RedisBroker:
     async def add_presence(self, channel: str, info: ClientInfo, ttl_s: float) -> None:
         keys = list(self._presence_keys(channel))
         args = [
-            info.client,
-            encode_client_info(info),
             f"{time.time() + ttl_s:.3f}",
             int(ttl_s * 1000),
+            info.client,
+            encode_client_info(info),
         ]
         await self._script(PRESENCE_ADD, keys, args)
 
@@ -545,7 +544,7 @@ class RedisBroker:
         items: list[tuple[Sequence[str], Sequence[RedisArg]]] = [
             (self._presence_keys(c), [i.client, encode_client_info(i)]) for c, i in entries
         ]
-        await self._script_per_item(PRESENCE_ADD_MANY, items, [expires_at, ttl_ms])
+        await self._script_per_item(PRESENCE_ADD, items, [expires_at, ttl_ms])
 
     async def remove_presence(self, channel: str, client_id: str) -> None:
         await self._script(PRESENCE_REMOVE, list(self._presence_keys(channel)), [client_id])

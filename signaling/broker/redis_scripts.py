@@ -3,7 +3,7 @@
 Every script touches the keys of ONE channel, all hash-tagged ``{channel}``,
 so they share a Redis Cluster slot — and the publication's shard channel has
 the same tag, so ``SPUBLISH`` from inside the script is allowed in a cluster.
-The per-item scripts (``POSITIONS``, ``PRESENCE_ADD_MANY``) take several
+The per-item scripts (``POSITIONS``, ``PRESENCE_ADD``) take several
 channels' keys; on a cluster their caller groups the channels by slot
 (:func:`signaling.state.redis.run_script_per_item`).
 """
@@ -16,7 +16,6 @@ __all__ = [
     "HISTORY",
     "POSITIONS",
     "PRESENCE_ADD",
-    "PRESENCE_ADD_MANY",
     "PRESENCE_GET",
     "PRESENCE_REMOVE",
     "PRESENCE_STATS",
@@ -121,19 +120,10 @@ return out
 
 # KEYS: hash (client -> info), zset (client -> expiry). ARGV: client, info,
 # expires_at (unix s), ttl_ms.
+# Add or refresh presence entries: one (a subscribe), or many per call (the
+# periodic refresh, run_script_per_item). KEYS: hash, zset per entry. ARGV:
+# expires_at (unix s), ttl_ms, then client, info per entry.
 PRESENCE_ADD = LuaScript(
-    """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return 1
-"""
-)
-
-# PRESENCE_ADD per item (run_script_per_item), for the periodic refresh. KEYS:
-# hash, zset per entry. ARGV: expires_at (unix s), ttl_ms, then client, info per entry.
-PRESENCE_ADD_MANY = LuaScript(
     """
 local out = {}
 for i = 1, #KEYS / 2 do

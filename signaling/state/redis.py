@@ -63,7 +63,6 @@ __all__ = [
     "SCRIPT_ITEMS_MAX",
     "SET_AND_GET",
     "ZADD_EXPIRE",
-    "ZADD_EXPIRE_MANY",
     "ZPOP_DUE",
     "LuaScript",
     "RedisArg",
@@ -198,7 +197,8 @@ async def run_script_per_item(
 
 # --- scripts ------------------------------------------------------------------------------
 # Each touches KEYS[1] only, except CLAIM_UNLESS and SET_AND_GET (their keys share a
-# hash tag). A Lua ``false`` return is a nil reply.
+# hash tag) and ZADD_EXPIRE given several items (run_script_per_item groups them by
+# slot). A Lua ``false`` return is a nil reply.
 
 DELETE_IF_EQUALS = LuaScript(
     """
@@ -331,14 +331,6 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[1])
 
 ZADD_EXPIRE = LuaScript(
     """
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-return redis.call('PEXPIRE', KEYS[1], ARGV[1])
-"""
-)
-"""ARGV: ttl_ms, score, member. ZADD and PEXPIRE together."""
-
-ZADD_EXPIRE_MANY = LuaScript(
-    """
 local out = {}
 for i = 1, #KEYS do
   redis.call('ZADD', KEYS[i], ARGV[2 * i], ARGV[2 * i + 1])
@@ -347,8 +339,9 @@ end
 return out
 """
 )
-"""ZADD_EXPIRE per key (:func:`run_script_per_item`). KEYS: one per item. ARGV:
-ttl_ms, then score, member per item."""
+"""ZADD and PEXPIRE together, on one key or on many per call
+(:func:`run_script_per_item`). KEYS: one per item. ARGV: ttl_ms, then score,
+member per item."""
 
 ZPOP_DUE = LuaScript(
     """
@@ -371,7 +364,6 @@ SCRIPTS: tuple[LuaScript, ...] = (
     HSET_EXPIRE,
     SET_AND_GET,
     ZADD_EXPIRE,
-    ZADD_EXPIRE_MANY,
     ZPOP_DUE,
 )
 """Every script this module runs (for SCRIPT LOAD at start-up, optional)."""
@@ -628,7 +620,7 @@ class RedisStateStore:
     async def zadd_many(self, items: Sequence[tuple[str, str, float]], ttl_s: float) -> None:
         await run_script_per_item(
             self._exec,
-            ZADD_EXPIRE_MANY,
+            ZADD_EXPIRE,
             [([self.key(k)], [_score(score), m]) for k, m, score in items],
             [ttl_ms(ttl_s)],
             slot_of=self._slot_of,
