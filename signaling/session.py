@@ -255,7 +255,11 @@ class ClientSession:
         if self._closed:
             return
         sub = self.subs.get(channel)
-        if sub is None or sub.server_side:
+        if sub is None:
+            # Removed already, its hub entry not yet (an earlier gap's or an
+            # unsubscribe's cleanup is on its way): nothing left to tell.
+            return
+        if sub.server_side:
             # Server-side subscriptions are recovered through a reconnect.
             self.disconnect(DISCONNECT_INSUFFICIENT_STATE)
         else:

@@ -211,3 +211,36 @@ async def test_a_gap_in_the_personal_channel_while_connecting_reconnects_after_t
         reply = _reply(seen, 1)
         assert reply is not None and "connect" in reply, seen
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 3010, closed.value
+
+
+async def test_a_second_gap_before_the_first_ones_cleanup_costs_no_reconnect(
+    served: tuple[Node, Transport],
+) -> None:
+    # The first gap removes the subscription and spawns its cleanup (the hub
+    # entry goes in that task); a second gap in between found no subscription
+    # and used to close the connection with 3010, a reconnect for nothing.
+    node, transport = served
+    url = f"ws://127.0.0.1:{transport.port}/connection/websocket"
+    ws = await _connected(url, "fan3")
+    try:
+        await _subscribe(ws, 2)
+        reply = _reply(await _read_until(ws, lambda s: _reply(s, 2) is not None), 2)
+        assert reply is not None and "subscribe" in reply, reply
+        node.hub.lose_position(ROOM)
+        node.hub.lose_position(ROOM)  # before the first one's cleanup ran
+        seen = await _read_until(ws, lambda s: _unsubscribe_index(s) is not None)
+        pushed = _unsubscribe_index(seen)
+        assert pushed is not None and seen[pushed]["push"]["unsubscribe"]["code"] == 2500, seen
+
+        # Still connected: it resubscribes, as the SDKs do, and is live again.
+        await _subscribe(ws, 3)
+        again = await _read_until(ws, lambda s: _reply(s, 3) is not None)
+        assert "subscribe" in (_reply(again, 3) or {}), again
+        await node.publish(ROOM, b'{"n":7}')
+        pubs = await _read_until(ws, lambda s: any("pub" in m.get("push", {}) for m in s))
+        unsubscribes = [m for m in again + pubs if "unsubscribe" in m.get("push", {})]
+        assert unsubscribes == [], unsubscribes  # told once only
+        delivered = [m["push"]["pub"]["data"] for m in pubs if "pub" in m.get("push", {})]
+        assert delivered == [{"n": 7}], pubs
+    finally:
+        await ws.close()
