@@ -67,16 +67,21 @@ class RedisCluster:
         )
         deadline = time.monotonic() + timeout
         while True:
-            info = subprocess.run(
-                [cli, "-p", str(self.nodes[0].port), "cluster", "info"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-            ).stdout
-            if "cluster_state:ok" in info and self._replicas_in_sync():
+            # Every node, not the first alone: each learns the slot map by
+            # gossip and answers CLUSTERDOWN until it has (seen under load).
+            infos = [
+                subprocess.run(
+                    [cli, "-p", str(node.port), "cluster", "info"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
+                for node in self.nodes
+            ]
+            if all("cluster_state:ok" in info for info in infos) and self._replicas_in_sync():
                 return self
             if time.monotonic() > deadline:
-                raise ProcessStartError(f"cluster did not become ok:\n{info}")
+                raise ProcessStartError("cluster did not become ok:\n" + "\n".join(infos))
             time.sleep(0.1)
 
     def add_node(self, data_dir: Path, timeout: float = 20.0) -> RedisClusterNode:
