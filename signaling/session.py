@@ -343,14 +343,16 @@ class ClientSession:
         whose subscribe (or connect) reply is not sent yet is removed right
         after it (:meth:`_go_live`): the SDKs take a reply that follows the
         push for a live subscription, which the server would no longer feed."""
-        pending = self.subs.get(channel)
-        if pending is not None and pending.syncing:
-            if pending.deferred is None:
-                pending.deferred = (code, reason)
+        sub = self.subs.get(channel)
+        if sub is None:
             return
+        if sub.syncing:
+            if sub.deferred is None:
+                sub.deferred = (code, reason)
+            return
+        del self.subs[channel]
         identity = self._identity
-        sub = self.subs.pop(channel, None)
-        if sub is None or identity is None:
+        if identity is None:
             return
         self.conn.send_text(encode_unsubscribe_push(channel, code, reason))
         self.node.spawn(self._cleanup(identity, channel, sub), "server-unsubscribe")

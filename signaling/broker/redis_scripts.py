@@ -118,11 +118,10 @@ return out
 """
 )
 
-# KEYS: hash (client -> info), zset (client -> expiry). ARGV: client, info,
-# expires_at (unix s), ttl_ms.
 # Add or refresh presence entries: one (a subscribe), or many per call (the
-# periodic refresh, run_script_per_item). KEYS: hash, zset per entry. ARGV:
-# expires_at (unix s), ttl_ms, then client, info per entry.
+# periodic refresh, run_script_per_item). KEYS: hash (client -> info), zset
+# (client -> expiry) per entry. ARGV: expires_at (unix s), ttl_ms, then client,
+# info per entry.
 PRESENCE_ADD = LuaScript(
     """
 local out = {}
