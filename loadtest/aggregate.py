@@ -159,6 +159,7 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
             hist = series.setdefault(int(second), Histogram())
             hist.merge(Histogram.from_wire(wire))
     latency = Histogram.merged(series.values())
+    arrival = _hist(f.get("arrival_latency", ({}, 0, 0, 0)) for f in finals)
     deliveries = sum(f["deliveries"] for f in finals)
     acked = sum(f["pub_acked"] for f in finals)
     sent = sum(f["pub_sent"] for f in finals)
@@ -215,6 +216,9 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
             "foreign": sum(f["foreign"] for f in finals),
         },
         "latency_ms": latency_summary,
+        # With arrival stamps: the same deliveries up to their arrival in the client's
+        # kernel, before the client's own queue (loadtest/wsclient.py).
+        "arrival_latency_ms": arrival.summary_ms() if arrival.count else None,
         "errors": _merge_counts(f["errors"] for f in finals),
         "disconnects": _merge_counts(f["disconnects"] for f in finals),
         "pings_answered": sum(f.get("pings", 0) for f in finals),

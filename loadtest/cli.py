@@ -191,6 +191,12 @@ def _parser() -> argparse.ArgumentParser:
         "latency gains up to US µs)",
     )
     c.add_argument(
+        "--arrival-stamps",
+        action="store_true",
+        help="also measure each delivery's latency to its arrival in the client's kernel "
+        "(SO_TIMESTAMPNS; raw backend): the latency before the clients' own queue",
+    )
+    c.add_argument(
         "--drain-timeout",
         type=float,
         default=10.0,
@@ -382,6 +388,7 @@ def _settings(
         connect_concurrency=args.connect_concurrency,
         connect_timeout_s=args.connect_timeout,
         client_poll_us=max(0, args.client_poll_us),
+        arrival_stamps=args.arrival_stamps,
         publishers=args.publishers,
         room_size=args.room_size or room_size,
         dm_fraction=args.dm_fraction,
@@ -429,6 +436,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"the baseline speaks no channels or RPCs: {args.scenario} can't run")
     if not 1 <= args.repeat <= MAX_REPEAT:
         raise UsageError(f"--repeat must be 1..{MAX_REPEAT}")
+    if args.arrival_stamps and args.backend != "raw":
+        raise UsageError("--arrival-stamps needs the raw backend (--backend raw)")
     if args.plot and not plotting_available():
         raise UsageError("--plot needs matplotlib: pip install 'digis-signal[plot]'")
 

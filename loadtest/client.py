@@ -11,6 +11,7 @@ the hot path, use a tuple in ``pending`` and report their ack to the sink.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -66,9 +67,13 @@ class WebSocketLike(Protocol):
 Opener = Callable[[str, str | None, MessageHandler, float], Awaitable[WebSocketLike]]
 
 
-def opener_for(backend: str) -> Opener:
+def opener_for(backend: str, stamped: bool = False) -> Opener:
+    """How clients connect; ``stamped``: the raw client's arrival stamps
+    (:mod:`loadtest.wsclient`), which the library client cannot give."""
     if backend == "raw":
-        return open_raw
+        return functools.partial(open_raw, stamped=True) if stamped else open_raw
+    if stamped:
+        raise ValueError("arrival stamps need the raw backend")
     if backend == "websockets":
         from loadtest.wsclient_websockets import open_library
 

@@ -29,6 +29,9 @@ class RunSettings:
     # >0: in the measured phase workers never wait in epoll; they sleep this long
     # between loop iterations (see loadtest/README.md, "client wake-ups").
     client_poll_us: int = 0
+    # Latency also to each frame's arrival in the client's kernel (raw backend):
+    # leaves the clients' own queue out (loadtest/wsclient.py, "Arrival stamps").
+    arrival_stamps: bool = False
     connect_timeout_s: float = 15.0
     publishers: int = 1
     room_size: int = 100  # connect/idle: clients per room; chat: members of a group room

@@ -22,6 +22,8 @@ class Recorder:
     def __init__(self) -> None:
         self.t0 = time.time()
         self.series: dict[int, Histogram] = {}
+        # The same deliveries' latency to their arrival in the kernel (arrival stamps).
+        self.arrival = Histogram()
         self.deliveries = 0
         self.duplicates = 0
         self.foreign = 0  # publications not made by this tool (no client_msg_id of ours)
@@ -44,9 +46,12 @@ class Recorder:
 
     # --- hot path --------------------------------------------------------------------
 
-    def delivery(self, received: dict[int, bytearray], data: dict[str, Any]) -> None:
+    def delivery(
+        self, received: dict[int, bytearray], data: dict[str, Any], arrived_ns: int = 0
+    ) -> None:
         """One publication made by this tool: ``client_msg_id`` is
-        ``<stream>-<seq>-<send time, unix µs>`` (see Scenario.publish)."""
+        ``<stream>-<seq>-<send time, unix µs>`` (see Scenario.publish).
+        ``arrived_ns``: its arrival in the kernel (unix ns), 0 if not stamped."""
         now_us = time.time_ns() // 1000
         tag = data.get("client_msg_id")
         try:
@@ -60,6 +65,8 @@ class Recorder:
         if hist is None:
             hist = self.series[second] = Histogram()
         hist.add(now_us - sent_us)
+        if arrived_ns:
+            self.arrival.add(arrived_ns // 1000 - sent_us)
         bitmap = received.get(stream)
         if bitmap is None:
             bitmap = received[stream] = bytearray()
@@ -105,6 +112,7 @@ class Recorder:
             "pub_failed": self.pub_failed,
             "pub_skipped": self.pub_skipped,
             "ack_latency": self.ack_latency.to_wire(),
+            "arrival_latency": self.arrival.to_wire(),
             "connect_latency": self.connect_latency.to_wire(),
             "errors": dict(self.errors),
             "disconnects": dict(self.disconnects),

@@ -31,6 +31,8 @@ _RATIO_FIELDS = (
     ("server CPU % (window)", ("server", "cpu_percent_of_core")),
     ("latency p50", ("latency_ms", "p50")),
     ("latency p99", ("latency_ms", "p99")),
+    ("arrival latency p50", ("arrival_latency_ms", "p50")),
+    ("arrival latency p99", ("arrival_latency_ms", "p99")),
     ("connect setup time", ("connections", "setup_s")),
 )
 _UNITS = {
@@ -40,6 +42,8 @@ _UNITS = {
     "server CPU % (window)": "%",
     "latency p50": "ms",
     "latency p99": "ms",
+    "arrival latency p50": "ms",
+    "arrival latency p99": "ms",
     "connect setup time": "s",
 }
 
@@ -322,6 +326,13 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
         lines.append(
             f"client reading: the busiest worker spent {cl['reading_ms_per_publication']} ms "
             "of CPU per publication"
+        )
+    arrival = r.get("arrival_latency_ms")
+    if arrival:
+        lines.append(
+            f"latency to arrival in the client's kernel (before the client's own queue): "
+            f"p50 {arrival['p50']}ms p95 {arrival['p95']}ms p99 {arrival['p99']}ms "
+            f"max {arrival['max']}ms"
         )
     if cl.get("latency_client_bound"):
         lines.append(

@@ -11,6 +11,14 @@ is still available as ``--backend websockets`` (:mod:`loadtest.wsclient_websocke
 What it implements: the opening handshake (with ``Sec-WebSocket-Accept`` checked, no
 extensions offered, so never compression), text/binary/continuation frames, ping → pong,
 the closing handshake, masking of client frames. What it does not: TLS, proxies.
+
+Arrival stamps (``open_raw(..., stamped=True)``): after the handshake the connection's
+frames are read by this module with ``recvmsg`` and ``SO_TIMESTAMPNS``, so each read
+carries the kernel's time of arrival of its last segment (``RawWebSocket.arrived_ns``,
+unix ns). A delivery's latency to that moment leaves out the client's own queue: a
+worker reads a publication's 1,000 deliveries one after another, and on a machine of
+2 cores that reading, not the server, decides the p99 measured after it (loadtest/README.md,
+"Arrival stamps").
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import hashlib
 import os
 import random
 import socket
+import struct
+import time
 from typing import Final, Protocol, cast
 from urllib.parse import urlsplit
 
@@ -42,6 +52,12 @@ _NO_STATUS: Final = 1005
 # 4-tuple, so one source address is not limited to one set of ~28k ephemeral ports.
 _IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _MAX_HANDSHAKE_BYTES: Final = 16384
+# Linux's SO_TIMESTAMPNS (= its control message type SCM_TIMESTAMPNS); Python's socket
+# module does not name it. The stamp is a struct timespec of two longs.
+_SO_TIMESTAMPNS: Final = 35
+_TIMESPEC: Final = struct.Struct("@qq")
+_STAMPED_READ_BYTES: Final = 262144  # what uvloop reads at once
+_STAMP_CONTROL_BYTES: Final = socket.CMSG_SPACE(_TIMESPEC.size)
 
 
 class HandshakeError(Exception):
@@ -140,7 +156,10 @@ class RawWebSocket(asyncio.Protocol):
         "_fragments",
         "_key",
         "_opened",
+        "_own",
         "_request",
+        "_stamped",
+        "arrived_ns",
         "close_code",
         "close_reason",
         "handler",
@@ -148,12 +167,19 @@ class RawWebSocket(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, request: bytes, key: bytes, handler: MessageHandler) -> None:
+    def __init__(
+        self, request: bytes, key: bytes, handler: MessageHandler, stamped: bool = False
+    ) -> None:
         self._request = request
         self._key = key
         self._buf = b""
         self._fragments: list[bytes] | None = None
         self._opened: asyncio.Future[None] | None = asyncio.get_running_loop().create_future()
+        self._stamped = stamped
+        # Our own handle on the socket while we read it (arrival stamps), else None.
+        self._own: socket.socket | None = None
+        # Kernel arrival time (unix ns) of the data being handled; 0 without stamps.
+        self.arrived_ns = 0
         self.handler = handler
         self.transport: asyncio.Transport | None = None
         self.is_open = False
@@ -203,6 +229,7 @@ class RawWebSocket(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_open = False
+        self._stop_own_reading()
         if self._opened is not None:
             if not self._opened.done():
                 self._opened.set_exception(exc or ConnectionResetError("closed during handshake"))
@@ -240,10 +267,61 @@ class RawWebSocket(asyncio.Protocol):
             return
         opened, self._opened = self._opened, None
         self.is_open = True
+        if self._stamped:
+            self._start_own_reading()
         if not opened.done():
             opened.set_result(None)
         if rest:
             self._frames(rest)
+
+    def _start_own_reading(self) -> None:
+        """Read the socket ourselves from now on, with arrival stamps: a duplicate of
+        its descriptor is watched by the loop, the transport's reading paused for good
+        (it still writes). Bytes the transport already read were handed over with the
+        handshake, in the same callback."""
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if transport is None or sock is None:
+            return
+        own = socket.socket(fileno=os.dup(sock.fileno()))
+        try:
+            own.setblocking(False)
+            own.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+            transport.pause_reading()
+            asyncio.get_running_loop().add_reader(own.fileno(), self._read_own)
+        except BaseException:
+            own.close()
+            raise
+        self._own = own
+
+    def _stop_own_reading(self) -> None:
+        own, self._own = self._own, None
+        if own is not None:
+            asyncio.get_running_loop().remove_reader(own.fileno())
+            own.close()
+
+    def _read_own(self) -> None:
+        own = self._own
+        if own is None:
+            return
+        try:
+            data, control, _, _ = own.recvmsg(_STAMPED_READ_BYTES, _STAMP_CONTROL_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # EOF or reset: the transport ends the connection as usual
+            self._stop_own_reading()
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        arrived = 0
+        for level, kind, value in control:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(value)
+                arrived = seconds * 1_000_000_000 + nanoseconds
+        self.arrived_ns = arrived or time.time_ns()
+        self.data_received(data)
 
     def _fail_handshake(self, why: str) -> None:
         assert self._opened is not None
@@ -315,9 +393,10 @@ class RawWebSocket(asyncio.Protocol):
 
 
 async def open_raw(
-    url: str, source: str | None, handler: MessageHandler, timeout: float
+    url: str, source: str | None, handler: MessageHandler, timeout: float, stamped: bool = False
 ) -> RawWebSocket:
-    """Connect (TCP + opening handshake) and return the open connection."""
+    """Connect (TCP + opening handshake) and return the open connection; ``stamped``:
+    read it with arrival stamps (module docstring)."""
     host, port, path = split_url(url)
     loop = asyncio.get_running_loop()
     key = base64.b64encode(os.urandom(16))
@@ -334,7 +413,7 @@ async def open_raw(
         # IP_BIND_ADDRESS_NO_PORT: each source address's ports are then shared by all
         # destinations (~28k per address; 4 addresses cover 100,000 connections).
         _, proto = await loop.create_connection(
-            lambda: RawWebSocket(request, key, handler),
+            lambda: RawWebSocket(request, key, handler, stamped),
             host,
             port,
             local_addr=(source, 0) if source is not None else None,

@@ -59,7 +59,7 @@ class Scenario:
         self.plan = plan
         self.s: RunSettings = plan.settings
         self.rec = recorder
-        self.opener = opener_for(self.s.backend)
+        self.opener = opener_for(self.s.backend, self.s.arrival_stamps)
         self.baseline = self.s.protocol == "baseline"
         if self.baseline and not self.baseline_ok:
             raise ValueError(f"scenario {self.name} needs the centrifuge protocol")
@@ -273,7 +273,7 @@ class Scenario:
             received = client.received
             if received is None:
                 received = client.received = {}
-            self.rec.delivery(received, data)
+            self.rec.delivery(received, data, getattr(client.ws, "arrived_ns", 0))
         else:
             self.rec.foreign += 1
 

@@ -141,6 +141,14 @@ def check_fanout(run: dict[str, Any]) -> None:
     # (which also counts the set-up) spread over the publications.
     reading = run["client"]["reading_ms_per_publication"]
     assert 0 < reading <= run["client"]["cpu_s"] / acked * 1000, run["client"]
+    arrival, latency = run["arrival_latency_ms"], run["latency_ms"]
+    if not run["settings"]["arrival_stamps"]:
+        assert arrival is None
+        return
+    # Every delivery stamped, each on its arrival, before the client handled it.
+    assert arrival["count"] == run["deliveries"]["count"], arrival
+    for key in ("p50", "p95", "p99", "max"):
+        assert 0 < arrival[key] <= latency[key], (arrival, latency)
 
 
 def tool_env(secret: str | None = None) -> dict[str, str]:
@@ -241,6 +249,27 @@ async def test_client_poll_delivers_everything(tmp_path: Path) -> None:
     assert run["settings"]["client_poll_us"] == 500
 
 
+async def test_arrival_stamps_time_every_delivery_before_the_clients_queue(
+    tmp_path: Path,
+) -> None:
+    """``--arrival-stamps``: each delivery's latency is also taken at its arrival
+    in the client's kernel, for digis-signal and the baseline alike, and the
+    comparison carries those ratios (the reading: tests/unit/test_loadtest_arrival_stamps.py)."""
+    args = [*SMOKE_RUNS["fanout"], "--spawn-server", "--spawn-baseline", "--arrival-stamps"]
+    document = await run_tool(args, tmp_path / "stamps.json", tool_env())
+    for run in document["runs"]:
+        assert run["settings"]["arrival_stamps"] is True
+        check_fanout(run)
+    (comparison,) = document["comparisons"]
+    assert comparison["ratios"]["arrival latency p99"] > 0, comparison
+
+
+async def test_arrival_stamps_need_the_raw_client() -> None:
+    args = [*SMOKE_RUNS["fanout"], "--spawn-server", "--backend", "websockets", "--arrival-stamps"]
+    output = await refused_usage(args)
+    assert b"--arrival-stamps needs the raw backend" in output, output
+
+
 async def test_repeated_runs_pair_each_repetition_and_report_medians(tmp_path: Path) -> None:
     """``--repeat 2`` with the baseline: both targets run twice, interleaved;
     each comparison pairs runs of one repetition, and medians cover both."""
@@ -274,10 +303,16 @@ async def test_repeated_runs_pair_each_repetition_and_report_medians(tmp_path: P
 
 
 async def test_repeat_is_bounded() -> None:
+    output = await refused_usage(["fanout", "--spawn-baseline", "--repeat", "21"])
+    assert b"--repeat must be 1..20" in output
+
+
+async def refused_usage(args: list[str]) -> bytes:
+    """Run the tool with ``args`` it must refuse (exit 2, a usage error); its output."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loadtest", "fanout", "--spawn-baseline", "--repeat", "21",
+        sys.executable, "-m", "loadtest", *args,
         cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     output, _ = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT_S)
     assert proc.returncode == 2, output
-    assert b"--repeat must be 1..20" in output
+    return output
