@@ -160,6 +160,7 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
             hist.merge(Histogram.from_wire(wire))
     latency = Histogram.merged(series.values())
     arrival = _hist(f.get("arrival_latency", ({}, 0, 0, 0)) for f in finals)
+    arrival_shared = sum(f.get("arrival_shared", 0) for f in finals)
     deliveries = sum(f["deliveries"] for f in finals)
     acked = sum(f["pub_acked"] for f in finals)
     sent = sum(f["pub_sent"] for f in finals)
@@ -216,9 +217,16 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
             "foreign": sum(f["foreign"] for f in finals),
         },
         "latency_ms": latency_summary,
-        # With arrival stamps: the same deliveries up to their arrival in the client's
-        # kernel, before the client's own queue (loadtest/wsclient.py).
+        # With arrival stamps: the deliveries to stamped clients up to their arrival in
+        # the client's kernel, before the client's own queue (loadtest/wsclient.py);
+        # stamps a later frame's arrival stood in for are left out, and counted.
         "arrival_latency_ms": arrival.summary_ms() if arrival.count else None,
+        "arrival_shared": arrival_shared,
+        "arrival_exact_share": (
+            round(arrival.count / (arrival.count + arrival_shared), 4)
+            if arrival.count + arrival_shared
+            else None
+        ),
         "errors": _merge_counts(f["errors"] for f in finals),
         "disconnects": _merge_counts(f["disconnects"] for f in finals),
         "pings_answered": sum(f.get("pings", 0) for f in finals),

@@ -54,6 +54,10 @@ class ConnectionClosedError(Exception):
 
 class WebSocketLike(Protocol):
     is_open: bool
+    # The kernel's arrival time of the frame being handled (unix ns; 0: not
+    # stamped), and whether a later frame's arrival stands in for it.
+    arrived_ns: int
+    stamp_shared: bool
 
     def send_text(self, payload: bytes) -> None: ...
 

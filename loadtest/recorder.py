@@ -22,8 +22,10 @@ class Recorder:
     def __init__(self) -> None:
         self.t0 = time.time()
         self.series: dict[int, Histogram] = {}
-        # The same deliveries' latency to their arrival in the kernel (arrival stamps).
+        # The same deliveries' latency to their arrival in the kernel (arrival stamps),
+        # and how many stamps were a later frame's (not in the histogram).
         self.arrival = Histogram()
+        self.arrival_shared = 0
         self.deliveries = 0
         self.duplicates = 0
         self.foreign = 0  # publications not made by this tool (no client_msg_id of ours)
@@ -47,11 +49,16 @@ class Recorder:
     # --- hot path --------------------------------------------------------------------
 
     def delivery(
-        self, received: dict[int, bytearray], data: dict[str, Any], arrived_ns: int = 0
+        self,
+        received: dict[int, bytearray],
+        data: dict[str, Any],
+        arrived_ns: int = 0,
+        stamp_shared: bool = False,
     ) -> None:
         """One publication made by this tool: ``client_msg_id`` is
         ``<stream>-<seq>-<send time, unix µs>`` (see Scenario.publish).
-        ``arrived_ns``: its arrival in the kernel (unix ns), 0 if not stamped."""
+        ``arrived_ns``: its arrival in the kernel (unix ns), 0 if not stamped;
+        ``stamp_shared``: that stamp is a later frame's (only counted)."""
         now_us = time.time_ns() // 1000
         tag = data.get("client_msg_id")
         try:
@@ -65,7 +72,9 @@ class Recorder:
         if hist is None:
             hist = self.series[second] = Histogram()
         hist.add(now_us - sent_us)
-        if arrived_ns:
+        if stamp_shared:
+            self.arrival_shared += 1
+        elif arrived_ns:
             self.arrival.add(arrived_ns // 1000 - sent_us)
         bitmap = received.get(stream)
         if bitmap is None:
@@ -113,6 +122,7 @@ class Recorder:
             "pub_skipped": self.pub_skipped,
             "ack_latency": self.ack_latency.to_wire(),
             "arrival_latency": self.arrival.to_wire(),
+            "arrival_shared": self.arrival_shared,
             "connect_latency": self.connect_latency.to_wire(),
             "errors": dict(self.errors),
             "disconnects": dict(self.disconnects),

@@ -330,7 +330,9 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
     arrival = r.get("arrival_latency_ms")
     if arrival:
         lines.append(
-            f"latency to arrival in the client's kernel (before the client's own queue): "
+            f"latency to arrival in the client's kernel (before the client's own queue), "
+            f"{arrival['count']:,} deliveries to stamped clients, "
+            f"{r['arrival_exact_share'] * 100:.1f} % of their stamps their own: "
             f"p50 {arrival['p50']}ms p95 {arrival['p95']}ms p99 {arrival['p99']}ms "
             f"max {arrival['max']}ms"
         )

@@ -15,10 +15,10 @@ the closing handshake, masking of client frames. What it does not: TLS, proxies.
 Arrival stamps (``open_raw(..., stamped=True)``): after the handshake the connection's
 frames are read by this module with ``recvmsg`` and ``SO_TIMESTAMPNS``, so each read
 carries the kernel's time of arrival of its last segment (``RawWebSocket.arrived_ns``,
-unix ns). A delivery's latency to that moment leaves out the client's own queue: a
-worker reads a publication's 1,000 deliveries one after another, and on a machine of
-2 cores that reading, not the server, decides the p99 measured after it (loadtest/README.md,
-"Arrival stamps").
+unix ns; ``stamp_shared`` when the read held a later frame too). A delivery's latency
+to that moment leaves out the client's own queue: a worker reads a publication's 1,000
+deliveries one after another, and on a machine of 2 cores that reading, not the
+server, decides the p99 measured after it (loadtest/README.md, "Arrival stamps").
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ _MAX_HANDSHAKE_BYTES: Final = 16384
 # module does not name it. The stamp is a struct timespec of two longs.
 _SO_TIMESTAMPNS: Final = 35
 _TIMESPEC: Final = struct.Struct("@qq")
-_STAMPED_READ_BYTES: Final = 262144  # what uvloop reads at once
 _STAMP_CONTROL_BYTES: Final = socket.CMSG_SPACE(_TIMESPEC.size)
+_STAMPED_READ_BYTES: Final = 262144  # what uvloop reads at once
 
 
 class HandshakeError(Exception):
@@ -125,6 +125,20 @@ def ack_on_read(transport: asyncio.BaseTransport) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
+def _frame_end(buf: bytes) -> int | None:
+    """The length of the frame that ``buf`` begins (a server frame: never masked),
+    or None while its header is incomplete."""
+    have = len(buf)
+    if have < 2:
+        return None
+    code = buf[1] & 0x7F
+    if code == 126:
+        return 4 + int.from_bytes(buf[2:4], "big") if have >= 4 else None
+    if code == 127:
+        return 10 + int.from_bytes(buf[2:10], "big") if have >= 10 else None
+    return 2 + code
+
+
 def _mask(payload: bytes, key: int) -> bytes:
     """XOR ``payload`` with the 4-byte ``key`` repeated, via one big-int XOR."""
     n = len(payload)
@@ -164,6 +178,7 @@ class RawWebSocket(asyncio.Protocol):
         "close_reason",
         "handler",
         "is_open",
+        "stamp_shared",
         "transport",
     )
 
@@ -180,6 +195,9 @@ class RawWebSocket(asyncio.Protocol):
         self._own: socket.socket | None = None
         # Kernel arrival time (unix ns) of the data being handled; 0 without stamps.
         self.arrived_ns = 0
+        # That read held more than the frame it completes: the stamp is a later
+        # frame's arrival, an upper bound (RawWebSocket._read_own).
+        self.stamp_shared = False
         self.handler = handler
         self.transport: asyncio.Transport | None = None
         self.is_open = False
@@ -321,6 +339,13 @@ class RawWebSocket(asyncio.Protocol):
                 seconds, nanoseconds = _TIMESPEC.unpack_from(value)
                 arrived = seconds * 1_000_000_000 + nanoseconds
         self.arrived_ns = arrived or time.time_ns()
+        # A stamp is the arrival of the last segment a read took, and the kernel
+        # merges segments that wait in the socket, the later's arrival kept: frames
+        # read together share the latest stamp, an upper bound for all but the last.
+        # A read that holds more than the frame it starts or completes is marked.
+        buffered = self._buf
+        end = _frame_end(buffered + data[:10] if len(buffered) < 10 else buffered)
+        self.stamp_shared = end is not None and len(buffered) + len(data) > end
         self.data_received(data)
 
     def _fail_handshake(self, why: str) -> None:

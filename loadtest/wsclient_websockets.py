@@ -29,6 +29,10 @@ __all__ = ["LibraryWebSocket", "open_library"]
 class LibraryWebSocket:
     __slots__ = ("_conn", "_reader", "close_code", "close_reason", "handler", "is_open")
 
+    # No arrival stamps here (loadtest/wsclient.py has them).
+    arrived_ns = 0
+    stamp_shared = False
+
     def __init__(self, conn: ClientConnection, handler: MessageHandler) -> None:
         self._conn = conn
         self.handler = handler

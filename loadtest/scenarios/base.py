@@ -273,7 +273,11 @@ class Scenario:
             received = client.received
             if received is None:
                 received = client.received = {}
-            self.rec.delivery(received, data, getattr(client.ws, "arrived_ns", 0))
+            ws = client.ws
+            if ws is not None and ws.arrived_ns:
+                self.rec.delivery(received, data, ws.arrived_ns, ws.stamp_shared)
+            else:
+                self.rec.delivery(received, data)
         else:
             self.rec.foreign += 1
 

@@ -11,29 +11,33 @@ import hashlib
 import os
 import time
 
+import pytest
 import uvloop
 
-from loadtest.wsclient import RawWebSocket, open_raw
+from loadtest.wsclient import RawWebSocket, _frame_end, open_raw
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def _frame(payload: bytes) -> bytes:
-    """One unmasked server text frame (payloads under 126 bytes here)."""
-    assert len(payload) < 126
-    return bytes((0x81, len(payload))) + payload
+    """One unmasked server text frame (payloads under 64 KiB here)."""
+    if len(payload) < 126:
+        return bytes((0x81, len(payload))) + payload
+    return bytes((0x81, 126)) + len(payload).to_bytes(2, "big") + payload
 
 
 class _Handler:
     def __init__(self) -> None:
         self.ws: RawWebSocket | None = None
-        self.texts: list[tuple[bytes, int, int]] = []  # (payload, arrived_ns, handled_ns)
+        # (payload, arrived_ns, stamp_shared, handled_ns)
+        self.texts: list[tuple[bytes, int, bool, int]] = []
         self.closed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     def on_text(self, payload: bytes) -> None:
         # The first frame may come with the handshake, before open_raw returns.
-        arrived = self.ws.arrived_ns if self.ws is not None else 0
-        self.texts.append((payload, arrived, time.time_ns()))
+        ws = self.ws
+        arrived, shared = (ws.arrived_ns, ws.stamp_shared) if ws is not None else (0, False)
+        self.texts.append((payload, arrived, shared, time.time_ns()))
 
     def on_closed(self, code: int, reason: str) -> None:
         if not self.closed.done():
@@ -85,7 +89,7 @@ async def _check_stamps() -> None:
             writer.write(_frame(b"frame %d" % n))
             await writer.drain()
             await asyncio.sleep(0.02)  # one read each
-        # Two frames in one segment: one read, one stamp for both.
+        # Two frames in one segment: one read, one stamp for both, marked shared.
         writer.write(_frame(b"pair a") + _frame(b"pair b"))
         await writer.drain()
         await asyncio.sleep(0.02)
@@ -93,11 +97,20 @@ async def _check_stamps() -> None:
         late_at = time.time_ns()
         writer.write(_frame(b"late"))  # written to the socket at once (empty buffer)
         time.sleep(0.1)
+        await asyncio.sleep(0.02)
+        # Two frames that wait in the socket together: the kernel merges their
+        # segments and keeps the later arrival, so the first's stamp is shared.
+        first_at = time.time_ns()
+        writer.write(_frame(b"waits"))
+        time.sleep(0.05)
+        second_at = time.time_ns()
+        writer.write(_frame(b"L" * 300))  # an extended length (126 → 16 bits)
+        time.sleep(0.05)
         for _ in range(100):
-            if len(handler.texts) >= 7:
+            if len(handler.texts) >= 9:
                 break
             await asyncio.sleep(0.01)
-        payloads = [p for p, _, _ in handler.texts]
+        payloads = [text[0] for text in handler.texts]
         assert payloads[1:] == [
             b"frame 0",
             b"frame 1",
@@ -105,14 +118,22 @@ async def _check_stamps() -> None:
             b"pair a",
             b"pair b",
             b"late",
+            b"waits",
+            b"L" * 300,
         ]
-        for (_, arrived, handled), at in zip(handler.texts[1:4], sent, strict=True):
+        for (_, arrived, shared, handled), at in zip(handler.texts[1:4], sent, strict=True):
             # The kernel's stamp: after the server wrote, before the client read.
             assert at <= arrived <= handled, (at, arrived, handled)
-        assert handler.texts[4][1] == handler.texts[5][1] > 0
-        _, arrived, handled = handler.texts[6]
+            assert not shared
+        (_, a_at, a_shared, _), (_, b_at, b_shared, _) = handler.texts[4:6]
+        assert a_at == b_at > 0 and a_shared and b_shared
+        _, arrived, shared, handled = handler.texts[6]
         assert handled - late_at >= 100_000_000
         assert late_at <= arrived < late_at + 50_000_000, (late_at, arrived, handled)
+        assert not shared
+        (_, waits_at, waits_shared, _), (_, last_at, _, _) = handler.texts[7:9]
+        assert second_at <= waits_at == last_at < second_at + 25_000_000, (first_at, waits_at)
+        assert waits_shared
         # The server goes away: EOF on our read ends the connection as usual.
         writer.close()
         assert await asyncio.wait_for(handler.closed, 5.0) == 1006
@@ -148,9 +169,30 @@ async def test_unstamped_connections_leave_arrival_at_zero() -> None:
             if len(handler.texts) >= 2:
                 break
             await asyncio.sleep(0.01)
-        assert [(p, a) for p, a, _ in handler.texts] == [(b"first", 0), (b"plain", 0)]
+        assert [(p, a, s) for p, a, s, _ in handler.texts] == [
+            (b"first", 0, False),
+            (b"plain", 0, False),
+        ]
     finally:
         ws.abort()
         writer.close()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("buffered", "length"),
+    [
+        (b"", None),
+        (b"\x81", None),
+        (b"\x81\x05", 7),  # a 5-byte payload
+        (b"\x81\x05ab", 7),
+        (b"\x81\x7e\x01", None),  # a 16-bit length, not all here yet
+        (b"\x81\x7e\x01\x2c", 304),
+        (b"\x81\x7f" + b"\x00" * 5, None),  # a 64-bit length
+        (b"\x81\x7f" + (70000).to_bytes(8, "big") + b"x", 70010),
+        (b"\x8a\x00", 2),  # an empty pong
+    ],
+)
+def test_the_first_frame_of_a_buffer_is_measured(buffered: bytes, length: int | None) -> None:
+    assert _frame_end(buffered) == length
