@@ -219,13 +219,12 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
         "latency_ms": latency_summary,
         # With arrival stamps: the deliveries to stamped clients up to their arrival in
         # the client's kernel, before the client's own queue (loadtest/wsclient.py);
-        # stamps a later frame's arrival stood in for are left out, and counted.
+        # how many stamps were a later frame's arrival (an upper bound), and the share
+        # that were their own.
         "arrival_latency_ms": arrival.summary_ms() if arrival.count else None,
         "arrival_shared": arrival_shared,
         "arrival_exact_share": (
-            round(arrival.count / (arrival.count + arrival_shared), 4)
-            if arrival.count + arrival_shared
-            else None
+            round(1 - arrival_shared / arrival.count, 4) if arrival.count else None
         ),
         "errors": _merge_counts(f["errors"] for f in finals),
         "disconnects": _merge_counts(f["disconnects"] for f in finals),

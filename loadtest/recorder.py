@@ -23,7 +23,7 @@ class Recorder:
         self.t0 = time.time()
         self.series: dict[int, Histogram] = {}
         # The same deliveries' latency to their arrival in the kernel (arrival stamps),
-        # and how many stamps were a later frame's (not in the histogram).
+        # and how many of those stamps were a later frame's (an upper bound).
         self.arrival = Histogram()
         self.arrival_shared = 0
         self.deliveries = 0
@@ -58,7 +58,7 @@ class Recorder:
         """One publication made by this tool: ``client_msg_id`` is
         ``<stream>-<seq>-<send time, unix µs>`` (see Scenario.publish).
         ``arrived_ns``: its arrival in the kernel (unix ns), 0 if not stamped;
-        ``stamp_shared``: that stamp is a later frame's (only counted)."""
+        ``stamp_shared``: that stamp is a later frame's, an upper bound."""
         now_us = time.time_ns() // 1000
         tag = data.get("client_msg_id")
         try:
@@ -72,10 +72,10 @@ class Recorder:
         if hist is None:
             hist = self.series[second] = Histogram()
         hist.add(now_us - sent_us)
-        if stamp_shared:
-            self.arrival_shared += 1
-        elif arrived_ns:
+        if arrived_ns:
             self.arrival.add(arrived_ns // 1000 - sent_us)
+            if stamp_shared:
+                self.arrival_shared += 1
         bitmap = received.get(stream)
         if bitmap is None:
             bitmap = received[stream] = bytearray()

@@ -332,7 +332,8 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
         lines.append(
             f"latency to arrival in the client's kernel (before the client's own queue), "
             f"{arrival['count']:,} deliveries to stamped clients, "
-            f"{r['arrival_exact_share'] * 100:.1f} % of their stamps their own: "
+            f"{r['arrival_exact_share'] * 100:.1f} % of their stamps their own (the rest a "
+            "later frame's arrival: an upper bound): "
             f"p50 {arrival['p50']}ms p95 {arrival['p95']}ms p99 {arrival['p99']}ms "
             f"max {arrival['max']}ms"
         )

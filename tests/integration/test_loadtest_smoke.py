@@ -146,12 +146,13 @@ def check_fanout(run: dict[str, Any]) -> None:
     if not run["settings"]["arrival_stamps"]:
         assert arrival is None
         return
-    # Every delivery to a probe stamped: its own stamp, or counted as shared (that
-    # each stamp precedes its handling: tests/unit/test_loadtest_arrival_stamps.py).
+    # Every delivery to a probe stamped: its own stamp, or a later frame's, counted
+    # (that each stamp precedes its handling: tests/unit/test_loadtest_arrival_stamps.py).
     probes = len(range(0, subscribers, PROBE_EVERY))
     assert run["client"]["workers"] > 1  # else every subscriber is stamped
-    assert arrival["count"] + run["arrival_shared"] == acked * probes, arrival
-    assert run["arrival_exact_share"] == round(arrival["count"] / (acked * probes), 4)
+    assert arrival["count"] == acked * probes, arrival
+    assert 0 <= run["arrival_shared"] <= arrival["count"]
+    assert run["arrival_exact_share"] == round(1 - run["arrival_shared"] / arrival["count"], 4)
     assert 0 < arrival["p50"] <= arrival["p95"] <= arrival["p99"] <= arrival["max"], arrival
     assert arrival["max"] < TOOL_TIMEOUT_S * 1000, arrival
 
