@@ -342,6 +342,7 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
             f"NOTE: at least half of the latency p99 ({r['latency_ms']['p99']} ms) is the "
             "clients' own reading: a worker reads a publication's deliveries one after "
             "another, so p99 comparisons here mostly measure the client, not the server"
+            + ("" if arrival else " (--arrival-stamps measures before the clients' queue)")
         )
     if cl["saturated"]:
         lines.append(
