@@ -97,7 +97,8 @@ class Fanout(Scenario):
 
         async def open_on_time(client: Client) -> None:
             await asyncio.sleep(max(0.0, start + client.gid / PACED_SETUP_PER_S - loop.time()))
-            await self.open_timed(client)
+            if not self.stopping:
+                await self.open_timed(client)
 
         await asyncio.gather(*(open_on_time(client) for client in clients))
 
