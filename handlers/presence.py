@@ -97,6 +97,9 @@ _REAP_BATCH: Final = 500
 _TRANSITIONS_PER_ROUND: Final = 2000
 # Status publications in flight at once within a round.
 _PUBLISHES_AT_ONCE: Final = 200
+# Publications of one status change at most, when other instances keep changing
+# it meanwhile (_publish_news).
+_SETTLE_ROUNDS: Final = 3
 
 OFFLINE_DUE_KEY: Final = "presence:offline-due"
 NODES_KEY: Final = "presence:nodes"
@@ -247,11 +250,29 @@ async def refresh_status(
 
 async def _publish_news(node: Node, view: StatusView, last: str | None) -> bool:
     """Publish ``view`` unless ``last`` (the last state published) is the
-    same; under the user's publish lock."""
+    same; under the user's publish lock.
+
+    The command that marks the publication as the last one also reads the
+    user's state again. Two instances changing it at once (a status chosen on
+    two devices, a call accepted while the user picks one) each publish what
+    they read, in either order: the one that read first may publish last,
+    leaving fans with the older state. Its second read sees the newer state and
+    publishes that too (the channel's order is the broker's, so the last word
+    is then right), at no extra round trip when nothing changed."""
     if last == view.signature:
         return False
-    await node.publish(status_channel(view.user), orjson.dumps(view.to_json()))
-    await node.store.set(_last_key(view.user), view.signature, CHOSEN_TTL_S)
+    user = view.user
+    # As the callers do: a connection here means online, else ask the store.
+    online = True if node.user_connection_count(user) else None
+    keys = (_chosen_key(user), _in_call_key(user))
+    for _ in range(_SETTLE_ROUNDS):
+        await node.publish(status_channel(user), orjson.dumps(view.to_json()))
+        mark = (_last_key(user), view.signature, CHOSEN_TTL_S)
+        now, _ = await _read_view(node, user, online, keys, mark)
+        if now.signature == view.signature:
+            return True
+        view = now
+    log.debug("presence: status of %s still moving after %d publications", user, _SETTLE_ROUNDS)
     return True
 
 
@@ -548,11 +569,10 @@ class PresenceTracker:
             if node.user_connection_count(user):
                 continue
             view = await status_view(node, user)
-            if view.online or not await publish_if_changed(node, view):
-                continue
-            # A connection elsewhere may have published "online" between our
-            # read and our publish; look again so the last word is right.
-            await refresh_status(node, user)
+            if not view.online:
+                # A connection elsewhere that published "online" between our
+                # read and our publish is seen by _publish_news's second read.
+                await publish_if_changed(node, view)
 
 
 def register(node: Node) -> None:

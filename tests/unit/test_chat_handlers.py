@@ -397,11 +397,15 @@ async def test_a_node_taken_for_dead_republishes_its_users(bare_node: Node) -> N
     tracker = PresenceTracker(node)
     await connect(node, tracker, "cre")
     await tracker.record_transitions()
-    # A sibling took this node for dead: it dropped its users and published them offline.
+    # A sibling took this node for dead: it dropped its users and published them
+    # offline, and marked that as published (it holds no connection of theirs: were
+    # this node to publish it, its second read would see the user online here).
     mine = f"presence:node-users:{{{node.name}}}"
     await node.store.zrem(mine, "cre")
     await node.store.set(f"presence:reaped:{{{node.name}}}", "1")
-    await publish_if_changed(node, await status_view(node, "cre", online=False))
+    offline = await status_view(node, "cre", online=False)
+    await node.publish("status:cre", orjson.dumps(offline.to_json()))
+    await node.store.set("presence:last:{cre}", offline.signature)
     assert (await history(node, "status:cre"))[-1]["online"] is False
 
     await tracker.heartbeat()
