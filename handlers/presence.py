@@ -262,8 +262,10 @@ async def _publish_news(node: Node, view: StatusView, last: str | None) -> bool:
     if last == view.signature:
         return False
     user = view.user
-    # As the callers do: a connection here means online, else ask the store.
-    online = True if node.user_connection_count(user) else None
+    # Online stays online: "offline" is the sweep's word, after the grace (a
+    # connection that closed meanwhile must not flash "offline"); an offline
+    # view asks the store, where a connection made meanwhile shows.
+    online = True if view.online else None
     keys = (_chosen_key(user), _in_call_key(user))
     for _ in range(_SETTLE_ROUNDS):
         await node.publish(status_channel(user), orjson.dumps(view.to_json()))
