@@ -262,14 +262,14 @@ async def _publish_news(node: Node, view: StatusView, last: str | None) -> bool:
     if last == view.signature:
         return False
     user = view.user
-    # Online stays online: "offline" is the sweep's word, after the grace (a
-    # connection that closed meanwhile must not flash "offline"); an offline
-    # view asks the store, where a connection made meanwhile shows.
-    online = True if view.online else None
     keys = (_chosen_key(user), _in_call_key(user))
     for _ in range(_SETTLE_ROUNDS):
         await node.publish(status_channel(user), orjson.dumps(view.to_json()))
         mark = (_last_key(user), view.signature, CHOSEN_TTL_S)
+        # Online stays online: "offline" is the sweep's word, after the grace (a
+        # connection that closed meanwhile must not flash "offline"); an offline
+        # view asks the store, where a connection made meanwhile shows.
+        online = True if view.online else None
         now, _ = await _read_view(node, user, online, keys, mark)
         if now.signature == view.signature:
             return True
