@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest.procstat import Interpreter, ProcSample
+from loadtest.profile import ProfileSummary
 from loadtest.slowmoments import SlowMoments
 from loadtest.speed import SpeedProbe
 from loadtest.stats import Histogram
@@ -71,6 +72,7 @@ class RunFacts:
     steal_s: float = 0.0  # CPU time the hypervisor gave to other guests meanwhile
     speed: SpeedProbe | None = None  # the reference work's time before the run
     slow_moments: SlowMoments | None = None  # the same work timed during the run
+    profile: ProfileSummary | None = None  # --profile: py-spy's busy samples, summed
     notes: list[str] = field(default_factory=list)
 
 
@@ -242,6 +244,7 @@ def build_report(facts: RunFacts, finals: list[dict[str, Any]]) -> dict[str, Any
             ),
         },
         "server": server,
+        "profile": facts.profile.to_json() if facts.profile is not None else None,
         "client": {
             "workers": facts.workers,
             "cpus": list(facts.client_cpus) if facts.client_cpus else None,

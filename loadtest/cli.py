@@ -21,6 +21,7 @@ from loadtest.config import SCENARIOS, RunSettings
 from loadtest.coordinator import RunAborted, Target, discover_pids, run_scenario, worker_count
 from loadtest.plots import plot_runs, plotting_available
 from loadtest.procstat import machine_busy_seconds
+from loadtest.profile import find_py_spy
 from loadtest.progress import ProgressLine
 from loadtest.report import print_summary, write_json
 from loadtest.servers import RedisServer, ServerGroup, split_cpus
@@ -226,6 +227,12 @@ def _parser() -> argparse.ArgumentParser:
         "10-25 %% within minutes",
     )
     o = p.add_argument_group("output")
+    o.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the server's processes with py-spy --native during the measured "
+        "phase and report where their busy time goes (disturbs the run's figures)",
+    )
     o.add_argument("--json", type=Path, help="write the full report as JSON")
     o.add_argument(
         "--plot",
@@ -389,6 +396,7 @@ def _settings(
         connect_timeout_s=args.connect_timeout,
         client_poll_us=max(0, args.client_poll_us),
         arrival_stamps=args.arrival_stamps,
+        profile=args.profile,
         publishers=args.publishers,
         room_size=args.room_size or room_size,
         dm_fraction=args.dm_fraction,
@@ -438,6 +446,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--repeat must be 1..{MAX_REPEAT}")
     if args.arrival_stamps and args.backend != "raw":
         raise UsageError("--arrival-stamps needs the raw backend (--backend raw)")
+    if args.profile and find_py_spy() is None:
+        raise UsageError("--profile needs py-spy: pip install 'digis-signal[profile]'")
     if args.plot and not plotting_available():
         raise UsageError("--plot needs matplotlib: pip install 'digis-signal[plot]'")
 

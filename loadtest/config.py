@@ -32,6 +32,9 @@ class RunSettings:
     # Latency also to each frame's arrival in the client's kernel (raw backend):
     # leaves the clients' own queue out (loadtest/wsclient.py, "Arrival stamps").
     arrival_stamps: bool = False
+    # py-spy --native on the server's processes during the measured phase
+    # (loadtest/profile.py); the coordinator's business, not the workers'.
+    profile: bool = False
     connect_timeout_s: float = 15.0
     publishers: int = 1
     room_size: int = 100  # connect/idle: clients per room; chat: members of a group room

@@ -29,6 +29,7 @@ from loadtest.procstat import (
     sample,
     with_descendants,
 )
+from loadtest.profile import ServerProfiler, find_py_spy
 from loadtest.progress import ProgressLine
 from loadtest.servers import ServerGroup
 from loadtest.slowmoments import SlowMomentWatch, slow_moment_notes
@@ -145,6 +146,8 @@ class _Run:
         self._measuring = False
         self._restart_thread: threading.Thread | None = None
         self._watch: SlowMomentWatch | None = None
+        self._profiler: ServerProfiler | None = None
+        self._profiler_cpu_s = 0.0
 
     # --- the phases -------------------------------------------------------------------
 
@@ -168,6 +171,7 @@ class _Run:
         watch.begin()
         facts.t_start = time.time()
         facts.server_start = sample(pids)
+        self._start_profiler()
         own_start = self._own_cpu()
         deadline = facts.t_start + self.s.duration_s
         self._measuring = True
@@ -178,6 +182,7 @@ class _Run:
         stopped = self._gather("stopped", self.s.duration_s + 30.0, on_tick=self._maybe_stop)
         facts.t_stop = time.time()
         self._measuring = False
+        self._finish_profiler()
         facts.slow_moments = watch.stop()
         facts.notes += slow_moment_notes(self.s.scenario, facts.speed.pieces, facts.slow_moments)
         if watch.unavailable is not None:
@@ -200,6 +205,32 @@ class _Run:
         self.progress.done()
         return build_report(facts, finals)
 
+    def _start_profiler(self) -> None:
+        if not self.s.profile or not self.facts.server_pids:
+            return
+        executable = find_py_spy()
+        if executable is None:
+            self.facts.notes.append("--profile: py-spy not found, no profile taken")
+            return
+        self._profiler = ServerProfiler(executable, self.facts.server_pids)
+        self._profiler.start()
+
+    def _finish_profiler(self) -> None:
+        profiler, self._profiler = self._profiler, None
+        if profiler is None:
+            return
+        summary = self.facts.profile = profiler.finish()
+        self._profiler_cpu_s = profiler.cpu_s
+        self.facts.notes.append(
+            "profiled: py-spy paused the server for each sample, so this run's CPU and "
+            "latency figures are disturbed; read the profile's shares"
+        )
+        self.facts.notes += [f"profile: {text}" for text in summary.errors]
+        if self.restart:
+            self.facts.notes.append(
+                "profile: the processes that served when the run started (not their successors)"
+            )
+
     def _own_cpu(self) -> tuple[float, float, float, float, float]:
         """(machine busy, workers + this process, helpers, server, stolen by the
         hypervisor) CPU seconds now."""
@@ -221,9 +252,10 @@ class _Run:
         if self.restart:
             server = 0.0  # the restarted server's PIDs changed: not comparable
         window = max(1e-9, self.facts.t_end - self.facts.t_start)
-        # The slow-moment watcher's CPU is the tool's own, not the machine's noise.
+        # The slow-moment watcher's and py-spy's CPU are the tool's own, not the
+        # machine's noise.
         watcher = self._watch.cpu_s if self._watch is not None else 0.0
-        other = max(0.0, busy - clients - watcher - helpers - server)
+        other = max(0.0, busy - clients - watcher - self._profiler_cpu_s - helpers - server)
         self.facts.helpers_cpu_s = helpers
         self.facts.other_cpu_s = other
         self.facts.steal_s = steal
@@ -429,6 +461,9 @@ class _Run:
         self._broadcast("abort")
         if self._watch is not None and self._watch.running:
             self._watch.stop()  # a run that ended early
+        if self._profiler is not None:
+            self._profiler.abort()
+            self._profiler = None
         deadline = time.monotonic() + 8.0
         for proc in self.procs:
             proc.join(max(0.1, deadline - time.monotonic()))

@@ -352,9 +352,28 @@ def _details(r: dict[str, Any], out: TextIO) -> None:
     if r["pings_answered"]:
         lines.append(f"server pings answered: {r['pings_answered']:,}")
     lines += _scenario_lines(r)
+    lines += _profile_lines(r.get("profile"))
     lines += [f"FATAL: {text}" for text in r["fatal"]]
     lines += [f"note: {text}" for text in r["notes"]]
     out.write(f"\n{head}\n" + "".join(f"  {line}\n" for line in lines))
+
+
+def _profile_lines(profile: dict[str, Any] | None, top: int = 6) -> list[str]:
+    """``--profile``: the busy samples' shares (loadtest/profile.py)."""
+    if not profile:
+        return []
+
+    def row(table: list[list[Any]]) -> str:
+        return ", ".join(f"{label} {share} %" for label, share in table[:top]) or "-"
+
+    return [
+        f"profile (py-spy --native, {profile['rate_hz']} Hz): {profile['busy_samples']:,} busy "
+        f"samples, {profile['waiting_samples']:,} waiting in the event loop's poll left out; "
+        f"stacks in {profile['raw_dir']}",
+        f"  innermost frame: {row(profile['innermost'])}",
+        f"  by loop callback: {row(profile['callbacks'])}",
+        f"  own functions, their own time: {row(profile['own_self'])}",
+    ]
 
 
 def _scenario_lines(r: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,32 @@ async def test_arrival_stamps_time_every_delivery_before_the_clients_queue(
         check_fanout(run)
     (comparison,) = document["comparisons"]
     assert comparison["ratios"]["arrival latency p99"] > 0, comparison
+
+
+async def test_profile_sums_the_servers_busy_stacks(tmp_path: Path) -> None:
+    """``--profile``: py-spy samples the spawned server during the measured
+    phase; the report keeps its busy samples (the loop's waits apart) summed by
+    innermost frame, loop callback and function of ours, and says the run's
+    figures are disturbed (the summing itself: tests/unit/test_loadtest_profile.py)."""
+    args = ["chat", "--spawn-server", "-n", "40", "-r", "20", "-d", "3", "--profile"]
+    document = await run_tool(args, tmp_path / "profile.json", tool_env())
+    run = check_report(document, "chat", "digis-signal")
+    profile = run["profile"]
+    assert profile["errors"] == [], profile
+    assert profile["pids"] == run["server"]["pids"]
+    assert profile["busy_samples"] > 0, profile
+    assert profile["samples"] == profile["busy_samples"] + profile["waiting_samples"]
+    # 800 publications/s for 3 s: the server's busy time is mostly its commands and
+    # socket reads, entered from the loop through our code.
+    callbacks = dict(profile["callbacks"])
+    assert any(label.endswith("(signaling/session.py)") for label in callbacks), callbacks
+    assert any("(signaling/" in label for label, _ in profile["own_self"]), profile
+    shares = [share for _, share in profile["innermost"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.05, shares
+    raw = Path(profile["raw_dir"])
+    assert [p.name for p in raw.glob("stacks-*.txt")] == [f"stacks-{profile['pids'][0]}.txt"]
+    assert any("py-spy paused the server" in note for note in run["notes"]), run["notes"]
+    shutil.rmtree(raw)  # kept for the user by the tool; ours to remove here
 
 
 async def test_arrival_stamps_need_the_raw_client() -> None:
