@@ -35,6 +35,16 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# How long our server may take to stop by itself: its drain window
+# (SIGNAL_DRAIN_S, 5 s by default) plus the supervisor's grace for its workers
+# (EXIT_GRACE_S in signaling/workers.py, 15 s). stop() waits that long and a
+# margin before SIGKILL: a draining server killed early closes its clients
+# abruptly and leaves its metrics directory behind (seen in a 40,000-client
+# hand-over with a 20-s drain on a slow host).
+SERVER_DEFAULT_DRAIN_S = 5.0
+SERVER_EXIT_GRACE_S = 15.0
+STOP_MARGIN_S = 10.0
+MIN_STOP_GRACE_S = 30.0
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -155,10 +165,25 @@ class SpawnedServer:
             return False
         return True
 
-    def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds, by PID: the server and every
-        process it started (``--workers N``: a supervisor's workers must not outlive it
-        on the SO_REUSEPORT port). Returns once all of them are gone."""
+    @property
+    def stop_grace_s(self) -> float:
+        """Seconds :meth:`stop` waits before SIGKILL by default: the server's own
+        shutdown budget and a margin (the baseline stops at once)."""
+        if self.kind != "digis-signal":
+            return MIN_STOP_GRACE_S
+        try:
+            drain = float(self.env.get("SIGNAL_DRAIN_S", SERVER_DEFAULT_DRAIN_S))
+        except ValueError:
+            drain = SERVER_DEFAULT_DRAIN_S  # the server refuses it at start-up anyway
+        return max(MIN_STOP_GRACE_S, drain + SERVER_EXIT_GRACE_S + STOP_MARGIN_S)
+
+    def stop(self, grace: float | None = None) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds (default
+        :attr:`stop_grace_s`), by PID: the server and every process it started
+        (``--workers N``: a supervisor's workers must not outlive it on the
+        SO_REUSEPORT port). Returns once all of them are gone."""
+        if grace is None:
+            grace = self.stop_grace_s
         if self.proc is not None:
             # Listed before the signal: once the supervisor is gone its workers are
             # re-parented and no longer found as its descendants.

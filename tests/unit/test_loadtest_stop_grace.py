@@ -1,0 +1,40 @@
+"""The load tool waits for a spawned server to stop by itself before SIGKILL:
+as long as the server's own shutdown budget (drain window plus the
+supervisor's grace for its workers) and a margin, so a server draining under a
+reconnect storm is not killed mid-drain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loadtest.servers import (
+    MIN_STOP_GRACE_S,
+    SERVER_DEFAULT_DRAIN_S,
+    SERVER_EXIT_GRACE_S,
+    STOP_MARGIN_S,
+    SpawnedServer,
+)
+from signaling.config import Settings
+from signaling.workers import EXIT_GRACE_S
+
+
+def server(kind: str, **env: str) -> SpawnedServer:
+    return SpawnedServer(kind, "s", 1, env, Path("/nonexistent"), None)
+
+
+def test_the_tool_knows_the_servers_shutdown_budget() -> None:
+    # The tool does not import the server (it also targets external ones): its
+    # copies of the two figures must follow the server's.
+    assert Settings(dev=True).drain_s == SERVER_DEFAULT_DRAIN_S
+    assert SERVER_EXIT_GRACE_S == EXIT_GRACE_S
+
+
+def test_grace_covers_the_drain_window_and_the_workers_grace() -> None:
+    drained = server("digis-signal", SIGNAL_DRAIN_S="20")
+    assert drained.stop_grace_s == 20 + EXIT_GRACE_S + STOP_MARGIN_S
+    long = server("digis-signal", SIGNAL_DRAIN_S="120")
+    assert long.stop_grace_s == 120 + EXIT_GRACE_S + STOP_MARGIN_S
+    # Short drains (the default's 5 s) keep the floor.
+    assert server("digis-signal").stop_grace_s == MIN_STOP_GRACE_S
+    assert server("digis-signal", SIGNAL_DRAIN_S="junk").stop_grace_s == MIN_STOP_GRACE_S
+    assert server("baseline", SIGNAL_DRAIN_S="120").stop_grace_s == MIN_STOP_GRACE_S
