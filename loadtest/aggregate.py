@@ -278,9 +278,12 @@ def _timeline_point(hist: Histogram) -> dict[str, Any]:
 
 def _server_cpu_s(facts: RunFacts) -> float | None:
     """The server's CPU seconds over the measured phase and drain; None if
-    the server was not measured."""
+    the server was not measured, or if one of its processes had ended by then
+    (its CPU time went with it: the difference would be too low, even negative)."""
     start, end = facts.server_start, facts.server_end
     if not facts.server_pids or start is None or end is None:
+        return None
+    if min(start.alive, end.alive) < len(facts.server_pids):
         return None
     return end.cpu_s - start.cpu_s
 

@@ -20,6 +20,7 @@ from typing import Any
 from loadtest.aggregate import RunFacts, build_report
 from loadtest.config import RunSettings, WorkerPlan
 from loadtest.procstat import (
+    alive,
     cpu_seconds,
     cpu_ticks,
     discover_listeners,
@@ -77,6 +78,18 @@ def worker_count(
     needed = max(cpus, math.ceil(settings.connections / MAX_CONNECTIONS_PER_WORKER))
     # fanout keeps its publishers in a worker of their own.
     return needed + 1 if settings.scenario == "fanout" else needed
+
+
+def server_exit_text(gone: list[int], group: ServerGroup | None) -> str:
+    """Which server processes exited during a run, with the exit codes and
+    logs of those the tool started."""
+    text = f"server process(es) {', '.join(map(str, gone))} exited during the run"
+    if group is None:
+        return text + ": the figures are the survivors' only"
+    codes = group.exit_codes(gone)
+    if codes:
+        text += " (" + ", ".join(f"{name}: exit code {code}" for name, code in codes) + ")"
+    return f"{text}; logs in {group.log_dir}"
 
 
 def discover_pids(urls: tuple[str, ...]) -> list[int]:
@@ -140,7 +153,7 @@ class _Run:
         self.conns: list[Connection] = []
         self.latest: list[dict[str, Any]] = [{} for _ in range(workers)]
         self._cpu_last: dict[int, float] = {}
-        self._server_cpu_last: float | None = None
+        self._server_cpu_last: tuple[float, int] | None = None  # (CPU s, processes)
         self._core_ticks: dict[str, tuple[int, int]] = {}
         self._last_tick = time.monotonic()
         self._measuring = False
@@ -198,12 +211,27 @@ class _Run:
         finals = [m[1] for m in self._gather("final", self.s.drain_timeout_s + 30.0)]
         facts.t_end = time.time()
         facts.server_end = sample(facts.server_pids)
+        self._check_server_exits()
         self._account_noise(own_start)
         facts.client_cpu_s = sum(f["extra"].get("cpu_s", 0.0) for f in finals)
         facts.client_wakeups = sum(f["extra"].get("wakeups", 0) for f in finals)
         self._broadcast("close")
         self.progress.done()
         return build_report(facts, finals)
+
+    def _check_server_exits(self) -> None:
+        """A server process that died during the run (a crash, the OOM killer,
+        someone's signal) makes the run fatal: what it measured is the survivors'
+        work only, and the clients' losses are the crash's, not the server's
+        behaviour under load. A restart's old processes are not counted: the
+        successors are measured from the hand-over on, and a failed restart
+        reports itself."""
+        if self.restart and (self.facts.restart is None or "error" in self.facts.restart):
+            return
+        running = set(alive(self.facts.server_pids))
+        gone = [pid for pid in self.facts.server_pids if pid not in running]
+        if gone:
+            self.facts.fatal.append(server_exit_text(gone, self.target.group))
 
     def _start_profiler(self) -> None:
         if not self.s.profile or not self.facts.server_pids:
@@ -360,10 +388,13 @@ class _Run:
                     spent[pid] = spent.get(pid, 0.0) + cpu - before
         server_cpu = None
         if self.facts.server_pids:
-            total = sample(self.facts.server_pids).cpu_s
-            if self._server_cpu_last is not None:
-                server_cpu = (total - self._server_cpu_last) / elapsed
-            self._server_cpu_last = total
+            now_sample = sample(self.facts.server_pids)
+            last = self._server_cpu_last
+            # A process gone since the last tick takes its CPU time with it:
+            # no figure rather than a negative one.
+            if last is not None and now_sample.alive == last[1]:
+                server_cpu = (now_sample.cpu_s - last[0]) / elapsed
+            self._server_cpu_last = (now_sample.cpu_s, now_sample.alive)
         client_core = self._core_busy("client", self.facts.client_cpus)
         server_core = self._core_busy("server", self.facts.server_cpus)
         saturated = self._saturated(worker_cpu) or (client_core or 0.0) >= SATURATED

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_runs", "plotting_available"]
+__all__ = ["latency_kind", "plot_runs", "plotting_available"]
 
 
 def plotting_available() -> bool:
@@ -16,9 +16,18 @@ def plotting_available() -> bool:
     return True
 
 
+def latency_kind(scenario: str) -> tuple[str, str]:
+    """(what a run's latency is, what it counts): ``calls`` times invite → ring
+    (the callee's ``call.incoming``), the other scenarios their deliveries."""
+    if scenario == "calls":
+        return "invite → ring latency", "calls"
+    return "delivery latency", "deliveries"
+
+
 def plot_runs(runs: list[dict[str, Any]], prefix: Path) -> list[Path]:
     """``<prefix>-latency-time.png`` (p50/p99/max per second) and
-    ``<prefix>-latency-hist.png`` (delivery latency distribution), one curve per run."""
+    ``<prefix>-latency-hist.png`` (the latency's distribution), one curve per run;
+    nothing for runs without latencies (idle)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
@@ -29,6 +38,7 @@ def plot_runs(runs: list[dict[str, Any]], prefix: Path) -> list[Path]:
     runs = [r for r in runs if r["timeline"]]
     if not runs:
         return written
+    what, counted = latency_kind(runs[0]["scenario"])
 
     fig, ax = plt.subplots(figsize=(10, 5))
     for run in runs:
@@ -50,9 +60,9 @@ def plot_runs(runs: list[dict[str, Any]], prefix: Path) -> list[Path]:
             label=f"{label} max",
         )
     ax.set_xlabel("seconds since start")
-    ax.set_ylabel("delivery latency (ms)")
+    ax.set_ylabel(f"{what} (ms)")
     ax.set_yscale("log")
-    ax.set_title(f"{runs[0]['scenario']}: delivery latency over time")
+    ax.set_title(f"{runs[0]['scenario']}: {what} over time")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     path = Path(f"{prefix}-latency-time.png")
@@ -70,10 +80,10 @@ def plot_runs(runs: list[dict[str, Any]], prefix: Path) -> list[Path]:
         ys = [n / total / ((high - low) / 1000) for low, high, n in rows]
         ax.step(xs, ys, where="post", label=f"{run['target']} rate {run['settings']['rate']:g}")
     ax.set_xscale("log")
-    ax.set_xlabel("delivery latency (ms, log)")
-    ax.set_ylabel("share of deliveries per ms")
+    ax.set_xlabel(f"{what} (ms, log)")
+    ax.set_ylabel(f"share of {counted} per ms")
     ax.set_yscale("log")
-    ax.set_title(f"{runs[0]['scenario']}: delivery latency histogram")
+    ax.set_title(f"{runs[0]['scenario']}: {what} histogram")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     path = Path(f"{prefix}-latency-hist.png")

@@ -14,9 +14,10 @@ __all__ = ["Recorder"]
 class Recorder:
     """Counters and histograms of one worker process.
 
-    Delivery latencies go into one histogram per wall-clock second since the start of
-    the run (the latency-over-time plot); the overall histogram is their merge, so each
-    delivery costs one histogram update.
+    Delivery latencies (or, in a scenario without deliveries of its own, the latency it
+    times: :meth:`latency`) go into one histogram per wall-clock second since the start
+    of the run (the latency-over-time plot); the overall histogram is their merge, so
+    each delivery costs one histogram update.
     """
 
     def __init__(self) -> None:
@@ -67,11 +68,7 @@ class Recorder:
             self.foreign += 1
             return
         self.deliveries += 1
-        second = int(now_us / 1e6 - self.t0)
-        hist = self.series.get(second)
-        if hist is None:
-            hist = self.series[second] = Histogram()
-        hist.add(now_us - sent_us)
+        self._timed(now_us, now_us - sent_us)
         if arrived_ns:
             self.arrival.add(arrived_ns // 1000 - sent_us)
             if stamp_shared:
@@ -81,6 +78,19 @@ class Recorder:
             bitmap = received[stream] = bytearray()
         if bitmap_set(bitmap, seq):
             self.duplicates += 1
+
+    def latency(self, latency_us: int) -> None:
+        """A latency the scenario measures itself rather than a delivery's (calls:
+        invite sent → ``call.incoming`` at the callee): it is the run's latency,
+        in the table, the timeline and the plots."""
+        self._timed(time.time_ns() // 1000, latency_us)
+
+    def _timed(self, now_us: int, latency_us: int) -> None:
+        second = int(now_us / 1e6 - self.t0)
+        hist = self.series.get(second)
+        if hist is None:
+            hist = self.series[second] = Histogram()
+        hist.add(latency_us)
 
     def ack(self, stream: int, seq: int, sent_at: float) -> None:
         self.pub_acked += 1

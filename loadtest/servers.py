@@ -258,6 +258,17 @@ class ServerGroup:
     def pids(self) -> list[int]:
         return [s.pid for s in self.servers if s.proc is not None]
 
+    def exit_codes(self, pids: Sequence[int]) -> list[tuple[str, int]]:
+        """(name, exit code) of those of ``pids`` that are servers of this group
+        and have ended (not their worker processes: the supervisor reaps those)."""
+        codes = []
+        for server in self.servers:
+            if server.proc is not None and server.proc.pid in pids:
+                code = server.proc.poll()
+                if code is not None:
+                    codes.append((server.name, code))
+        return codes
+
     @property
     def log_dir(self) -> Path:
         return self.servers[0].log_path.parent

@@ -120,7 +120,9 @@ class Calls(Scenario):
                     waiter = asyncio.get_running_loop().create_future()
                     self._ringing[call_id] = waiter
                     rang_at = await waiter
-                self.ring.add(int((rang_at - started) * 1e6))
+                ring_us = int((rang_at - started) * 1e6)
+                self.ring.add(ring_us)
+                self.rec.latency(ring_us)
                 stage = "call.accept"
                 await callee.rpc("call.accept", {"call_id": call_id})
                 stage = "call.join"

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from loadtest.cli import EXIT_FATAL
 from loadtest.profile import read_raw, summarize
 from loadtest.scenarios.fanout import PROBE_EVERY
 from support.processes import REPO_ROOT, ServerProcess
@@ -55,7 +56,9 @@ SMOKE_RUNS: dict[str, list[str]] = {
 }
 
 
-async def run_tool(args: list[str], json_path: Path, env: dict[str, str]) -> dict[str, Any]:
+async def run_tool(
+    args: list[str], json_path: Path, env: dict[str, str], *, exit_code: int = 0
+) -> dict[str, Any]:
     """Run ``python -m loadtest`` with ``args``; return its JSON report."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -77,7 +80,9 @@ async def run_tool(args: list[str], json_path: Path, env: dict[str, str]) -> dic
         await proc.wait()
         raise
     text = output.decode(errors="replace")
-    assert proc.returncode == 0, f"loadtest {' '.join(args)} exited {proc.returncode}:\n{text}"
+    assert proc.returncode == exit_code, (
+        f"loadtest {' '.join(args)} exited {proc.returncode}:\n{text}"
+    )
     document: dict[str, Any] = json.loads(json_path.read_text())
     for run in document["runs"]:
         for one in run["server"].get("interpreters", ()):
@@ -185,6 +190,45 @@ async def test_smoke_against_server(load_server: ServerProcess, tmp_path: Path) 
     check_fanout(check_report(documents[0], "fanout", "external"))
 
 
+async def test_a_server_that_dies_mid_run_makes_the_run_fatal(
+    load_server: ServerProcess, tmp_path: Path
+) -> None:
+    """The server killed while measured: the tool says which process exited,
+    stops with its fatal exit code, and gives no server CPU figures (the dead
+    process took its CPU time with it: they came out negative before)."""
+    env = tool_env(load_server.secret)
+    args = ["fanout", "-n", "20", "-r", "20", "-d", "6"]
+    target = ["--url", load_server.ws_url, "--server-pid", str(load_server.pid)]
+    tool = asyncio.create_task(
+        run_tool([*args, *target], tmp_path / "died.json", env, exit_code=EXIT_FATAL)
+    )
+    # The room's publications start with the measured phase (the users' status
+    # publications of the set-up reach nobody): kill the server once some arrived.
+    for _ in range(300):
+        if tool.done():
+            break
+        _, body = await load_server.aget("/metrics")
+        if _metric(body, "signal_deliveries_total") >= 100:
+            load_server.kill()
+            break
+        await asyncio.sleep(0.1)
+    document = await tool
+    [run] = document["runs"]
+    assert run["fatal"] == [
+        f"server process(es) {load_server.pid} exited during the run: "
+        "the figures are the survivors' only"
+    ], run["fatal"]
+    assert run["server"]["measured"] is False, run["server"]
+    assert "cpu_us_per_delivery" not in run["server"]
+
+
+def _metric(body: bytes, name: str) -> float:
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
 async def test_smoke_against_baseline(tmp_path: Path) -> None:
     env = tool_env()
     names = list(SMOKE_RUNS)
@@ -235,13 +279,23 @@ async def test_connect_restart_by_hand_over(tmp_path: Path) -> None:
 async def test_calls_storm_completes_calls_and_prices_them(tmp_path: Path) -> None:
     """``calls`` against a spawned server (embedded broker, throwaway Agora
     credentials): every started call completes (invite, ring, accept, two
-    tokens, end), and the report gives the server's CPU per call set-up."""
-    args = ["calls", "--spawn-server", "-n", "20", "-r", "10", "-d", "2"]
+    tokens, end), the report gives the server's CPU per call set-up, and the
+    invite-to-ring latency is the run's latency: table, timeline, histogram
+    and the two plots."""
+    plot = tmp_path / "calls"
+    args = ["calls", "--spawn-server", "-n", "20", "-r", "10", "-d", "2", "--plot", str(plot)]
     document = await run_tool(args, tmp_path / "calls.json", tool_env())
     run = check_report(document, "calls", "digis-signal")
     results = run["scenario_results"]
     assert results["calls_completed"] > 0 and results["calls_failed"] == 0, results
-    assert results["invite_to_ring_ms"]["count"] >= results["calls_completed"], results
+    ring = results["invite_to_ring_ms"]
+    assert ring["count"] >= results["calls_completed"], results
+    assert run["latency_ms"] == ring, (run["latency_ms"], ring)
+    assert sum(point["count"] for point in run["timeline"]) == ring["count"], run["timeline"]
+    assert sum(n for _, _, n in run["histogram_us"]) == ring["count"]
+    for name in ("latency-time", "latency-hist"):
+        png = tmp_path / f"calls-{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     expected = run["server"]["cpu_s"] / results["calls_completed"] * 1e6
     assert results["server_cpu_us_per_call"] == pytest.approx(expected, rel=0.05), results
 
