@@ -143,6 +143,7 @@ class ClientSession:
     __slots__ = (
         "_closed",
         "_commands",
+        "_expiry_due",
         "_finalized",
         "_identity",
         "_last_refill",
@@ -175,6 +176,11 @@ class ClientSession:
         self._closed = False
         self._finalized = False
         self._pong_deadline = 0.0
+        # Wall time of the earliest token expiry (the connection's, with its
+        # close delay, or a subscription's) that the pings must look at; never
+        # later than the true one, maybe earlier (a refresh moved it on): see
+        # _check_expiry. Most pings then cost one comparison.
+        self._expiry_due = math.inf
         settings = node.settings
         self._tokens = float(settings.command_burst)
         self._last_refill = time.monotonic()
@@ -273,7 +279,7 @@ class ClientSession:
         if self._pong_deadline and now >= self._pong_deadline:
             self.disconnect(DISCONNECT_NO_PONG)
             return
-        if self._check_expiry(now):
+        if time.time() >= self._expiry_due and self._check_expiry():
             return
         self._pong_deadline = now + self.node.settings.pong_timeout_s
         # The same pre-built frame for every connection: pings are most of an
@@ -291,21 +297,34 @@ class ClientSession:
             return
         self._pong_deadline = 0.0
 
-    def _check_expiry(self, now: float) -> bool:
-        """Close an expired connection; end expired subscriptions. Uses wall
-        time (token claims are unix seconds)."""
+    def _check_expiry(self) -> bool:
+        """Close an expired connection; end expired subscriptions; find when
+        to look again. Uses wall time (token claims are unix seconds)."""
         identity = self._identity
         if identity is None:
             return False
         wall = time.time()
         expires_at = identity.credentials.expires_at
-        if expires_at is not None and wall > expires_at + self.node.settings.expired_close_delay_s:
-            self.disconnect(DISCONNECT_EXPIRED)
-            return True
+        due = math.inf
+        if expires_at is not None:
+            due = expires_at + self.node.settings.expired_close_delay_s
+            if wall > due:
+                self.disconnect(DISCONNECT_EXPIRED)
+                return True
         for channel, sub in list(self.subs.items()):
             if sub.expires_at is not None and wall > sub.expires_at:
                 self.server_unsubscribe(channel, *UNSUBSCRIBE_EXPIRED)
+        for sub in self.subs.values():
+            # One still syncing stays until its reply is sent: looked at again.
+            if sub.expires_at is not None and sub.expires_at < due:
+                due = sub.expires_at
+        self._expiry_due = due
         return False
+
+    def _expires_at(self, when: float | None) -> None:
+        """A token expiry was set: the pings look at it by then."""
+        if when is not None and when < self._expiry_due:
+            self._expiry_due = when
 
     def _end_connecting(self) -> None:
         """Connected, or closed before: the connect deadline no longer applies."""
@@ -531,6 +550,8 @@ class ClientSession:
 
         identity = _Identity(credentials, ClientInfo(user, self.client_id, _conn_info(credentials)))
         self._identity = identity
+        if credentials.expires_at is not None:
+            self._expires_at(credentials.expires_at + settings.expired_close_delay_s)
         subs: dict[str, SubscribeResult] = {}
         personal = node.policy.personal_channel(user)
         if personal is not None:
@@ -575,6 +596,9 @@ class ClientSession:
         if credentials.user != identity.credentials.user:
             raise SignalError(DISCONNECT_INVALID_TOKEN)
         identity.credentials = credentials
+        if credentials.expires_at is not None:
+            # A later expiry leaves an earlier due time: the check then finds it.
+            self._expires_at(credentials.expires_at + self.node.settings.expired_close_delay_s)
         expires, ttl = _ttl(credentials.expires_at)
         return RefreshResult(self.client_id, SERVER_VERSION, expires, ttl)
 
@@ -622,6 +646,7 @@ class ClientSession:
         node = self.node
         options = node.channel_options(channel)
         self.subs[channel] = sub = _Subscription(options, expires_at)
+        self._expires_at(expires_at)
         join_leave = options.join_leave and req.join_leave
         try:
             await node.add_subscriber(channel, self.client_id, self, join_leave=join_leave)
@@ -798,6 +823,7 @@ class ClientSession:
         sub.expires_at = await self._check_sub_token(
             req.token, identity.credentials.user, req.channel
         )
+        self._expires_at(sub.expires_at)
         expires, ttl = _ttl(sub.expires_at)
         return SubRefreshResult(expires, ttl)
 

@@ -832,6 +832,33 @@ async def test_refreshed_connection_stays_open(server_factory: Any) -> None:
     await client.close()
 
 
+async def test_a_subscription_refreshed_to_expire_sooner_ends_then(server_factory: Any) -> None:
+    """The pings look at token expiries only when the earliest one is due: a
+    sub_refresh that brings a subscription's expiry forward must move that
+    time too, or the subscription would outlive its token."""
+    import jwt
+
+    srv = await server_factory(EXPIRY_ENV, name="sub-refresh-sooner")
+    client = await connected(srv, "alice")
+
+    def token(ttl_s: int) -> str:
+        claims = {"sub": "alice", "channel": "private:vip", "exp": int(time.time()) + ttl_s}
+        return jwt.encode(claims, srv.secret, algorithm="HS256")
+
+    reply = await client.call("subscribe", {"channel": "private:vip", "token": token(600)})
+    assert reply["subscribe"]["ttl"] > 500
+    started = time.monotonic()
+    reply = await client.call("sub_refresh", {"channel": "private:vip", "token": token(2)})
+    assert reply["sub_refresh"]["ttl"] <= 2
+    # Bounded: the pings keep the socket busy, so a missed expiry would wait forever.
+    push = await asyncio.wait_for(client.push("unsubscribe"), 6)
+    assert push["channel"] == "private:vip"
+    assert push["unsubscribe"] == {"code": 2501, "reason": "subscription expired"}
+    assert time.monotonic() - started < 6
+    assert "rpc" in await client.call("rpc", {"method": "server.info"})
+    await client.close()
+
+
 async def test_expired_subscription_token_unsubscribes_with_2501(server_factory: Any) -> None:
     import jwt
 
