@@ -196,6 +196,11 @@ class ClientSession:
     def on_text(self, data: bytes) -> None:
         if self._closed:
             return
+        if data == b"{}":
+            # A pong, as every SDK writes it: most of an idle server's reads,
+            # answered without the JSON parse and the command it would build.
+            self._on_pong()
+            return
         try:
             commands = decode_frame(data)
         except ProtocolError as exc:
