@@ -309,13 +309,10 @@ class ClientSession:
         if identity is None:
             return False
         wall = time.time()
-        expires_at = identity.credentials.expires_at
-        due = math.inf
-        if expires_at is not None:
-            due = expires_at + self.node.settings.expired_close_delay_s
-            if wall > due:
-                self.disconnect(DISCONNECT_EXPIRED)
-                return True
+        due = self._close_due(identity.credentials)
+        if wall > due:
+            self.disconnect(DISCONNECT_EXPIRED)
+            return True
         for channel, sub in list(self.subs.items()):
             if sub.expires_at is not None and wall > sub.expires_at:
                 self.server_unsubscribe(channel, *UNSUBSCRIBE_EXPIRED)
@@ -330,6 +327,13 @@ class ClientSession:
         """A token expiry was set: the pings look at it by then."""
         if when is not None and when < self._expiry_due:
             self._expiry_due = when
+
+    def _close_due(self, credentials: Credentials) -> float:
+        """When an expired connection token closes the connection: its close
+        delay after the expiry (never without one)."""
+        if credentials.expires_at is None:
+            return math.inf
+        return credentials.expires_at + self.node.settings.expired_close_delay_s
 
     def _end_connecting(self) -> None:
         """Connected, or closed before: the connect deadline no longer applies."""
@@ -555,8 +559,7 @@ class ClientSession:
 
         identity = _Identity(credentials, ClientInfo(user, self.client_id, _conn_info(credentials)))
         self._identity = identity
-        if credentials.expires_at is not None:
-            self._expires_at(credentials.expires_at + settings.expired_close_delay_s)
+        self._expires_at(self._close_due(credentials))
         subs: dict[str, SubscribeResult] = {}
         personal = node.policy.personal_channel(user)
         if personal is not None:
@@ -601,9 +604,8 @@ class ClientSession:
         if credentials.user != identity.credentials.user:
             raise SignalError(DISCONNECT_INVALID_TOKEN)
         identity.credentials = credentials
-        if credentials.expires_at is not None:
-            # A later expiry leaves an earlier due time: the check then finds it.
-            self._expires_at(credentials.expires_at + self.node.settings.expired_close_delay_s)
+        # A later expiry leaves an earlier due time: the check then finds it.
+        self._expires_at(self._close_due(credentials))
         expires, ttl = _ttl(credentials.expires_at)
         return RefreshResult(self.client_id, SERVER_VERSION, expires, ttl)
 
