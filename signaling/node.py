@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 import orjson
@@ -294,6 +295,9 @@ class Node:
                 for session in list(self.sessions)
                 for channel, info in session.presence_entries()
             ]
+            # A channel's entries in one batch: the broker writes each
+            # channel's batch of entries at once.
+            entries.sort(key=itemgetter(0))
             for start in range(0, len(entries), PRESENCE_REFRESH_BATCH):
                 batch = entries[start : start + PRESENCE_REFRESH_BATCH]
                 try:

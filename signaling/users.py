@@ -72,7 +72,7 @@ class UserPresence:
         for start in range(0, len(users), REFRESH_BATCH):
             batch = users[start : start + REFRESH_BATCH]
             await self._store.zadd_many(
-                [(online_key(u), self._node, expires) for u in batch], self.ttl_s
+                [online_key(u) for u in batch], self._node, expires, self.ttl_s
             )
 
     async def status(self, user: str) -> UserStatus:

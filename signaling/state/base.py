@@ -120,9 +120,9 @@ class StateStore(Protocol):
         self, key: str, member: str, score: float, ttl_s: float | None = None
     ) -> None: ...
 
-    async def zadd_many(self, items: Sequence[tuple[str, str, float]], ttl_s: float) -> None:
-        """``zadd(key, member, score, ttl_s)`` for each (key, member, score),
-        in one batch: periodic refreshes of many records."""
+    async def zadd_many(self, keys: Sequence[str], member: str, score: float, ttl_s: float) -> None:
+        """``zadd(key, member, score, ttl_s)`` for each of ``keys``, in one
+        batch: a node's periodic refresh of its records of many users."""
 
     async def zrem(self, key: str, member: str) -> bool: ...
 

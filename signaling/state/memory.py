@@ -184,8 +184,8 @@ class MemoryStateStore:
         bisect.insort(ordered, (score, member))
         self._expire(key, ttl_s)
 
-    async def zadd_many(self, items: Sequence[tuple[str, str, float]], ttl_s: float) -> None:
-        for key, member, score in items:
+    async def zadd_many(self, keys: Sequence[str], member: str, score: float, ttl_s: float) -> None:
+        for key in keys:
             await self.zadd(key, member, score, ttl_s)
 
     async def zrem(self, key: str, member: str) -> bool:

@@ -145,17 +145,37 @@ SlotOf = Callable[[str], int]
 
 
 def in_batches(
-    values: Sequence[T], size: int, slot_of: Callable[[T], int] | None = None
+    values: Sequence[T],
+    size: int,
+    slot_of: Callable[[T], int] | None = None,
+    weight: Callable[[T], int] | None = None,
 ) -> list[list[T]]:
     """``values`` in lists of at most ``size``, in their order; with
-    ``slot_of`` (Redis Cluster), each list holds values of one slot only."""
+    ``slot_of`` (Redis Cluster), each list holds values of one slot only.
+    With ``weight``, ``size`` bounds the sum of a list's weights instead of
+    its length (a value heavier than ``size`` gets a list of its own)."""
     groups: Iterable[Sequence[T]] = [values]
     if slot_of is not None:
         by_slot: dict[int, list[T]] = {}
         for value in values:
             by_slot.setdefault(slot_of(value), []).append(value)
         groups = by_slot.values()
-    return [list(group[i : i + size]) for group in groups for i in range(0, len(group), size)]
+    if weight is None:
+        return [list(group[i : i + size]) for group in groups for i in range(0, len(group), size)]
+    batches: list[list[T]] = []
+    for group in groups:
+        batch: list[T] = []
+        total = 0
+        for value in group:
+            heft = weight(value)
+            if batch and total + heft > size:
+                batches.append(batch)
+                batch, total = [], 0
+            batch.append(value)
+            total += heft
+        if batch:
+            batches.append(batch)
+    return batches
 
 
 async def run_script_per_item(
@@ -166,6 +186,7 @@ async def run_script_per_item(
     *,
     slot_of: SlotOf | None = None,
     max_items: int = SCRIPT_ITEMS_MAX,
+    item_weight: Callable[[int], int] | None = None,
 ) -> list[Any]:
     """``script`` over many (keys, args) items in few calls, one batch.
 
@@ -176,12 +197,17 @@ async def run_script_per_item(
     per item, this costs a few arguments where a call of its own costs a
     command, a reply and a future (and Redis a script invocation).
 
+    A call holds at most ``max_items`` items, or with ``item_weight`` (of
+    an item's index) items weighing at most ``max_items`` together: items
+    that each stand for many entries keep a call as short for Redis's one
+    thread as ``max_items`` small ones.
+
     Every key of one item must share a slot (a hash tag). On Redis Cluster,
     pass ``slot_of``: a call then holds items of one slot only, because
     Redis refuses a call whose keys span slots. Raises the first failure.
     """
     item_slot = None if slot_of is None else (lambda index: slot_of(items[index][0][0]))
-    groups = in_batches(range(len(items)), max_items, item_slot)
+    groups = in_batches(range(len(items)), max_items, item_slot, item_weight)
     calls: list[tuple[Sequence[str], Sequence[RedisArg]]] = []
     for group in groups:
         keys = [key for index in group for key in items[index][0]]
@@ -333,15 +359,15 @@ ZADD_EXPIRE = LuaScript(
     """
 local out = {}
 for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], ARGV[2 * i], ARGV[2 * i + 1])
+  redis.call('ZADD', KEYS[i], ARGV[2], ARGV[3])
   out[i] = redis.call('PEXPIRE', KEYS[i], ARGV[1])
 end
 return out
 """
 )
 """ZADD and PEXPIRE together, on one key or on many per call
-(:func:`run_script_per_item`). KEYS: one per item. ARGV: ttl_ms, then score,
-member per item."""
+(:func:`run_script_per_item`), the same member and score in each. KEYS: one
+per item. ARGV: ttl_ms, score, member."""
 
 ZPOP_DUE = LuaScript(
     """
@@ -617,12 +643,12 @@ class RedisStateStore:
                 ZADD_EXPIRE, [self.key(key)], [ttl_ms(ttl_s), _score(score), member]
             )
 
-    async def zadd_many(self, items: Sequence[tuple[str, str, float]], ttl_s: float) -> None:
+    async def zadd_many(self, keys: Sequence[str], member: str, score: float, ttl_s: float) -> None:
         await run_script_per_item(
             self._exec,
             ZADD_EXPIRE,
-            [([self.key(k)], [_score(score), m]) for k, m, score in items],
-            [ttl_ms(ttl_s)],
+            [([self.key(k)], ()) for k in keys],
+            [ttl_ms(ttl_s), _score(score), member],
             slot_of=self._slot_of,
         )
 

@@ -74,6 +74,37 @@ async def test_closed_connections_presence_is_removed_and_leaves_published_in_ba
         await broker.close()
 
 
+async def test_a_refresh_writes_each_channels_entries_together_whatever_their_order(
+    redis_server: RedisProcess,
+) -> None:
+    """A refresh groups its entries by channel (one write per channel, a busy
+    channel's in chunks of SCRIPT_ITEMS_MAX): entries in any order, a channel
+    with more entries than a chunk, and an entry whose info changed all end
+    up exactly as given, with the new expiry."""
+    broker = RedisBroker(redis_server.url, prefix="grouped-refresh:")
+    try:
+        busy, quiet = "room:busy", "room:quiet"
+        busy_infos = [
+            ClientInfo(f"u{i}", f"b{i}", f'{{"n":{i}}}'.encode(), None)
+            for i in range(SCRIPT_ITEMS_MAX * 2 + 3)
+        ]
+        quiet_infos = [ClientInfo("q", f"q{i}", None, b'{"seat":2}') for i in range(3)]
+        # The quiet room's entries interleaved with the busy room's.
+        entries = [(busy, info) for info in busy_infos]
+        for k, info in enumerate(quiet_infos):
+            entries.insert(k * 50, (quiet, info))
+        await broker.add_presence(busy, ClientInfo("old", "b0", None, None), ttl_s=0.3)
+        await broker.refresh_presence(entries, ttl_s=0.3)
+        await broker.refresh_presence(entries[1:], ttl_s=60)  # all but the first entry
+        await asyncio.sleep(0.5)
+
+        assert await broker.presence(busy) == {info.client: info for info in busy_infos}
+        assert await broker.presence(quiet) == {info.client: info for info in quiet_infos[1:]}
+        assert await broker.presence_stats(busy) == (len(busy_infos), len(busy_infos))
+    finally:
+        await broker.close()
+
+
 async def test_a_large_presence_refresh_and_position_check_reach_every_channel(
     redis_server: RedisProcess,
 ) -> None:

@@ -710,21 +710,24 @@ async def test_zcount(h: Harness) -> None:
     assert await h.store.zcount("missing", 0.0, 1.0) == 0
 
 
-async def test_zadd_many_sets_members_and_ttl(h: Harness) -> None:
-    await h.store.zadd_many([("a{x}", "n1", 1.0), ("b{x}", "n2", 2.0)], 60.0)
-    assert await h.store.zrange_by_score("a{x}", -INF, INF) == [("n1", 1.0)]
-    assert await h.store.zrange_by_score("b{x}", -INF, INF) == [("n2", 2.0)]
+async def test_zadd_many_sets_the_member_in_each_set(h: Harness) -> None:
+    await h.store.zadd("a{x}", "n0", 0.5)
+    await h.store.zadd_many(["a{x}", "b{x}"], "n1", 1.0, 60.0)
+    assert await h.store.zrange_by_score("a{x}", -INF, INF) == [("n0", 0.5), ("n1", 1.0)]
+    assert await h.store.zrange_by_score("b{x}", -INF, INF) == [("n1", 1.0)]
+    await h.store.zadd_many(["b{x}"], "n1", 2.0, 60.0)  # re-scored, not added twice
+    assert await h.store.zrange_by_score("b{x}", -INF, INF) == [("n1", 2.0)]
 
 
 async def test_zadd_many_reaches_every_item_of_a_large_refresh(h: Harness) -> None:
-    # More items than one Redis call takes (SCRIPT_ITEMS_MAX), each under its own
+    # More keys than one Redis call takes (SCRIPT_ITEMS_MAX), each under its own
     # tag as the users' presence keys are, and the TTL on every key.
-    items = [(f"online:{{u{i}}}", "node-a", float(i)) for i in range(SCRIPT_ITEMS_MAX * 2 + 7)]
-    await h.store.zadd_many(items, TTL_S)
-    for key, member, score in items:
-        assert await h.store.zrange_by_score(key, -INF, INF) == [(member, score)], key
+    keys = [f"online:{{u{i}}}" for i in range(SCRIPT_ITEMS_MAX * 2 + 7)]
+    await h.store.zadd_many(keys, "node-a", 5.0, TTL_S)
+    for key in keys:
+        assert await h.store.zrange_by_score(key, -INF, INF) == [("node-a", 5.0)], key
     await h.elapse(PAST_TTL_S)
-    for key, _, _ in items[:: SCRIPT_ITEMS_MAX // 2]:
+    for key in keys[:: SCRIPT_ITEMS_MAX // 2]:
         assert await h.store.zrange_by_score(key, -INF, INF) == [], key
 
 
@@ -848,13 +851,13 @@ class TestRedisCluster:
         self, redis_cluster: RedisCluster, cluster_store: RedisStateStore
     ) -> None:
         tags = _tags_on_every_node(redis_cluster)
-        # Items of every node, interleaved, and more of one slot than one call takes.
-        items = [(f"online:{{{tag}}}:{i}", "node-a", float(i)) for i in range(3) for tag in tags]
+        # Keys of every node, interleaved, and more of one slot than one call takes.
+        keys = [f"online:{{{tag}}}:{i}" for i in range(3) for tag in tags]
         one_slot = f"online:{{{tags[0]}}}"
-        items += [(f"{one_slot}:x{i}", "node-b", 1.0) for i in range(SCRIPT_ITEMS_MAX + 1)]
-        await cluster_store.zadd_many(items, 60)
-        for key, member, score in items:
-            assert await cluster_store.zrange_by_score(key, -INF, INF) == [(member, score)], key
+        keys += [f"{one_slot}:x{i}" for i in range(SCRIPT_ITEMS_MAX + 1)]
+        await cluster_store.zadd_many(keys, "node-a", 1.0, 60)
+        for key in keys:
+            assert await cluster_store.zrange_by_score(key, -INF, INF) == [("node-a", 1.0)], key
 
         # Without slot_of the items of several slots would go in one call, which
         # the cluster client refuses: hence the parameter.
@@ -862,7 +865,7 @@ class TestRedisCluster:
         try:
             unsharded = RedisStateStore(executor, prefix=cluster_store.prefix)
             with pytest.raises(RedisClusterException):
-                await asyncio.wait_for(unsharded.zadd_many(items, 60), 5)
+                await asyncio.wait_for(unsharded.zadd_many(keys, "node-a", 1.0, 60), 5)
         finally:
             await executor.close()
 
