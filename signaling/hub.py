@@ -35,7 +35,7 @@ from signaling.protocol import (
     encode_pub_push,
 )
 
-__all__ = ["SYNC_BUFFER_MAX", "Hub", "Subscriber"]
+__all__ = ["SYNC_BUFFER_MAX", "Hub", "Subscriber", "namespace_of"]
 
 # Publications buffered for one syncing subscriber before it is considered
 # hopelessly behind (it is then told to reconnect: insufficient state).
@@ -56,6 +56,13 @@ class Subscriber(Protocol):
 
 
 Deliver = Callable[[bytes], None]
+
+
+def namespace_of(channel: str) -> str:
+    """A channel's namespace: its name before the first ``:`` (``room`` for
+    ``room:alice``), or ``""`` if it has none (a personal ``#user``)."""
+    namespace, colon, _ = channel.partition(":")
+    return namespace if colon else ""
 
 
 def _deliverers(subs: dict[str, Subscriber]) -> tuple[Deliver, ...]:
@@ -115,6 +122,9 @@ class Hub:
         self._defer = defer
         self.gaps = 0
         self._channels: dict[str, _Channel] = {}
+        # The same channels by namespace: periodic work on one kind of channel
+        # (live-room viewer counts) need not walk every personal channel.
+        self._by_namespace: dict[str, set[str]] = {}
         # Broadcasts of this iteration not written yet (with defer), in order.
         self._pending: list[tuple[tuple[Deliver, ...], bytes]] = []
 
@@ -127,6 +137,7 @@ class Hub:
         first = ch is None
         if ch is None:
             ch = self._channels[channel] = _Channel()
+            self._by_namespace.setdefault(namespace_of(channel), set()).add(channel)
         ch.syncing[client_id] = []
         ch.syncing_subs[client_id] = sub
         if join_leave:
@@ -160,14 +171,23 @@ class Hub:
         ch.pending_join_leave.discard(client_id)
         if ch.empty():
             del self._channels[channel]
+            namespace = namespace_of(channel)
+            same_kind = self._by_namespace[namespace]
+            same_kind.discard(channel)
+            if not same_kind:
+                del self._by_namespace[namespace]
             return True
         return False
 
     def has_channel(self, channel: str) -> bool:
         return channel in self._channels
 
-    def channels(self) -> list[str]:
-        return list(self._channels)
+    def channels(self, namespace: str | None = None) -> list[str]:
+        """The channels with subscribers here; given ``namespace``, only
+        those in it (see :func:`namespace_of`)."""
+        if namespace is None:
+            return list(self._channels)
+        return list(self._by_namespace.get(namespace, ()))
 
     def num_subscribers(self, channel: str) -> int:
         ch = self._channels.get(channel)

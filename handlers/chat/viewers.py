@@ -58,7 +58,7 @@ class ViewerCounter:
         """Tick forever (node.spawn'ed; cancelled when the node closes)."""
         while True:
             await asyncio.sleep(self._interval_s)
-            rooms = [c for c in self._node.hub.channels() if room_owner(c) is not None]
+            rooms = [c for c in self._node.hub.channels("room") if room_owner(c) is not None]
             for start in range(0, len(rooms), _BATCH):
                 batch = rooms[start : start + _BATCH]
                 results = await asyncio.gather(

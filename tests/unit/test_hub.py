@@ -7,7 +7,7 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from signaling.hub import SYNC_BUFFER_MAX, Hub
+from signaling.hub import SYNC_BUFFER_MAX, Hub, namespace_of
 from signaling.protocol import ClientInfo, Publication
 
 INFO = ClientInfo(user="42", client="c-joiner")
@@ -95,6 +95,32 @@ def test_first_and_last_subscriber_booleans(hub: Hub) -> None:
     assert hub.remove("nope", "a") is False
     # The channel is "first" again after it emptied.
     assert hub.add("room:1", "c", FakeSub(), join_leave=False) is True
+
+
+def test_channels_by_namespace_follow_the_first_and_last_subscriber(hub: Hub) -> None:
+    assert (namespace_of("room:a"), namespace_of("dm:#1,2"), namespace_of("#42")) == (
+        "room",
+        "dm",
+        "",
+    )
+    hub.add("room:a", "x", FakeSub(), join_leave=False)
+    hub.add("room:a", "y", FakeSub(), join_leave=False)
+    hub.add("room:b", "x", FakeSub(), join_leave=False)
+    hub.add("dm:#1,2", "x", FakeSub(), join_leave=False)
+    hub.add("#42", "x", FakeSub(), join_leave=False)
+    assert sorted(hub.channels("room")) == ["room:a", "room:b"]
+    assert hub.channels("dm") == ["dm:#1,2"]
+    assert hub.channels("") == ["#42"]
+    assert hub.channels("private") == []
+
+    hub.remove("room:a", "x")  # one subscriber left: still listed
+    assert sorted(hub.channels("room")) == ["room:a", "room:b"]
+    hub.remove("room:a", "y")
+    hub.remove("room:b", "x")
+    assert hub.channels("room") == []
+    hub.add("room:b", "z", FakeSub(), join_leave=False)  # back after it emptied
+    assert hub.channels("room") == ["room:b"]
+    assert sorted(hub.channels()) == ["#42", "dm:#1,2", "room:b"]
 
 
 def test_remove_unknown_client_keeps_channel(hub: Hub) -> None:
