@@ -295,8 +295,9 @@ class Node:
                 for session in list(self.sessions)
                 for channel, info in session.presence_entries()
             ]
-            # A channel's entries in one batch: the broker writes each
-            # channel's batch of entries at once.
+            # Sorted by channel, a batch holds each channel's entries side by
+            # side (a busy one's may run into the next batch), and the broker
+            # writes a channel's entries of a batch at once.
             entries.sort(key=itemgetter(0))
             for start in range(0, len(entries), PRESENCE_REFRESH_BATCH):
                 batch = entries[start : start + PRESENCE_REFRESH_BATCH]
