@@ -160,14 +160,12 @@ def in_batches(
         for value in values:
             by_slot.setdefault(slot_of(value), []).append(value)
         groups = by_slot.values()
-    if weight is None:
-        return [list(group[i : i + size]) for group in groups for i in range(0, len(group), size)]
     batches: list[list[T]] = []
     for group in groups:
         batch: list[T] = []
         total = 0
         for value in group:
-            heft = weight(value)
+            heft = 1 if weight is None else weight(value)
             if batch and total + heft > size:
                 batches.append(batch)
                 batch, total = [], 0
