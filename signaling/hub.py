@@ -77,6 +77,10 @@ class _Channel:
     syncing_subs: dict[str, Subscriber] = field(default_factory=dict)
     # Syncing subscribers that asked for join/leave: they get them once live.
     pending_join_leave: set[str] = field(default_factory=set)
+    # Subscribers told to recover after a gap, until they leave (their
+    # session's clean-up runs later): they get nothing more of the channel,
+    # and the channel stays subscribed on the broker for them meanwhile.
+    lost: dict[str, Subscriber] = field(default_factory=dict)
     # The live subscribers' deliver methods, for iteration: a delivery may close
     # a slow connection, which unsubscribes it while we iterate. The methods
     # themselves, not the subscribers: a fan-out to a thousand touches a
@@ -94,7 +98,7 @@ class _Channel:
         return self.snapshot
 
     def empty(self) -> bool:
-        return not self.live and not self.syncing_subs
+        return not self.live and not self.syncing_subs and not self.lost
 
 
 class Hub:
@@ -169,6 +173,7 @@ class Hub:
         ch.syncing_subs.pop(client_id, None)
         ch.join_leave.pop(client_id, None)
         ch.pending_join_leave.discard(client_id)
+        ch.lost.pop(client_id, None)
         if ch.empty():
             del self._channels[channel]
             namespace = namespace_of(channel)
@@ -212,7 +217,10 @@ class Hub:
         return [*ch.live.values(), *ch.syncing_subs.values()]
 
     def lose_position(self, channel: str) -> None:
-        """Every local subscriber of ``channel`` must recover (a gap)."""
+        """Every local subscriber of ``channel`` must recover (a gap). Each
+        is told, and gets nothing of the channel after that: a publication
+        past the gap, delivered before the client resubscribed, would move
+        its position past what it missed (the SDKs then recover from there)."""
         ch = self._channels.get(channel)
         if ch is None:
             return
@@ -220,7 +228,15 @@ class Hub:
         self.flush()
         self.gaps += 1
         ch.epoch, ch.last_offset = "", 0
-        for sub in self.subscribers(channel):
+        told = [*ch.live.items(), *ch.syncing_subs.items()]
+        ch.lost.update(told)
+        ch.live.clear()
+        ch.snapshot = None
+        ch.join_leave.clear()
+        ch.syncing.clear()
+        ch.syncing_subs.clear()
+        ch.pending_join_leave.clear()
+        for _, sub in told:
             sub.lost_position(channel)
 
     # --- deliveries from the broker ----------------------------------------
@@ -229,23 +245,31 @@ class Hub:
         ch = self._channels.get(channel)
         if ch is None:
             return
+        seen = False
         if pub.offset:
             if ch.epoch and (epoch != ch.epoch or pub.offset > ch.last_offset + 1):
                 # Missed publications (broker pub/sub is at-most-once): this
                 # one is not delivered, so that recovery starts before the gap.
                 self.lose_position(channel)
                 return
-            if ch.epoch and pub.offset <= ch.last_offset:
-                return  # already delivered
-            ch.last_offset = pub.offset
-            ch.epoch = epoch
+            # At or below the position: the live subscribers have it (the
+            # position may come from a subscriber's stream read that saw it
+            # before pub/sub brought it here).
+            seen = bool(ch.epoch) and pub.offset <= ch.last_offset
+            if not seen:
+                ch.last_offset = pub.offset
+                ch.epoch = epoch
         if ch.syncing:
-            # A copy: an overflowing subscriber may be removed right away.
+            # Syncing subscribers sort out what they have by their own
+            # position (the session's _go_live). A copy: an overflowing
+            # subscriber may be removed right away.
             for client_id, buffered in list(ch.syncing.items()):
                 if len(buffered) >= SYNC_BUFFER_MAX:
                     ch.syncing_subs[client_id].lost_position(channel)
                 else:
                     buffered.append(pub)
+        if seen:
+            return
         subs = ch.live_snapshot()
         if not subs:
             return

@@ -11,6 +11,7 @@ local subscriber and unsubscribing after the last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -388,7 +389,12 @@ class Node:
                     try:
                         await self.broker.subscribe(channel)
                     except BaseException:
-                        self.hub.remove(channel, client_id)
+                        if self.hub.remove(channel, client_id):
+                            # The subscribe may have gone out (cancelled or
+                            # timed out waiting for its confirmation): a
+                            # channel nobody here wants must not keep coming.
+                            with contextlib.suppress(Exception):
+                                await self.broker.unsubscribe(channel)
                         raise
         finally:
             self._release_lock(channel, lock)

@@ -508,6 +508,33 @@ async def test_history_since_and_unrecoverable(srv: ServerProcess) -> None:
     await client.close()
 
 
+async def test_history_since_a_position_whose_stream_expired_is_unrecoverable(
+    server_factory: Any, redis_factory: Any
+) -> None:
+    """On Redis the stream expires with the history TTL while the channel's
+    position lives on: what followed ``since`` is gone, and an empty page
+    would pass for "nothing missed"."""
+    redis = redis_factory()
+    env = {"REDIS_URL": redis.url, "SIGNAL_HISTORY_TTL_S": "1"}
+    srv = await server_factory(env, name="history-expired")
+    client = await connected(srv, "alice")
+    sub = (await client.call("subscribe", {"channel": "room:e"}))["subscribe"]
+    for i in range(3):
+        await client.call("publish", {"channel": "room:e", "data": msg(str(i))})
+    since = {"offset": 1, "epoch": sub["epoch"]}
+    body = {"channel": "room:e", "limit": 10, "since": since}
+    page = (await client.call("history", body))["history"]
+    assert [p["offset"] for p in page["publications"]] == [2, 3]
+    await asyncio.sleep(1.3)
+    assert (await client.call("history", body))["error"]["code"] == 112
+    # At the top nothing is missing: an empty page, as before the expiry.
+    at_top = {**body, "since": {"offset": 3, "epoch": sub["epoch"]}}
+    assert (await client.call("history", at_top))["history"]["offset"] == 3
+    # No publications asked for: just the position.
+    assert "history" in await client.call("history", {**body, "limit": 0})
+    await client.close()
+
+
 async def test_recover_on_resubscribe(srv: ServerProcess) -> None:
     reader = await connected(srv, "alice")
     sub = (await reader.call("subscribe", {"channel": "room:r"}))["subscribe"]
@@ -829,6 +856,40 @@ async def test_refreshed_connection_stays_open(server_factory: Any) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(client._fill(), 0.5)
     assert "rpc" in await client.call("rpc", {"method": "server.info"})
+    await client.close()
+
+
+async def test_unreachable_keys_for_a_subscription_or_refresh_token_are_a_temporary_error(
+    server_factory: Any,
+) -> None:
+    """The keys of RS256 tokens come from a JWKS URL that nobody answers: a
+    subscribe, sub_refresh or refresh with such a token gets the temporary
+    error 100 (the SDKs retry it), not a disconnect, as a connect does."""
+    from support.processes import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/jwks.json"  # nothing listens there
+    env = {"SIGNAL_JWT_JWKS_URL": url, "SIGNAL_JWT_ALGORITHMS": "HS256,RS256", **EXPIRY_ENV}
+    srv = await server_factory(env, name="keys-unavailable")
+    client = await connected(srv, "alice")  # HS256: no keys needed
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    exp = int(time.time()) + 600
+
+    def rs256(**claims: Any) -> str:
+        return jwt.encode({"sub": "alice", "exp": exp, **claims}, key, "RS256", {"kid": "k1"})
+
+    temporary = {"code": 100, "message": "internal server error", "temporary": True}
+    vip = "private:vip"
+    reply = await client.call("subscribe", {"channel": vip, "token": rs256(channel=vip)})
+    assert reply["error"] == temporary
+    reply = await client.call("refresh", {"token": rs256()})
+    assert reply["error"] == temporary
+    hs256 = jwt.encode({"sub": "alice", "channel": vip, "exp": exp}, srv.secret, "HS256")
+    assert "subscribe" in await client.call("subscribe", {"channel": vip, "token": hs256})
+    reply = await client.call("sub_refresh", {"channel": vip, "token": rs256(channel=vip)})
+    assert reply["error"] == temporary
+    # The connection and its subscription carry on.
+    assert "rpc" in await client.call("rpc", {"method": "server.info"})
+    assert "sub_refresh" in await client.call("sub_refresh", {"channel": vip, "token": hs256})
     await client.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import orjson
@@ -46,6 +47,11 @@ class CountingEncoder:
 def _payload(frame: bytes) -> object:
     assert frame.startswith(b"FRAME:")
     return orjson.loads(frame[len(b"FRAME:") :])
+
+
+def _offsets(sub: FakeSub) -> list[int]:
+    """The offsets of the publications a subscriber got, in order."""
+    return [int(m) for frame in sub.frames for m in re.findall(rb'"offset":(\d+)', frame)]
 
 
 def _pub(n: int, offset: int | None = None) -> Publication:
@@ -427,6 +433,51 @@ def test_gap_makes_subscribers_recover_and_is_not_delivered(
     assert live.frames == []
     assert live.overflows == ["room:1"] and syncing.overflows == ["room:1"]
     assert hub.position("room:1") is None and hub.gaps == 1
+
+
+def test_after_a_gap_nothing_more_reaches_the_subscribers_told(hub: Hub) -> None:
+    # Told to recover from their last position: a later publication reaching
+    # them before they resubscribe would move that position past the gap.
+    live, syncing = _live(hub, "room:1", "a"), FakeSub("syncing")
+    hub.add("room:1", "b", syncing, join_leave=False)
+    hub.on_publication("room:1", _pub(1), "ep")
+    hub.on_publication("room:1", _pub(3), "ep")  # 2 is missing: a gap
+    hub.on_publication("room:1", _pub(4), "ep")
+    hub.on_publication("room:1", _pub(5), "ep")
+    assert _offsets(live) == [1]
+    assert live.overflows == ["room:1"] and syncing.overflows == ["room:1"]
+    assert hub.go_live("room:1", "b") == []  # nothing buffered after the gap either
+    assert syncing.frames == []
+    # They are still the channel's until their sessions remove them: the
+    # broker subscription stays until the last one leaves.
+    assert not hub.remove("room:1", "a")
+    assert hub.remove("room:1", "b")
+    assert not hub.has_channel("room:1")
+
+
+def test_after_a_gap_a_resubscriber_gets_what_follows_its_position(hub: Hub) -> None:
+    told = _live(hub, "room:1", "a")
+    hub.on_publication("room:1", _pub(1), "ep")
+    hub.on_publication("room:1", _pub(3), "ep")  # a gap
+    other = _live(hub, "room:1", "b")  # subscribed after the gap
+    hub.on_publication("room:1", _pub(4), "ep")
+    assert len(told.frames) == 1
+    assert _offsets(other) == [4]
+
+
+def test_a_publication_at_the_position_still_reaches_syncing_subscribers(hub: Hub) -> None:
+    # One subscriber's stream read saw publication 6 before pub/sub brought it
+    # here (its reply said 6, so the node's position is 6); another, still
+    # syncing, read the stream before 6 was written and needs it from here.
+    first_read = FakeSub("first")
+    hub.add("room:1", "early", first_read, join_leave=False)
+    later = _live(hub, "room:1", "late")
+    hub.note_position("room:1", 6, "ep")
+    hub.on_publication("room:1", _pub(6), "ep")
+    assert later.frames == []  # the live one has it already
+    assert [p.offset for p in hub.go_live("room:1", "early")] == [6]
+    hub.on_publication("room:1", _pub(7), "ep")
+    assert len(later.frames) == 1 and len(first_read.frames) == 1
 
 
 # --- deferred fan-out (the server's mode: written at the end of the iteration) ----
