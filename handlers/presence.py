@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, Literal
@@ -91,8 +92,13 @@ MAX_STATUS_USERS: Final = 100
 CHOSEN_TTL_S: Final = 30 * 86400.0
 # How long a dead node's reaped flag waits for it to come back.
 _REAPED_FLAG_TTL_S: Final = 86400.0
-# Users popped per store call when reaping a dead node.
+# Users read per store call when reaping a dead node.
 _REAP_BATCH: Final = 500
+# A claimed dead node, or a claimed batch of offline checks, comes due again
+# after this (seconds) if its claimer never finished it (died, or the store
+# failed part-way): nothing claimed is lost. Far longer than the work takes.
+_REAP_LEASE_S: Final = 120.0
+_SWEEP_LEASE_S: Final = 30.0
 # Users recorded per round of transitions (bounds one round's commands).
 _TRANSITIONS_PER_ROUND: Final = 2000
 # Status publications in flight at once within a round.
@@ -539,21 +545,28 @@ class PresenceTracker:
 
     async def reap_dead_nodes(self) -> None:
         me = self._node.name
-        for dead, _ in await self._store.zpop_due(NODES_KEY, time.time(), 10):
+        now = time.time()
+        lease = now + _REAP_LEASE_S
+        for dead, _ in await self._store.zpop_due(NODES_KEY, now, 10, lease=lease):
             if dead != me:
                 await self._reap(dead)
+            # Done (a node that came back and beat meanwhile keeps its entry).
+            await self._store.zrem_scored(NODES_KEY, [(dead, lease)])
 
     async def _reap(self, dead: str) -> None:
         """Take over a dead node's users: drop its online records of them and
-        check them now."""
+        check them now. Each batch leaves the node's set once done: a reap cut
+        short is taken up again where it stopped (the node's lease)."""
         store = self._store
         log.info("presence: node %s stopped heartbeating; checking its users", dead)
         await store.set(_reaped_key(dead), "1", _REAPED_FLAG_TTL_S)
-        while users := await store.zpop_due(_node_users_key(dead), float("inf"), _REAP_BATCH):
+        users_key = _node_users_key(dead)
+        while users := await store.zrange_by_score(users_key, -math.inf, math.inf, _REAP_BATCH):
             now = time.time()
             forget = self._node.user_presence.forget_node
             await asyncio.gather(*(forget(u, dead) for u, _ in users))
             await store.zadd_members(OFFLINE_DUE_KEY, [(u, now) for u, _ in users])
+            await store.zrem_scored(users_key, users)
 
     async def _resync(self) -> None:
         """This node was taken for dead: its users are recorded again in the
@@ -566,7 +579,9 @@ class PresenceTracker:
     async def sweep(self) -> None:
         """Publish ``offline`` for due users who are online nowhere."""
         node = self._node
-        due = await self._store.zpop_due(OFFLINE_DUE_KEY, time.time(), 200)
+        now = time.time()
+        lease = now + _SWEEP_LEASE_S
+        due = await self._store.zpop_due(OFFLINE_DUE_KEY, now, 200, lease=lease)
         for user, _ in due:
             if node.user_connection_count(user):
                 continue
@@ -575,6 +590,8 @@ class PresenceTracker:
                 # A connection elsewhere that published "online" between our
                 # read and our publish is seen by _publish_news's second read.
                 await publish_if_changed(node, view)
+        # Done: a check scheduled anew meanwhile (another disconnect) stays.
+        await self._store.zrem_scored(OFFLINE_DUE_KEY, [(user, lease) for user, _ in due])
 
 
 def register(node: Node) -> None:

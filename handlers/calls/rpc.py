@@ -61,7 +61,11 @@ def handlers(service: CallService) -> dict[str, RpcHandler]:
             or not (meta is None or isinstance(meta, dict))
         ):
             raise SignalError(CALL_BAD_REQUEST)
-        meta_text = "" if meta is None else orjson.dumps(meta).decode()
+        try:
+            meta_text = "" if meta is None else orjson.dumps(meta).decode()
+        except orjson.JSONEncodeError:
+            # Nested deeper than orjson writes (it reads deeper than it writes).
+            raise SignalError(CALL_BAD_REQUEST) from None
         if len(meta_text.encode()) > MAX_META_BYTES:
             raise SignalError(CALL_BAD_REQUEST)
         call = await service.invite(ctx.user, callee, media, meta_text)

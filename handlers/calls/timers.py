@@ -8,10 +8,11 @@ claims due members with ``zpop_due``, an atomic claim, so each due timer is
 run by one instance; the run decides, from the call's state alone, what is
 due and when to look again (:meth:`CallService.run_timer`).
 
-A claimed member is put back at once with a lease (now + ``LEASE_MS``):
-if the instance dies while running it, another one runs it when the lease
-runs out. A run that finds something left to do re-schedules the member; a
-finished call's member is removed. Running a timer twice or early is
+A claimed member is re-scored with a lease (now + ``LEASE_MS``) in the
+same atomic step: if the instance dies while running it, or never hears
+the claim's reply, another one runs it when the lease runs out. A run
+that finds something left to do re-schedules the member; a finished
+call's member is removed. Running a timer twice or early is
 harmless, since every change it makes is a compare-and-set on the call.
 """
 
@@ -55,13 +56,9 @@ class TimerQueue:
 
     async def claim(self, now_ms: int, limit: int = BATCH) -> list[str]:
         """Claim the timers due by ``now_ms``, each leased for ``LEASE_MS``."""
-        due = await self._store.zpop_due(TIMERS_KEY, float(now_ms), limit)
-        ids = [member for member, _ in due]
-        # Between the pop and the lease the timer exists nowhere: keep it short.
-        await asyncio.gather(
-            *(self._store.zadd(TIMERS_KEY, call_id, float(now_ms + LEASE_MS)) for call_id in ids)
-        )
-        return ids
+        lease = float(now_ms + LEASE_MS)
+        due = await self._store.zpop_due(TIMERS_KEY, float(now_ms), limit, lease=lease)
+        return [member for member, _ in due]
 
 
 async def run_timers(

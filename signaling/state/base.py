@@ -133,6 +133,11 @@ class StateStore(Protocol):
     async def zrem_members(self, key: str, members: Sequence[str]) -> int:
         """Remove many members of one sorted set in one command; how many were there."""
 
+    async def zrem_scored(self, key: str, members: Sequence[tuple[str, float]]) -> int:
+        """Remove each (member, score) whose member still has that score, in
+        one step; how many were removed. The end of a leased claim (see
+        :meth:`zpop_due`): a member re-scored since (scheduled anew) is kept."""
+
     async def zrange_by_score(
         self, key: str, min_score: float, max_score: float, limit: int = 100
     ) -> list[tuple[str, float]]:
@@ -142,10 +147,14 @@ class StateStore(Protocol):
         """How many members have min_score <= score <= max_score."""
 
     async def zpop_due(
-        self, key: str, max_score: float, limit: int = 100
+        self, key: str, max_score: float, limit: int = 100, *, lease: float | None = None
     ) -> list[tuple[str, float]]:
         """Remove and return members with score <= max_score, lowest first:
-        an atomic claim, so each due timer is taken by one instance only."""
+        an atomic claim, so each due timer is taken by one instance only.
+
+        With ``lease``, the members are re-scored to it instead of removed, in
+        the same step: a claim that comes due again if its claimer never
+        finishes (dies, or loses the reply) rather than being lost."""
 
     # --- event log ---------------------------------------------------------------
 

@@ -205,6 +205,13 @@ class MemoryStateStore:
     async def zrem_members(self, key: str, members: Sequence[str]) -> int:
         return sum([await self.zrem(key, member) for member in members])
 
+    async def zrem_scored(self, key: str, members: Sequence[tuple[str, float]]) -> int:
+        if not self._alive(key) or key not in self._zsets:
+            return 0
+        scores, _ = self._zsets[key]
+        current = [m for m, score in members if scores.get(m) == score]
+        return await self.zrem_members(key, current)
+
     async def zrange_by_score(
         self, key: str, min_score: float, max_score: float, limit: int = 100
     ) -> list[tuple[str, float]]:
@@ -228,11 +235,14 @@ class MemoryStateStore:
         return max(0, end - start)
 
     async def zpop_due(
-        self, key: str, max_score: float, limit: int = 100
+        self, key: str, max_score: float, limit: int = 100, *, lease: float | None = None
     ) -> list[tuple[str, float]]:
         due = await self.zrange_by_score(key, float("-inf"), max_score, limit)
         for member, _ in due:
-            await self.zrem(key, member)
+            if lease is None:
+                await self.zrem(key, member)
+            else:
+                await self.zadd(key, member, lease)
         return due
 
     # --- streams ----------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ __all__ = [
     "SET_AND_GET",
     "ZADD_EXPIRE",
     "ZPOP_DUE",
+    "ZREM_SCORED",
     "LuaScript",
     "RedisArg",
     "RedisExecutor",
@@ -372,13 +373,35 @@ ZPOP_DUE = LuaScript(
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1],
                        'WITHSCORES', 'LIMIT', 0, ARGV[2])
 for i = 1, #due, 2 do
-  redis.call('ZREM', KEYS[1], due[i])
+  if ARGV[3] then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[3], due[i])
+  else
+    redis.call('ZREM', KEYS[1], due[i])
+  end
 end
 return due
 """
 )
-"""ARGV: max_score, limit. Remove and return (flat member, score, ...) the
-lowest ``limit`` members with score <= max_score: one claimer gets each."""
+"""ARGV: max_score, limit[, lease]. Remove and return (flat member, score, ...)
+the lowest ``limit`` members with score <= max_score: one claimer gets each.
+With a lease score, re-score them to it instead of removing them."""
+
+ZREM_SCORED = LuaScript(
+    """
+local removed = 0
+for i = 1, #ARGV, 2 do
+  local current = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if current and tonumber(current) == tonumber(ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+)
+"""ARGV: member, score, ... Remove each member whose score is still the one
+given (both sides parse the same shortest decimal text to the same double);
+returns how many were removed."""
 
 SCRIPTS: tuple[LuaScript, ...] = (
     CLAIM_UNLESS,
@@ -389,6 +412,7 @@ SCRIPTS: tuple[LuaScript, ...] = (
     SET_AND_GET,
     ZADD_EXPIRE,
     ZPOP_DUE,
+    ZREM_SCORED,
 )
 """Every script this module runs (for SCRIPT LOAD at start-up, optional)."""
 
@@ -665,6 +689,14 @@ class RedisStateStore:
             return 0
         return int(await self._exec.execute("ZREM", self.key(key), *members))
 
+    async def zrem_scored(self, key: str, members: Sequence[tuple[str, float]]) -> int:
+        if not members:
+            return 0
+        args: list[RedisArg] = []
+        for member, score in members:
+            args += (member, _score(score))
+        return int(await self._exec.run_script(ZREM_SCORED, [self.key(key)], args))
+
     async def zrange_by_score(
         self, key: str, min_score: float, max_score: float, limit: int = 100
     ) -> list[tuple[str, float]]:
@@ -688,11 +720,14 @@ class RedisStateStore:
         return int(raw)
 
     async def zpop_due(
-        self, key: str, max_score: float, limit: int = 100
+        self, key: str, max_score: float, limit: int = 100, *, lease: float | None = None
     ) -> list[tuple[str, float]]:
         if limit <= 0:
             return []
-        raw = await self._exec.run_script(ZPOP_DUE, [self.key(key)], [_score(max_score), limit])
+        args: list[RedisArg] = [_score(max_score), limit]
+        if lease is not None:
+            args.append(_score(lease))
+        raw = await self._exec.run_script(ZPOP_DUE, [self.key(key)], args)
         return _scored(raw)
 
     # --- streams -----------------------------------------------------------------------------

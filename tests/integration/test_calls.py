@@ -326,6 +326,13 @@ async def test_reject_cancel_and_missed(server_factory, parties) -> None:
         assert f'signal_calls_total{{outcome="{outcome}"}} 1.0' in body.decode()
 
 
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
 async def test_busy_self_and_bad_requests(server_factory, parties) -> None:
     server = await server_factory(FAST_ENV, name="calls")
     alice = await parties(server, uniq("alice"))
@@ -341,6 +348,8 @@ async def test_busy_self_and_bad_requests(server_factory, parties) -> None:
         {"callee": "no/such user", "media": "video"},
         {"callee": bob.user, "media": "video", "meta": "not an object"},
         {"callee": bob.user, "media": "video", "meta": {"blob": "x" * 2000}},
+        # Deeper than orjson writes (it reads it): refused, not a disconnect.
+        {"callee": bob.user, "media": "video", "meta": _nested(300)},
     ):
         assert await alice.refused("call.invite", bad) == errors.CALL_BAD_REQUEST.code, bad
     for method in ("call.accept", "call.state", "call.join"):

@@ -572,13 +572,54 @@ async def test_zpop_due_takes_due_members_lowest_first(h: Harness) -> None:
     assert await h.store.zpop_due("missing", INF) == []
 
 
-async def test_zpop_due_concurrent_claimers_take_each_member_once(h: Harness) -> None:
+async def test_zpop_due_with_a_lease_rescores_instead_of_removing(h: Harness) -> None:
+    for i in range(4):
+        await h.store.zadd("timers", f"t{i}", 100.0 + i)
+    claimed = await h.store.zpop_due("timers", 102.0, limit=2, lease=500.0)
+    assert claimed == [("t0", 100.0), ("t1", 101.0)]
+    # Leased members are not due again before their lease...
+    assert await h.store.zpop_due("timers", 102.0, lease=500.0) == [("t2", 102.0)]
+    assert await h.store.zpop_due("timers", 499.0, lease=900.0) == [("t3", 103.0)]
+    assert await h.store.zrange_by_score("timers", -INF, INF) == [
+        ("t0", 500.0),
+        ("t1", 500.0),
+        ("t2", 500.0),
+        ("t3", 900.0),
+    ]
+    # ...and are after it, as if their claimer had died: none was lost.
+    assert await h.store.zpop_due("timers", 500.0) == [
+        ("t0", 500.0),
+        ("t1", 500.0),
+        ("t2", 500.0),
+    ]
+    assert await h.store.zpop_due("missing", INF, lease=1.0) == []
+    assert await h.store.zrange_by_score("missing", -INF, INF) == []
+
+
+async def test_zrem_scored_keeps_members_scored_anew(h: Harness) -> None:
+    now = 1764262000.1234567  # a wall-clock score, as the leases use
+    await h.store.zadd_members("due", [("a", now), ("b", now), ("c", now + 0.5)])
+    claimed = await h.store.zpop_due("due", now + 1, lease=now + 30)
+    assert [m for m, _ in claimed] == ["a", "b", "c"]
+    await h.store.zadd("due", "b", now + 10)  # scheduled anew meanwhile
+    done = [(m, now + 30) for m, _ in claimed]
+    assert await h.store.zrem_scored("due", [*done, ("missing", now + 30)]) == 2
+    assert await h.store.zrange_by_score("due", -INF, INF) == [("b", now + 10)]
+    assert await h.store.zrem_scored("due", [("b", now + 10.000001)]) == 0
+    assert await h.store.zrem_scored("due", []) == 0
+    assert await h.store.zrem_scored("nothing-here", [("b", 1.0)]) == 0
+
+
+@pytest.mark.parametrize("lease", [None, 1000.0], ids=["pop", "lease"])
+async def test_zpop_due_concurrent_claimers_take_each_member_once(
+    h: Harness, lease: float | None
+) -> None:
     for i in range(60):
         await h.store.zadd("{timers}", f"t{i}", float(i))
 
     async def claimer() -> list[str]:
         taken: list[str] = []
-        while batch := await h.store.zpop_due("{timers}", 49.0, limit=3):
+        while batch := await h.store.zpop_due("{timers}", 49.0, limit=3, lease=lease):
             taken += (member for member, _ in batch)
             await asyncio.sleep(0)
         return taken
@@ -588,7 +629,8 @@ async def test_zpop_due_concurrent_claimers_take_each_member_once(h: Harness) ->
     assert len(flat) == len(set(flat)) == 50
     assert set(flat) == {f"t{i}" for i in range(50)}
     remaining = await h.store.zrange_by_score("{timers}", -INF, INF)
-    assert [m for m, _ in remaining] == [f"t{i}" for i in range(50, 60)]
+    leased = [] if lease is None else [(f"t{i}", lease) for i in range(50)]
+    assert sorted(remaining) == sorted([*[(f"t{i}", float(i)) for i in range(50, 60)], *leased])
 
 
 # --- streams ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from redis.crc import key_slot
 
 from handlers import app
+from handlers import presence as presence_module
 from handlers.chat import messages as messages_keys
 from handlers.chat import moderation as moderation_keys
 from handlers.chat.messages import ChatPublisher
@@ -289,6 +290,62 @@ async def test_users_of_a_dead_node_are_reaped_and_go_offline(node: Node) -> Non
     assert await store.zrange_by_score("presence:node-users:{dead}", 0, float("inf")) == []
     live = [n for n, _ in await store.zrange_by_score(NODES_KEY, 0, float("inf"))]
     assert "dead" not in live and node.name in live
+
+
+async def test_a_reap_cut_short_is_taken_up_again_after_its_lease(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, now = node.store, time.time()
+    for user in ("g1", "g2"):
+        await store.zadd(online_key(user), "dead", now + 30)
+        await store.zadd("presence:node-users:{dead}", user, now)
+        await publish_if_changed(node, await status_view(node, user))
+    await store.zadd(NODES_KEY, "dead", now - 1)
+    monkeypatch.setattr(presence_module, "_REAP_LEASE_S", 0.3)
+    monkeypatch.setattr(presence_module, "_SWEEP_LEASE_S", 0.3)
+    tracker = PresenceTracker(node)
+    forget = node.user_presence.forget_node
+
+    async def store_fails(user: str, dead: str) -> None:
+        raise BrokerUnavailable("the store failed mid-reap")
+
+    monkeypatch.setattr(node.user_presence, "forget_node", store_fails)
+    with pytest.raises(BrokerUnavailable):
+        await tracker.reap_dead_nodes()
+    monkeypatch.setattr(node.user_presence, "forget_node", forget)
+    # Claimed: not taken again before its lease runs out...
+    await tracker.reap_dead_nodes()
+    users = await store.zrange_by_score("presence:node-users:{dead}", 0, float("inf"))
+    assert [u for u, _ in users] == ["g1", "g2"]
+    # ...and taken up after it, nothing lost.
+    await asyncio.sleep(0.4)
+    await tracker.reap_dead_nodes()
+    assert await store.zrange_by_score("presence:node-users:{dead}", 0, float("inf")) == []
+    assert "dead" not in [n for n, _ in await store.zrange_by_score(NODES_KEY, 0, float("inf"))]
+    # The same for the offline checks: a sweep cut short loses none of them.
+    view = presence_module.status_view
+    calls = 0
+
+    async def fails_once(node: Node, user: str) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise BrokerUnavailable("the store failed mid-sweep")
+        return await view(node, user)
+
+    monkeypatch.setattr(presence_module, "status_view", fails_once)
+    with pytest.raises(BrokerUnavailable):
+        await tracker.sweep()
+    await tracker.sweep()  # leased: nothing due yet
+    for user in ("g1", "g2"):
+        assert (await history(node, f"status:{user}"))[-1]["online"] is True
+    await asyncio.sleep(0.4)
+    await tracker.sweep()
+    assert [(await history(node, f"status:{u}"))[-1]["status"] for u in ("g1", "g2")] == [
+        "offline",
+        "offline",
+    ]
+    assert await store.zrange_by_score(OFFLINE_DUE_KEY, 0, float("inf")) == []
 
 
 async def test_a_long_sweep_does_not_let_the_heartbeat_lapse() -> None:
