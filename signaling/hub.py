@@ -210,12 +210,6 @@ class Hub:
         if ch is not None and not ch.epoch and epoch:
             ch.last_offset, ch.epoch = offset, epoch
 
-    def subscribers(self, channel: str) -> list[Subscriber]:
-        ch = self._channels.get(channel)
-        if ch is None:
-            return []
-        return [*ch.live.values(), *ch.syncing_subs.values()]
-
     def lose_position(self, channel: str) -> None:
         """Every local subscriber of ``channel`` must recover (a gap). Each
         is told, and gets nothing of the channel after that: a publication
