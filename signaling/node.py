@@ -16,7 +16,7 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING
 
@@ -209,6 +209,9 @@ class Node:
         # Every open connection, authenticated or not (drain closes them all).
         self.sessions: set[ClientSession] = set()
         self._users: dict[str, set[ClientSession]] = {}
+        # Users' connects past their limit check, not connected yet (they
+        # count toward the per-user limit meanwhile).
+        self._connecting_users: dict[str, int] = {}
         # Channel subscribe/unsubscribe transitions in flight, so that a
         # subscriber arriving while the broker subscribes waits for it.
         self._channel_locks: dict[str, asyncio.Lock] = {}
@@ -519,6 +522,27 @@ class Node:
 
     def user_connection_count(self, user: str) -> int:
         return len(self._users.get(user, ()))
+
+    def user_connections_and_connects(self, user: str) -> int:
+        """The user's connections here, and their connects in progress."""
+        return self.user_connection_count(user) + self._connecting_users.get(user, 0)
+
+    @contextlib.contextmanager
+    def connect_in_progress(self, user: str) -> Iterator[None]:
+        """Counts a connect of ``user`` toward :meth:`user_connections_and_connects`
+        from its limit check to :meth:`session_connected` (the personal
+        channel's subscribe is awaited in between: concurrent connects of one
+        user would all pass the check)."""
+        counts = self._connecting_users
+        counts[user] = counts.get(user, 0) + 1
+        try:
+            yield
+        finally:
+            left = counts[user] - 1
+            if left:
+                counts[user] = left
+            else:
+                del counts[user]
 
     def user_sessions(self, user: str) -> list[ClientSession]:
         return list(self._users.get(user, ()))

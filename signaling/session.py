@@ -550,7 +550,7 @@ class ClientSession:
             return
         user = credentials.user
         limit = settings.max_connections_per_user
-        if limit and node.user_connection_count(user) >= limit:
+        if limit and node.user_connections_and_connects(user) >= limit:
             node.metrics.connection_attempts.labels("connection_limit").inc()
             node.metrics.limit_refusals.labels("connections_per_user").inc()
             raise SignalError(DISCONNECT_CONNECTION_LIMIT)
@@ -561,20 +561,21 @@ class ClientSession:
         self._identity = identity
         self._expires_at(self._close_due(credentials))
         subs: dict[str, SubscribeResult] = {}
-        personal = node.policy.personal_channel(user)
-        if personal is not None:
-            recover = req.subs.get(personal) or SubscribeRequest(personal)
-            try:
-                subs[personal] = await self._start_subscription(personal, recover, None)
-            except BaseException:
-                # Connect is all or nothing: not authenticated after all.
-                self._identity = None
-                raise
-            self.subs[personal].server_side = True
-        if self._closed:
-            return
-        self._end_connecting()
-        node.session_connected(self, user)
+        with node.connect_in_progress(user):
+            personal = node.policy.personal_channel(user)
+            if personal is not None:
+                recover = req.subs.get(personal) or SubscribeRequest(personal)
+                try:
+                    subs[personal] = await self._start_subscription(personal, recover, None)
+                except BaseException:
+                    # Connect is all or nothing: not authenticated after all.
+                    self._identity = None
+                    raise
+                self.subs[personal].server_side = True
+            if self._closed:
+                return
+            self._end_connecting()
+            node.session_connected(self, user)
         node.metrics.connection_attempts.labels("ok").inc()
         expires, ttl = _ttl(credentials.expires_at)
         result = ConnectResult(

@@ -215,6 +215,30 @@ async def test_connection_limit_per_user(server_factory: Any) -> None:
         await c.close()
 
 
+async def test_connection_limit_per_user_holds_for_concurrent_connects(
+    server_factory: Any, redis_factory: Any
+) -> None:
+    # On Redis a connect awaits its personal channel's subscribe between the
+    # limit check and being counted: connects sent together must not all pass.
+    redis = redis_factory()
+    env = {"REDIS_URL": redis.url, "SIGNAL_MAX_CONNECTIONS_PER_USER": "2"}
+    srv = await server_factory(env, name="limit-concurrent")
+    clients = [await Raw.open(srv) for _ in range(6)]
+    for client in clients:
+        await client.send({"id": 1, "connect": {"token": srv.token("alice")}})
+
+    async def outcome(client: Raw) -> str:
+        try:
+            return "connected" if "connect" in await client.reply(1) else "error"
+        except ConnectionClosed as exc:
+            return str(exc.rcvd.code if exc.rcvd else None)
+
+    outcomes = await asyncio.gather(*(outcome(c) for c in clients))
+    assert sorted(outcomes) == ["3504"] * 4 + ["connected"] * 2, outcomes
+    for client in clients:
+        await client.close()
+
+
 class SlowJwks:
     """A JWKS endpoint that answers after ``delay_s``: connect commands with RS256
     tokens stay in progress on the server until it does."""
