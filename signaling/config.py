@@ -174,7 +174,7 @@ class Settings:
     ping_interval_s: float = 25.0  # server ping period, seconds >= 1; default 25
     pong_timeout_s: float = 10.0  # wait for pong, seconds, > 0 and < ping interval; default 10
     connect_timeout_s: float = 15.0  # WebSocket open -> successful connect, seconds; default 15
-    expired_close_delay_s: float = 25.0  # refresh grace after token exp before 3005, s; default 25
+    expired_close_delay_s: float = 25.0  # refresh grace after a token's exp (3005, 2501), s; def 25
 
     # --- limits --------------------------------------------------------------------
     max_connections_per_user: int = 32  # concurrent connections per user, 0 = unlimited; def 32

@@ -314,12 +314,14 @@ class ClientSession:
             self.disconnect(DISCONNECT_EXPIRED)
             return True
         for channel, sub in list(self.subs.items()):
-            if sub.expires_at is not None and wall > sub.expires_at:
+            sub_due = self._sub_close_due(sub.expires_at)
+            if sub_due is not None and wall > sub_due:
                 self.server_unsubscribe(channel, *UNSUBSCRIBE_EXPIRED)
         for sub in self.subs.values():
             # One still syncing stays until its reply is sent: looked at again.
-            if sub.expires_at is not None and sub.expires_at < due:
-                due = sub.expires_at
+            sub_due = self._sub_close_due(sub.expires_at)
+            if sub_due is not None and sub_due < due:
+                due = sub_due
         self._expiry_due = due
         return False
 
@@ -334,6 +336,14 @@ class ClientSession:
         if credentials.expires_at is None:
             return math.inf
         return credentials.expires_at + self.node.settings.expired_close_delay_s
+
+    def _sub_close_due(self, expires_at: float | None) -> float | None:
+        """When an expired subscription token ends the subscription: the same
+        delay after its expiry as a connection's, for the SDK's refresh (it
+        asks for a new token when the ttl runs out; Centrifuge waits 25 s too)."""
+        if expires_at is None:
+            return None
+        return expires_at + self.node.settings.expired_close_delay_s
 
     def _end_connecting(self) -> None:
         """Connected, or closed before: the connect deadline no longer applies."""
@@ -660,7 +670,7 @@ class ClientSession:
         node = self.node
         options = node.channel_options(channel)
         self.subs[channel] = sub = _Subscription(options, expires_at)
-        self._expires_at(expires_at)
+        self._expires_at(self._sub_close_due(expires_at))
         join_leave = options.join_leave and req.join_leave
         try:
             await node.add_subscriber(channel, self.client_id, self, join_leave=join_leave)
@@ -842,7 +852,7 @@ class ClientSession:
         sub.expires_at = await self._check_sub_token(
             req.token, identity.credentials.user, req.channel
         )
-        self._expires_at(sub.expires_at)
+        self._expires_at(self._sub_close_due(sub.expires_at))
         expires, ttl = _ttl(sub.expires_at)
         return SubRefreshResult(expires, ttl)
 

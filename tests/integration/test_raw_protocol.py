@@ -944,6 +944,37 @@ async def test_a_subscription_refreshed_to_expire_sooner_ends_then(server_factor
     await client.close()
 
 
+async def test_a_subscription_refreshed_late_within_the_grace_stays(server_factory: Any) -> None:
+    """As a connection's, a subscription's expired token leaves it the close
+    delay to be refreshed (the SDK asks for a new token when its ttl runs out,
+    and its sub_refresh may land just after the expiry)."""
+    srv = await server_factory(
+        {**EXPIRY_ENV, "SIGNAL_EXPIRED_CLOSE_DELAY_S": "3"}, name="sub-grace"
+    )
+    client = await connected(srv, "alice")
+
+    def token(ttl_s: int) -> str:
+        claims = {"sub": "alice", "channel": "private:vip", "exp": int(time.time()) + ttl_s}
+        return jwt.encode(claims, srv.secret, algorithm="HS256")
+
+    async def listen(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(client._fill(), 0.5)
+
+    assert "subscribe" in await client.call(
+        "subscribe", {"channel": "private:vip", "token": token(1)}
+    )
+    await listen(2.5)  # past the token's expiry, within the grace; pings every second
+    assert not [m for m in client.inbox if "unsubscribe" in m.get("push", {})]
+    reply = await client.call("sub_refresh", {"channel": "private:vip", "token": token(600)})
+    assert reply["sub_refresh"]["ttl"] > 500
+    await listen(3)  # past the old token's grace
+    assert not [m for m in client.inbox if "unsubscribe" in m.get("push", {})]
+    await client.close()
+
+
 async def test_expired_subscription_token_unsubscribes_with_2501(server_factory: Any) -> None:
     import jwt
 
