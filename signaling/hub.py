@@ -81,6 +81,10 @@ class _Channel:
     # session's clean-up runs later): they get nothing more of the channel,
     # and the channel stays subscribed on the broker for them meanwhile.
     lost: dict[str, Subscriber] = field(default_factory=dict)
+    # Syncing subscribers whose reply went past the channel's position here
+    # (their stream read saw publications pub/sub had not brought yet), by
+    # the offset their reply reached: live once the position gets there.
+    ahead: dict[str, int] = field(default_factory=dict)
     # The live subscribers' deliver methods, for iteration: a delivery may close
     # a slow connection, which unsubscribes it while we iterate. The methods
     # themselves, not the subscribers: a fan-out to a thousand touches a
@@ -148,19 +152,51 @@ class Hub:
             ch.pending_join_leave.add(client_id)
         return first
 
-    def go_live(self, channel: str, client_id: str) -> list[Publication]:
+    def go_live(
+        self, channel: str, client_id: str, top: int = 0, epoch: str = ""
+    ) -> list[Publication]:
         """Move a syncing subscriber to live delivery; returns what was
-        buffered for it meanwhile, in order."""
+        buffered for it meanwhile, in order.
+
+        One whose reply reached ``top`` (of ``epoch``) past the channel's
+        position here stays syncing until the position gets there: the
+        publications in between are still on their way through pub/sub, and
+        live delivery would repeat them. The hub then makes it live itself
+        (:meth:`_catch_up`)."""
         ch = self._channels.get(channel)
         if ch is None or client_id not in ch.syncing_subs:
             return []
+        if top > ch.last_offset and ch.epoch and epoch == ch.epoch:
+            ch.ahead[client_id] = top
+            return []
+        return self._make_live(ch, client_id)[1]
+
+    def _make_live(self, ch: _Channel, client_id: str) -> tuple[Subscriber, list[Publication]]:
         buffered = ch.syncing.pop(client_id)
         sub = ch.live[client_id] = ch.syncing_subs.pop(client_id)
         ch.snapshot = None
         if client_id in ch.pending_join_leave:
             ch.pending_join_leave.discard(client_id)
             ch.join_leave[client_id] = sub
-        return buffered
+        return sub, buffered
+
+    def _catch_up(self, channel: str, ch: _Channel) -> None:
+        """Make live the subscribers the channel's position has caught up
+        with, each given what it buffered past its reply."""
+        for client_id, top in list(ch.ahead.items()):
+            if top > ch.last_offset:
+                continue
+            del ch.ahead[client_id]
+            sub, buffered = self._make_live(ch, client_id)
+            frames = [
+                self._encode_frame(encode_pub_push(channel, pub))
+                for pub in buffered
+                if pub.offset > top
+            ]
+            if frames:
+                sub.deliver(b"".join(frames))
+                if self._on_delivered is not None:
+                    self._on_delivered(len(frames))
 
     def remove(self, channel: str, client_id: str) -> bool:
         """Unregister; True if it was the channel's last subscriber here."""
@@ -174,6 +210,7 @@ class Hub:
         ch.join_leave.pop(client_id, None)
         ch.pending_join_leave.discard(client_id)
         ch.lost.pop(client_id, None)
+        ch.ahead.pop(client_id, None)
         if ch.empty():
             del self._channels[channel]
             namespace = namespace_of(channel)
@@ -230,6 +267,7 @@ class Hub:
         ch.syncing.clear()
         ch.syncing_subs.clear()
         ch.pending_join_leave.clear()
+        ch.ahead.clear()
         for _, sub in told:
             sub.lost_position(channel)
 
@@ -265,10 +303,12 @@ class Hub:
         if seen:
             return
         subs = ch.live_snapshot()
-        if not subs:
-            return
-        payload = encode_pub_push(channel, pub)
-        self._broadcast(subs, payload)
+        if subs:
+            self._broadcast(subs, encode_pub_push(channel, pub))
+        if ch.ahead:
+            # After the broadcast: one made live now has this publication
+            # in its buffer, not in that snapshot.
+            self._catch_up(channel, ch)
 
     def on_join(self, channel: str, info: ClientInfo) -> None:
         ch = self._channels.get(channel)

@@ -792,10 +792,11 @@ class ClientSession:
                 self.server_unsubscribe(channel, *sub.deferred)
             return
         hub = self.node.hub
+        top = 0
         if result.epoch:
             top = result.publications[-1].offset if result.publications else result.offset
             hub.note_position(channel, top, result.epoch)
-        buffered = hub.go_live(channel, self.client_id)
+        buffered = hub.go_live(channel, self.client_id, top, result.epoch)
         if not buffered:
             return
         last = result.offset

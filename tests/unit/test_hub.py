@@ -480,6 +480,62 @@ def test_a_publication_at_the_position_still_reaches_syncing_subscribers(hub: Hu
     assert len(later.frames) == 1 and len(first_read.frames) == 1
 
 
+def test_a_subscriber_whose_reply_is_ahead_of_the_node_gets_each_publication_once(
+    encoder: CountingEncoder,
+) -> None:
+    # Its stream read saw 6 and 7 before pub/sub brought them here: live at
+    # once, it would get them again from the node's fan-out.
+    delivered: list[int] = []
+    hub = Hub(encoder, on_delivered=delivered.append)
+    live = _live(hub, "room:1", "a")
+    hub.on_publication("room:1", _pub(5), "ep")
+    ahead = FakeSub("ahead")
+    hub.add("room:1", "b", ahead, join_leave=True)
+    assert hub.go_live("room:1", "b", 7, "ep") == []
+    for n in (6, 7, 8):
+        hub.on_publication("room:1", _pub(n), "ep")
+    assert _offsets(live) == [5, 6, 7, 8]
+    assert _offsets(ahead) == [8]
+    hub.on_join("room:1", INFO)  # live now, with the join/leave it asked for
+    assert ahead.frames[-1].startswith(b"FRAME:") and b'"join"' in ahead.frames[-1]
+    assert sum(delivered) == 4 + 1 + 1  # the live one's four, then 8 and the join to "b"
+
+
+def test_a_subscriber_ahead_gets_what_its_buffer_holds_past_its_reply() -> None:
+    encoder = CountingEncoder()
+    hub = Hub(encoder)
+    _live(hub, "room:1", "a")
+    hub.on_publication("room:1", _pub(5), "ep")
+    ahead = FakeSub("ahead")
+    hub.add("room:1", "b", ahead, join_leave=False)
+    assert hub.go_live("room:1", "b", 6, "ep") == []
+    hub.on_publication("room:1", _pub(6), "ep")  # caught up: live from here
+    hub.on_publication("room:1", _pub(7), "ep")
+    assert _offsets(ahead) == [7]
+    # Another epoch in the reply than the node's: live at once (the next
+    # publication finds the gap for everyone).
+    other = FakeSub("other")
+    hub.add("room:1", "c", other, join_leave=False)
+    assert hub.go_live("room:1", "c", 9, "new-epoch") == []
+    hub.on_publication("room:1", _pub(8), "ep")
+    assert _offsets(other) == [8]
+
+
+def test_a_subscriber_ahead_leaves_and_is_told_of_a_gap_like_any_syncing_one(hub: Hub) -> None:
+    _live(hub, "room:1", "a")
+    hub.on_publication("room:1", _pub(5), "ep")
+    gone, told = FakeSub("gone"), FakeSub("told")
+    hub.add("room:1", "b", gone, join_leave=False)
+    hub.add("room:1", "c", told, join_leave=False)
+    assert hub.go_live("room:1", "b", 7, "ep") == []
+    assert hub.go_live("room:1", "c", 7, "ep") == []
+    assert not hub.remove("room:1", "b")
+    hub.on_publication("room:1", _pub(6), "ep")
+    hub.on_publication("room:1", _pub(8), "ep")  # 7 is missing: a gap
+    assert told.overflows == ["room:1"] and gone.overflows == []
+    assert gone.frames == [] and told.frames == []
+
+
 # --- deferred fan-out (the server's mode: written at the end of the iteration) ----
 
 
