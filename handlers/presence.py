@@ -32,9 +32,10 @@ How "offline after the grace" works on many instances, with store keys
 * ``presence:last:{<user>}`` holds the last published (online, status), so
   that only changes are published.
 
-Calls integration: ``await set_call_busy(node, user, True)`` when the user's
-call is accepted (or starts ringing, as the calls handler prefers) and
-``await set_call_busy(node, user, False)`` when it ends. The flag expires by
+Calls integration: ``await set_call_busy(node, user, call_id, True)`` when
+the user's call is accepted (or starts ringing, as the calls handler prefers)
+and ``await set_call_busy(node, user, call_id, False)`` when it ends. The
+flag holds the call's id, so clearing it is safe to retry; it expires by
 itself ``call_max_duration_s`` (plus a margin) after it was set, should the
 end never be reported.
 """
@@ -200,7 +201,7 @@ async def _read_view(
         # An online user has no last-seen time to show: the presence lookup
         # is skipped (every connection set-up comes here).
         store = node.store
-        values = await (store.get_many(keys) if write is None else store.set_and_get(*write, keys))
+        values = await (store.get_many(keys) if write is None else store.set_and_get(write, keys))
         last_seen = None
     else:
         presence, values = await node.user_presence.status_and_read(user, keys, write)
@@ -271,7 +272,7 @@ async def _publish_news(node: Node, view: StatusView, last: str | None) -> bool:
     keys = (_chosen_key(user), _in_call_key(user))
     for _ in range(_SETTLE_ROUNDS):
         await node.publish(status_channel(user), orjson.dumps(view.to_json()))
-        mark = (_last_key(user), view.signature, CHOSEN_TTL_S)
+        mark = KeyWrite(_last_key(user), view.signature, CHOSEN_TTL_S)
         # Online stays online: "offline" is the sweep's word, after the grace (a
         # connection that closed meanwhile must not flash "offline"); an offline
         # view asks the store, where a connection made meanwhile shows.
@@ -305,21 +306,23 @@ async def set_status(
 ) -> StatusView:
     """Record ``user``'s chosen availability and publish the change
     (``online`` as in :func:`status_view`)."""
-    write = (_chosen_key(user), chosen, CHOSEN_TTL_S)
+    write = KeyWrite(_chosen_key(user), chosen, CHOSEN_TTL_S)
     view, _ = await refresh_status(node, user, online=online, write=write)
     return view
 
 
-async def set_call_busy(node: Node, user: str, busy: bool) -> None:
-    """Mark ``user`` in a call (``busy=True``: their status is ``busy``) or
-    out of it, and publish the change. For the calls handler; safe to call
-    from any instance, and twice.
+async def set_call_busy(node: Node, user: str, call_id: str, busy: bool) -> None:
+    """Mark ``user`` in the call ``call_id`` (``busy=True``: their status is
+    ``busy``) or out of it, and publish the change. For the calls handler;
+    safe to call from any instance, and twice: out of a call clears the mark
+    only while it is that call's (a late retry leaves the next call's).
 
     Raises:
         BrokerUnavailable: the store or broker cannot be reached.
     """
     ttl = node.settings.call_max_duration_s + 300.0
-    write = (_in_call_key(user), "1", ttl) if busy else (_in_call_key(user), None, None)
+    key = _in_call_key(user)
+    write = KeyWrite(key, call_id, ttl) if busy else KeyWrite(key, None, only_if=call_id)
     # A connection of theirs here: online, without asking the store.
     online = True if node.user_connection_count(user) else None
     await refresh_status(node, user, online=online, write=write)

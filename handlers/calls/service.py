@@ -432,6 +432,11 @@ class CallService:
         unsent = await self._flush(call, frozenset()) if call.outbox else ()
         if call.state in TERMINAL_STATES:
             due = None
+            # The end's clearing of the in-call status may have failed (or
+            # its instance died first): again, harmless if done (the flags
+            # are cleared only while they hold this call).
+            if call.state == CallState.ENDED and not await self._show_in_call(call, False):
+                due = self.clock() + OUTBOX_RETRY_MS
         elif call.state in (CallState.PENDING, CallState.RINGING):
             due = await self._ring_timer(call)
         else:
@@ -616,19 +621,32 @@ class CallService:
         data = event_data(EventType.ACCEPTED, call, call.accepted_at_ms, extra)
         await asyncio.gather(self._publish(call.participants, data), self._show_in_call(call, True))
 
-    async def _show_in_call(self, call: Call, busy: bool) -> None:
+    async def _show_in_call(self, call: Call, busy: bool) -> bool:
         """Fans see both participants as ``busy`` while the call is accepted
-        (handlers.presence). Cosmetic: a failure is logged, the call goes on."""
+        (handlers.presence). A failure is logged and the call goes on; False
+        if one happened (the end's clearing is retried by the call's timer)."""
+        failed = False
 
         async def show(user: str) -> None:
+            nonlocal failed
             try:
-                await set_call_busy(self.node, user, busy)
+                await set_call_busy(self.node, user, call.call_id, busy)
             except BrokerUnavailable as exc:
+                failed = True
                 log.warning(
                     "call %s: in-call status of %s not updated: %s", call.call_id, user, exc
                 )
 
         await _each(show, call.participants)
+        return not failed
+
+    async def _clear_in_call_later(self, call: Call) -> None:
+        """The end's in-call clearing failed: the call's timer retries it
+        (:meth:`run_timer`), or the flags expire by themselves."""
+        try:
+            await self.timers.schedule(call.call_id, self.clock() + OUTBOX_RETRY_MS)
+        except BrokerUnavailable as exc:
+            log.warning("call %s: in-call status left to expire: %s", call.call_id, exc)
 
     async def _finished(self, change: Change) -> None:
         """A call reached a terminal state: free everything, tell everyone."""
@@ -661,7 +679,9 @@ class CallService:
             self.metrics.calls.labels(call.state.value).inc()
         news = self._publish(call.participants, event_data(event, call, at, extra))
         if call.state == CallState.ENDED:
-            await asyncio.gather(news, self._show_in_call(call, False))
+            _, cleared = await asyncio.gather(news, self._show_in_call(call, False))
+            if not cleared:
+                await self._clear_in_call_later(call)
         else:
             await news
 

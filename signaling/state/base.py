@@ -17,12 +17,20 @@ key never expires; a positive value (re)sets its expiry.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = ["KeyWrite", "StateStore"]
 
-# One key to write with a read: (key, value or None to delete it, ttl_s or None).
-KeyWrite = tuple[str, str | None, float | None]
+
+class KeyWrite(NamedTuple):
+    """One key written before the reads of the same command."""
+
+    key: str
+    value: str | None  # None deletes the key
+    ttl_s: float | None = None
+    # With ``value`` None: delete only while the key holds this (a flag owned
+    # by one thing, a call say, that a late clean-up must not take from the next).
+    only_if: str | None = None
 
 
 class StateStore(Protocol):
@@ -65,13 +73,12 @@ class StateStore(Protocol):
         (the values of guards then reads, True if ``key`` was set). All keys,
         ``key`` included, must share a hash tag (one cluster slot)."""
 
-    async def set_and_get(
-        self, key: str, value: str | None, ttl_s: float | None, reads: Sequence[str]
-    ) -> list[str | None]:
-        """Set ``key`` as :meth:`set` would (``value`` None: delete it), then
-        read ``reads`` as :meth:`get_many` would, atomically, in one command
-        (a write and the reads that follow it in one round trip). All keys,
-        ``key`` included, must share a hash tag (one cluster slot)."""
+    async def set_and_get(self, write: KeyWrite, reads: Sequence[str]) -> list[str | None]:
+        """Write ``write.key`` as :meth:`set` would (``value`` None: delete it,
+        or with ``only_if`` as :meth:`delete_if_equals` would), then read
+        ``reads`` as :meth:`get_many` would, atomically, in one command (a
+        write and the reads that follow it in one round trip). All keys, the
+        written one included, must share a hash tag (one cluster slot)."""
 
     async def get_many_live(
         self,
@@ -83,9 +90,9 @@ class StateStore(Protocol):
     ) -> tuple[list[str | None], bool]:
         """``reads`` as :meth:`get_many` would, and whether the sorted set
         ``live_key`` holds a member scored ``live_from`` or more; with
-        ``write`` = (key, value or None to delete, ttl_s), that key set first
-        as :meth:`set_and_get` would. Atomic, in one command: a user's own
-        keys and their presence read in one round trip. All keys must share a
+        ``write``, that key written first as :meth:`set_and_get` would.
+        Atomic, in one command: a user's own keys and their presence read in
+        one round trip. All keys must share a
         hash tag (one cluster slot)."""
 
     async def incr(self, key: str, ttl_s: float) -> int:

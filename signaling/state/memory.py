@@ -109,14 +109,15 @@ class MemoryStateStore:
             return values, False
         return values, await self.set_if_absent(key, value, ttl_s)
 
-    async def set_and_get(
-        self, key: str, value: str | None, ttl_s: float | None, reads: Sequence[str]
-    ) -> list[str | None]:
+    async def set_and_get(self, write: KeyWrite, reads: Sequence[str]) -> list[str | None]:
         # Nothing awaits in between: atomic like the Redis script.
-        if value is None:
+        key, value, ttl_s, only_if = write
+        if value is not None:
+            await self.set(key, value, ttl_s)
+        elif only_if is None:
             await self.delete(key)
         else:
-            await self.set(key, value, ttl_s)
+            await self.delete_if_equals(key, only_if)
         return await self.get_many(reads)
 
     async def get_many_live(
@@ -128,7 +129,7 @@ class MemoryStateStore:
         write: KeyWrite | None = None,
     ) -> tuple[list[str | None], bool]:
         # Nothing awaits in between: atomic like the Redis script.
-        values = await (self.get_many(reads) if write is None else self.set_and_get(*write, reads))
+        values = await (self.get_many(reads) if write is None else self.set_and_get(write, reads))
         live = await self.zrange_by_score(live_key, live_from, math.inf, limit=1)
         return values, bool(live)
 

@@ -283,6 +283,11 @@ if ARGV[1] == '1' then
 elseif ARGV[1] == '0' then
   redis.call('DEL', KEYS[1])
   n = 2
+elseif ARGV[1] == '3' then
+  if redis.call('GET', KEYS[1]) == ARGV[2] then
+    redis.call('DEL', KEYS[1])
+  end
+  n = 2
 end
 local live = 0
 if ARGV[4] ~= '' then
@@ -297,10 +302,11 @@ return {values, live}
 """
 )
 """KEYS: the key written (unless ARGV[1] is 2), the sorted set looked at (if
-ARGV[4] is not empty), then the keys read. ARGV: 1 (set), 0 (delete) or 2 (no
-write), value, ttl_ms (0 = none), the lowest live score or "". Returns {the
-values read (nil when absent or not a string), 1 if the set holds a member
-scored that or more, else 0}: ``set_and_get`` and ``get_many_live``."""
+ARGV[4] is not empty), then the keys read. ARGV: 1 (set), 0 (delete), 3
+(delete if it holds the value) or 2 (no write), value, ttl_ms (0 = none), the
+lowest live score or "". Returns {the values read (nil when absent or not a
+string), 1 if the set holds a member scored that or more, else 0}:
+``set_and_get`` and ``get_many_live``."""
 
 INCR_WINDOW = LuaScript(
     """
@@ -577,10 +583,8 @@ class RedisStateStore:
         claimed, *values = raw
         return [None if found is None else _text(found) for found in values], int(claimed) == 1
 
-    async def set_and_get(
-        self, key: str, value: str | None, ttl_s: float | None, reads: Sequence[str]
-    ) -> list[str | None]:
-        values, _ = await self._set_and_get((key, value, ttl_s), reads, None, None)
+    async def set_and_get(self, write: KeyWrite, reads: Sequence[str]) -> list[str | None]:
+        values, _ = await self._set_and_get(write, reads, None, None)
         return values
 
     async def get_many_live(
@@ -604,10 +608,14 @@ class RedisStateStore:
         keys: list[str] = []
         args: list[RedisArg] = ["2", "", 0]
         if write is not None:
-            key, value, ttl_s = write
+            key, value, ttl_s, only_if = write
             keys.append(prefix + key)
-            px = 0 if ttl_s is None else ttl_ms(ttl_s)
-            args = ["0", "", 0] if value is None else ["1", value, px]
+            if value is not None:
+                args = ["1", value, 0 if ttl_s is None else ttl_ms(ttl_s)]
+            elif only_if is None:
+                args = ["0", "", 0]
+            else:
+                args = ["3", only_if, 0]
         if live_key is None or live_from is None:
             args.append("")
         else:

@@ -33,7 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from signaling.broker.base import BrokerUnavailable
 from signaling.broker.redis_exec import AutoPipeline, connect_client
-from signaling.state.base import StateStore
+from signaling.state.base import KeyWrite, StateStore
 from signaling.state.memory import MemoryStateStore, StreamEntry
 from signaling.state.redis import (
     INCR_WINDOW,
@@ -373,18 +373,20 @@ async def test_get_many_live_reads_keys_and_whether_a_member_is_live(h: Harness)
     assert await h.store.get_many_live([], live, 50.5) == ([], False)
     # With a write first: the reads see it (and it keeps its TTL).
     written = "in-call:{user:1}"
-    assert await h.store.get_many_live([written, own], live, 45.0, write=(written, "1", TTL_S)) == (
+    assert await h.store.get_many_live(
+        [written, own], live, 45.0, write=KeyWrite(written, "1", TTL_S)
+    ) == (
         ["1", None],
         True,
     )
     await h.elapse(PAST_TTL_S)
     assert await h.store.get(written) is None
     # Without a TTL; then a delete.
-    assert await h.store.get_many_live([written], live, 99.0, write=(written, "2", None)) == (
+    assert await h.store.get_many_live([written], live, 99.0, write=KeyWrite(written, "2")) == (
         ["2"],
         False,
     )
-    assert await h.store.get_many_live([written], live, 0.0, write=(written, None, None)) == (
+    assert await h.store.get_many_live([written], live, 0.0, write=KeyWrite(written, None)) == (
         [None],
         True,
     )
@@ -398,7 +400,7 @@ async def test_set_and_get_writes_then_reads(h: Harness) -> None:
     written, other, absent = "w:{user:1}", "o:{user:1}", "a:{user:1}"
     await h.store.set(other, "x")
     # Set with a TTL: the reads that follow see the new value.
-    assert await h.store.set_and_get(written, "1", TTL_S, [other, written, absent]) == [
+    assert await h.store.set_and_get(KeyWrite(written, "1", TTL_S), [other, written, absent]) == [
         "x",
         "1",
         None,
@@ -407,13 +409,23 @@ async def test_set_and_get_writes_then_reads(h: Harness) -> None:
     assert await h.store.get(written) is None
     # Set without a TTL clears an old expiry, as set() does.
     await h.store.set(written, "old", ttl_s=TTL_S)
-    assert await h.store.set_and_get(written, "2", None, [written]) == ["2"]
+    assert await h.store.set_and_get(KeyWrite(written, "2"), [written]) == ["2"]
     await h.elapse(PAST_TTL_S)
     assert await h.store.get(written) == "2"
     # Delete (value None); nothing to read is fine.
-    assert await h.store.set_and_get(written, None, None, [written, other]) == [None, "x"]
-    assert await h.store.set_and_get(written, None, None, []) == []
+    assert await h.store.set_and_get(KeyWrite(written, None), [written, other]) == [None, "x"]
+    assert await h.store.set_and_get(KeyWrite(written, None), []) == []
     assert await h.store.get(written) is None
+    # A delete only while the key holds a value: a flag left to its owner.
+    await h.store.set(written, "call-2")
+    assert await h.store.set_and_get(KeyWrite(written, None, only_if="call-1"), [written]) == [
+        "call-2"
+    ]
+    assert await h.store.set_and_get(KeyWrite(written, None, only_if="call-2"), [written]) == [None]
+    live = "online:{user:1}"
+    await h.store.set(written, "call-3")
+    write = KeyWrite(written, None, only_if="call-3")
+    assert await h.store.get_many_live([written], live, 0.0, write=write) == ([None], False)
 
 
 async def test_incr_counts_in_a_fixed_window(h: Harness) -> None:
@@ -862,11 +874,11 @@ class TestRedisCluster:
         for tag in _tags_on_every_node(redis_cluster):
             written, read = f"in-call:{{{tag}}}", f"status:{{{tag}}}"
             await cluster_store.set(read, "away")
-            assert await cluster_store.set_and_get(written, "1", 60, [read, written]) == [
+            assert await cluster_store.set_and_get(KeyWrite(written, "1", 60), [read, written]) == [
                 "away",
                 "1",
             ]
-            assert await cluster_store.set_and_get(written, None, None, [written]) == [None]
+            assert await cluster_store.set_and_get(KeyWrite(written, None), [written]) == [None]
 
     async def test_get_many_live_on_every_node(
         self, redis_cluster: RedisCluster, cluster_store: RedisStateStore
@@ -876,7 +888,7 @@ class TestRedisCluster:
             await cluster_store.set(read, "7")
             await cluster_store.zadd(live, "node", 100.0)
             assert await cluster_store.get_many_live(
-                [read, written], live, 99.0, write=(written, "1", 60)
+                [read, written], live, 99.0, write=KeyWrite(written, "1", 60)
             ) == (["7", "1"], True)
             assert await cluster_store.get_many_live([read], live, 101.0) == (["7"], False)
 

@@ -707,3 +707,33 @@ async def test_participants_hear_of_the_end_once_free_to_call_again(
     assert seen == {personal_channel("alice"): free, personal_channel("bob"): free}
     # Free indeed: bob calls alice at once.
     await service.invite("bob", "alice", "audio", "")
+
+
+async def test_an_in_call_status_left_by_a_failed_end_is_cleared_by_the_timer(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from handlers import presence
+    from handlers.calls import service as service_module
+
+    call_id = await h.accepted_call()
+    assert (await presence.status_view(h.node, "bob")).in_call
+    real = presence.set_call_busy
+
+    async def store_fails_on_clearing(node: Node, user: str, call: str, busy: bool) -> None:
+        if not busy:
+            raise BrokerUnavailable("the store failed as the call ended")
+        await real(node, user, call, busy)
+
+    monkeypatch.setattr(service_module, "set_call_busy", store_fails_on_clearing)
+    await h.service.end("alice", call_id)
+    # Still shown in the call: the end could not clear it, its timer will.
+    assert (await presence.status_view(h.node, "bob")).in_call
+    due = dict(await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf"))).get(call_id)
+    assert due is not None and due > h.clock.ms
+    monkeypatch.setattr(service_module, "set_call_busy", real)
+    h.clock.ms = int(due)
+    await h.instance().fire(call_id)
+    for user in ("alice", "bob"):
+        view = await presence.status_view(h.node, user)
+        assert not view.in_call, user
+    assert await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")) == []

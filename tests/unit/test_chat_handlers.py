@@ -244,7 +244,7 @@ async def test_set_call_busy_makes_the_user_busy_while_in_a_call(node: Node) -> 
     channel = "status:cre"
     assert [p["status"] for p in await history(node, channel)] == ["away"]
 
-    await set_call_busy(node, "cre", True)
+    await set_call_busy(node, "cre", "call-1", True)
     view = await status_view(node, "cre")
     assert (view.status, view.chosen, view.in_call) == ("busy", "away", True)
     assert (await history(node, channel))[-1] | {"last_seen_ms": None} == {
@@ -258,15 +258,19 @@ async def test_set_call_busy_makes_the_user_busy_while_in_a_call(node: Node) -> 
     # Choosing another status during the call changes nothing fans see.
     await set_status(node, "cre", "available")
     assert (await history(node, channel))[-1]["status"] == "busy"
-    await set_call_busy(node, "cre", False)
+    await set_call_busy(node, "cre", "call-1", False)
     assert (await history(node, channel))[-1]["status"] == "available"
     # Twice is harmless.
-    await set_call_busy(node, "cre", False)
+    await set_call_busy(node, "cre", "call-1", False)
     assert (await status_view(node, "cre")).status == "available"
+    # A late clearing of an earlier call leaves the next call's mark.
+    await set_call_busy(node, "cre", "call-2", True)
+    await set_call_busy(node, "cre", "call-1", False)
+    assert (await status_view(node, "cre")).status == "busy"
 
 
 async def test_busy_user_offline_is_offline(node: Node) -> None:
-    await set_call_busy(node, "gone", True)
+    await set_call_busy(node, "gone", "call-1", True)
     view = await status_view(node, "gone")
     assert (view.online, view.status, view.in_call) == (False, "offline", True)
 

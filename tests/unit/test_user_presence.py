@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from signaling.state.base import KeyWrite
 from signaling.state.memory import MemoryStateStore
 from signaling.users import UserPresence, UserStatus
 
@@ -32,11 +33,12 @@ async def test_status_and_read_writes_reads_and_looks_up_presence_together() -> 
     presence = UserPresence(store, "node-a")
     chosen, in_call = "presence:status:{bob}", "presence:in-call:{bob}"
     await store.set(chosen, "away")
-    status, values = await presence.status_and_read("bob", (chosen, in_call), (in_call, "1", 60))
+    write = KeyWrite(in_call, "1", 60)
+    status, values = await presence.status_and_read("bob", (chosen, in_call), write)
     assert status == UserStatus(False, None)
     assert values == ["away", "1"]  # the write is read back; seen is not among them
     await presence.went_online("bob")
-    status, values = await presence.status_and_read("bob", (in_call,), (in_call, None, None))
+    status, values = await presence.status_and_read("bob", (in_call,), KeyWrite(in_call, None))
     assert status == UserStatus(True, None)
     assert values == [None]
     assert await store.get(in_call) is None
