@@ -803,13 +803,11 @@ class ClientSession:
         if result.publications:
             last = result.publications[-1].offset
         for pub in buffered:
-            if pub.offset == 0:
+            # Each offset once: the hub buffers for a syncing subscriber what
+            # the live ones have already, and its reply may hold it too.
+            if pub.offset == 0 or pub.offset > last:
                 self.conn.send_text(encode_pub_push(channel, pub))
-            elif pub.offset > last:
-                # In order, each once: the hub buffers for syncing subscribers
-                # what its live ones already have too.
-                self.conn.send_text(encode_pub_push(channel, pub))
-                last = pub.offset
+                last = max(last, pub.offset)
 
     async def _unsubscribe(self, channel: str) -> None:
         identity = self._require_identity()

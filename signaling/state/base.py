@@ -92,8 +92,7 @@ class StateStore(Protocol):
         ``live_key`` holds a member scored ``live_from`` or more; with
         ``write``, that key written first as :meth:`set_and_get` would.
         Atomic, in one command: a user's own keys and their presence read in
-        one round trip. All keys must share a
-        hash tag (one cluster slot)."""
+        one round trip. All keys must share a hash tag (one cluster slot)."""
 
     async def incr(self, key: str, ttl_s: float) -> int:
         """Increment a counter; its expiry is set when it is created, so
