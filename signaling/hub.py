@@ -169,34 +169,26 @@ class Hub:
         if top > ch.last_offset and ch.epoch and epoch == ch.epoch:
             ch.ahead[client_id] = top
             return []
-        return self._make_live(ch, client_id)[1]
+        return self._make_live(ch, client_id)
 
-    def _make_live(self, ch: _Channel, client_id: str) -> tuple[Subscriber, list[Publication]]:
+    def _make_live(self, ch: _Channel, client_id: str) -> list[Publication]:
         buffered = ch.syncing.pop(client_id)
         sub = ch.live[client_id] = ch.syncing_subs.pop(client_id)
         ch.snapshot = None
         if client_id in ch.pending_join_leave:
             ch.pending_join_leave.discard(client_id)
             ch.join_leave[client_id] = sub
-        return sub, buffered
+        return buffered
 
-    def _catch_up(self, channel: str, ch: _Channel) -> None:
+    def _catch_up(self, ch: _Channel) -> None:
         """Make live the subscribers the channel's position has caught up
-        with, each given what it buffered past its reply."""
+        with. Their buffers hold nothing past their replies: the position
+        moves one offset at a time (a jump is a gap, which tells them all),
+        so it reaches each one's reply with the publication at it."""
         for client_id, top in list(ch.ahead.items()):
-            if top > ch.last_offset:
-                continue
-            del ch.ahead[client_id]
-            sub, buffered = self._make_live(ch, client_id)
-            frames = [
-                self._encode_frame(encode_pub_push(channel, pub))
-                for pub in buffered
-                if pub.offset > top
-            ]
-            if frames:
-                sub.deliver(b"".join(frames))
-                if self._on_delivered is not None:
-                    self._on_delivered(len(frames))
+            if top <= ch.last_offset:
+                del ch.ahead[client_id]
+                self._make_live(ch, client_id)
 
     def remove(self, channel: str, client_id: str) -> bool:
         """Unregister; True if it was the channel's last subscriber here."""
@@ -308,7 +300,7 @@ class Hub:
         if ch.ahead:
             # After the broadcast: one made live now has this publication
             # in its buffer, not in that snapshot.
-            self._catch_up(channel, ch)
+            self._catch_up(ch)
 
     def on_join(self, channel: str, info: ClientInfo) -> None:
         ch = self._channels.get(channel)

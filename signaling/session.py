@@ -309,40 +309,31 @@ class ClientSession:
         if identity is None:
             return False
         wall = time.time()
-        due = self._close_due(identity.credentials)
+        due = self._close_due(identity.credentials.expires_at)
         if wall > due:
             self.disconnect(DISCONNECT_EXPIRED)
             return True
         for channel, sub in list(self.subs.items()):
-            sub_due = self._sub_close_due(sub.expires_at)
-            if sub_due is not None and wall > sub_due:
+            if wall > self._close_due(sub.expires_at):
                 self.server_unsubscribe(channel, *UNSUBSCRIBE_EXPIRED)
         for sub in self.subs.values():
             # One still syncing stays until its reply is sent: looked at again.
-            sub_due = self._sub_close_due(sub.expires_at)
-            if sub_due is not None and sub_due < due:
-                due = sub_due
+            due = min(due, self._close_due(sub.expires_at))
         self._expiry_due = due
         return False
 
-    def _expires_at(self, when: float | None) -> None:
+    def _expires_at(self, when: float) -> None:
         """A token expiry was set: the pings look at it by then."""
-        if when is not None and when < self._expiry_due:
+        if when < self._expiry_due:
             self._expiry_due = when
 
-    def _close_due(self, credentials: Credentials) -> float:
-        """When an expired connection token closes the connection: its close
-        delay after the expiry (never without one)."""
-        if credentials.expires_at is None:
-            return math.inf
-        return credentials.expires_at + self.node.settings.expired_close_delay_s
-
-    def _sub_close_due(self, expires_at: float | None) -> float | None:
-        """When an expired subscription token ends the subscription: the same
-        delay after its expiry as a connection's, for the SDK's refresh (it
-        asks for a new token when the ttl runs out; Centrifuge waits 25 s too)."""
+    def _close_due(self, expires_at: float | None) -> float:
+        """When an expired token (the connection's or a subscription's) ends
+        what it grants: its close delay after the expiry, for the SDK's
+        refresh (it asks for a new token when the ttl runs out; Centrifuge
+        waits 25 s too). Never without an expiry."""
         if expires_at is None:
-            return None
+            return math.inf
         return expires_at + self.node.settings.expired_close_delay_s
 
     def _end_connecting(self) -> None:
@@ -569,7 +560,7 @@ class ClientSession:
 
         identity = _Identity(credentials, ClientInfo(user, self.client_id, _conn_info(credentials)))
         self._identity = identity
-        self._expires_at(self._close_due(credentials))
+        self._expires_at(self._close_due(credentials.expires_at))
         subs: dict[str, SubscribeResult] = {}
         with node.connect_in_progress(user):
             personal = node.policy.personal_channel(user)
@@ -619,7 +610,7 @@ class ClientSession:
             raise SignalError(DISCONNECT_INVALID_TOKEN)
         identity.credentials = credentials
         # A later expiry leaves an earlier due time: the check then finds it.
-        self._expires_at(self._close_due(credentials))
+        self._expires_at(self._close_due(credentials.expires_at))
         expires, ttl = _ttl(credentials.expires_at)
         return RefreshResult(self.client_id, SERVER_VERSION, expires, ttl)
 
@@ -670,7 +661,7 @@ class ClientSession:
         node = self.node
         options = node.channel_options(channel)
         self.subs[channel] = sub = _Subscription(options, expires_at)
-        self._expires_at(self._sub_close_due(expires_at))
+        self._expires_at(self._close_due(expires_at))
         join_leave = options.join_leave and req.join_leave
         try:
             await node.add_subscriber(channel, self.client_id, self, join_leave=join_leave)
@@ -792,16 +783,13 @@ class ClientSession:
                 self.server_unsubscribe(channel, *sub.deferred)
             return
         hub = self.node.hub
-        top = 0
+        # Where the reply leaves the client: its last publication, or the top.
+        last = result.publications[-1].offset if result.publications else result.offset
         if result.epoch:
-            top = result.publications[-1].offset if result.publications else result.offset
-            hub.note_position(channel, top, result.epoch)
-        buffered = hub.go_live(channel, self.client_id, top, result.epoch)
+            hub.note_position(channel, last, result.epoch)
+        buffered = hub.go_live(channel, self.client_id, last, result.epoch)
         if not buffered:
             return
-        last = result.offset
-        if result.publications:
-            last = result.publications[-1].offset
         for pub in buffered:
             # Each offset once: the hub buffers for a syncing subscriber what
             # the live ones have already, and its reply may hold it too.
@@ -851,7 +839,7 @@ class ClientSession:
         sub.expires_at = await self._check_sub_token(
             req.token, identity.credentials.user, req.channel
         )
-        self._expires_at(self._sub_close_due(sub.expires_at))
+        self._expires_at(self._close_due(sub.expires_at))
         expires, ttl = _ttl(sub.expires_at)
         return SubRefreshResult(expires, ttl)
 

@@ -501,7 +501,7 @@ def test_a_subscriber_whose_reply_is_ahead_of_the_node_gets_each_publication_onc
     assert sum(delivered) == 4 + 1 + 1  # the live one's four, then 8 and the join to "b"
 
 
-def test_a_subscriber_ahead_gets_what_its_buffer_holds_past_its_reply() -> None:
+def test_a_subscriber_ahead_goes_live_when_the_position_reaches_its_reply() -> None:
     encoder = CountingEncoder()
     hub = Hub(encoder)
     _live(hub, "room:1", "a")
