@@ -311,18 +311,28 @@ async def set_status(
     return view
 
 
-async def set_call_busy(node: Node, user: str, call_id: str, busy: bool) -> None:
+async def set_call_busy(
+    node: Node, user: str, call_id: str, busy: bool, *, while_key: str | None = None
+) -> None:
     """Mark ``user`` in the call ``call_id`` (``busy=True``: their status is
     ``busy``) or out of it, and publish the change. For the calls handler;
     safe to call from any instance, and twice: out of a call clears the mark
     only while it is that call's (a late retry leaves the next call's).
+    ``while_key``: a key of the user's own (their hash tag) that must still
+    hold ``call_id`` for the mark to be written: the call's busy flag, which
+    its end releases before clearing the mark, so that a mark written late
+    (an accept racing a hang-up) never outlives the call.
 
     Raises:
         BrokerUnavailable: the store or broker cannot be reached.
     """
     ttl = node.settings.call_max_duration_s + 300.0
     key = _in_call_key(user)
-    write = KeyWrite(key, call_id, ttl) if busy else KeyWrite(key, None, only_if=call_id)
+    if busy:
+        guard = None if while_key is None else (while_key, call_id)
+        write = KeyWrite(key, call_id, ttl, guard=guard)
+    else:
+        write = KeyWrite(key, None, only_if=call_id)
     # A connection of theirs here: online, without asking the store.
     online = True if node.user_connection_count(user) else None
     await refresh_status(node, user, online=online, write=write)

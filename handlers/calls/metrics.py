@@ -75,6 +75,12 @@ class CallMetrics:
             "another change (its instance died or could not reach the stream).",
             registry=registry,
         )
+        self.events_redelivered = Counter(
+            "signal_call_events_redelivered",
+            "End events (call.ended, call.missed ...) this instance published in the "
+            "place of the instance that ended the call (it died or could not publish).",
+            registry=registry,
+        )
         self.timer_runs = Counter(
             "signal_call_timer_runs",
             "Call timers claimed and run by this instance.",

@@ -14,6 +14,12 @@ Records left there (the instance died, or the stream could not be reached)
 are appended by the call's timer, on whichever instance, before anything
 else; a call's timer is not dropped while its outbox holds anything.
 
+The end's events survive that instance too: the change that ends a call
+marks it ``unannounced`` (:mod:`handlers.calls.state`), and the winner lets
+the call's timer go only once it has published them. A timer that finds the
+mark older than the winner could take looks for the events in the
+participants' personal channels' history and publishes those missing.
+
 The clock of an accepted call belongs to the server: ``accepted_at``,
 minute ticks at ``accepted_at + n * call_tick_s``, warnings before and the
 end at ``accepted_at + call_max_duration_s``, all in server time, whichever
@@ -38,6 +44,8 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+import orjson
+
 from handlers.calls.agora import MAX_UID, RtcGrant, TokenIssuer, channel_name
 from handlers.calls.errors import (
     CALL_BUSY,
@@ -59,6 +67,7 @@ from handlers.calls.events import (
 from handlers.calls.metrics import CallMetrics
 from handlers.calls.state import (
     TERMINAL_STATES,
+    UNANNOUNCED,
     Call,
     CallState,
     CallStore,
@@ -67,6 +76,7 @@ from handlers.calls.state import (
     EndReason,
     OutboxEntry,
     Role,
+    busy_key,
     invites_key,
     now_ms,
     wrong_state,
@@ -91,14 +101,18 @@ INVITE_WINDOW_S = 60.0
 _LIVE_CHECK_MIN_MS = 250
 _LIVE_CHECK_MAX_MS = 5000
 
-# A record in a call's outbox is appended by whoever finds it once it is this
-# old (ms): its writer appends it at once, so by then it died or failed.
+# A record in a call's outbox, or an end's events, are taken over by whoever
+# finds them once this old (ms): their writer appends or publishes them at
+# once, so by then it died or failed.
 OUTBOX_STALE_MS = 2000
 # An outbox that could not be appended is tried again after at least this (ms).
 OUTBOX_RETRY_MS = 1000
 
 # States a participant sees as their current call (pending is not visible yet).
 LIVE_CALL_STATES = frozenset({CallState.RINGING, CallState.ACCEPTED})
+# How many of a personal channel's latest publications a timer reads to find
+# an end's event a dead instance may or may not have published.
+_EVENTS_LOOKED_AT = 50
 
 _TERMINAL_EVENT = {
     CallState.REJECTED: EventType.REJECTED,
@@ -175,11 +189,7 @@ class CallService:
         failed run keeps its lease and is retried when the lease runs out."""
         self.metrics.timer_runs.inc()
         try:
-            due = await self.run_timer(call_id)
-            if due is None:
-                await self.timers.cancel(call_id)
-            else:
-                await self.timers.schedule(call_id, due)
+            await self._set_timer(call_id, await self.run_timer(call_id))
         except BrokerUnavailable as exc:
             log.warning("call %s: timer deferred, store unavailable: %s", call_id, exc)
         except Exception:
@@ -321,7 +331,7 @@ class CallService:
             role,
             lambda at: {"state": state.value, "ended_at_ms": str(at), "ended_by": user},
         )
-        await self._finished(change)
+        await self._set_timer(call_id, await self._finished(change))
         return change.after
 
     async def _settle_ringing(
@@ -342,7 +352,7 @@ class CallService:
 
         change = await self._update(call_id, decide)
         if change is None:
-            await self.run_timer(call_id)  # records the miss now
+            await self._set_timer(call_id, await self.run_timer(call_id))  # the miss, now
             raise wrong_state(CallState.MISSED)
         return change
 
@@ -357,7 +367,7 @@ class CallService:
 
         change = await self._update(call_id, decide)
         assert change is not None
-        await self._finished(change)
+        await self._set_timer(call_id, await self._finished(change))
         return change.after
 
     async def grant(self, user: str, call_id: str, *, renew: bool) -> RtcGrant:
@@ -369,7 +379,7 @@ class CallService:
         call = await self.participant_call(user, call_id)
         if call.state == CallState.ACCEPTED and self._clock_overdue(call, self.clock()):
             # The timers lag behind the clock: settle the call before granting.
-            await self.run_timer(call_id)
+            await self._set_timer(call_id, await self.run_timer(call_id))
             call = await self.participant_call(user, call_id)
         if call.state != CallState.ACCEPTED:
             raise wrong_state(call.state)
@@ -400,10 +410,23 @@ class CallService:
         """Apply a change with its billing records (``at``: the time of a
         tick), then append them: the winning change, or None."""
         when = self.clock()
+
+        def deciding(c: Call) -> Mapping[str, str] | None:
+            values = decide(c)
+            if (
+                values is not None
+                and c.state in LIVE_CALL_STATES
+                and values.get("state", c.state) in TERMINAL_STATES
+            ):
+                # It ends a call its participants know of: until its events
+                # are out, the call's timer may have to send them.
+                return {**values, UNANNOUNCED: str(when)}
+            return values
+
         try:
             change = await self.calls.update(
                 call_id,
-                decide,
+                deciding,
                 functools.partial(self._billing, at=when if at is None else at),
                 written_ms=when,
             )
@@ -421,7 +444,7 @@ class CallService:
 
     async def run_timer(self, call_id: str) -> int | None:
         """Do what is due for the call now; returns when to look again (unix
-        ms), or None once the call is over and its outbox empty.
+        ms), or None once the call is over and nothing of it is left to do.
 
         First of all, billing records left in the call's outbox by another
         instance (dead, or unable to append them) are appended.
@@ -431,31 +454,22 @@ class CallService:
             return None
         unsent = await self._flush(call, frozenset()) if call.outbox else ()
         if call.state in TERMINAL_STATES:
-            due = None
-            # The end's clearing of the in-call status may have failed (or
-            # its instance died first): again, harmless if done (the flags
-            # are cleared only while they hold this call).
-            if call.state == CallState.ENDED and not await self._show_in_call(call, False):
-                due = self.clock() + OUTBOX_RETRY_MS
+            due = await self._settle_end(call)
         elif call.state in (CallState.PENDING, CallState.RINGING):
             due = await self._ring_timer(call)
         else:
             due = await self._call_timer(call_id)
         if due is None and call.state not in TERMINAL_STATES:
-            # It ended during this run: its end's record may be in flight or
-            # have failed to append; look at the outbox once more.
-            latest = await self.calls.get(call_id)
-            if latest is None:
-                return None
-            if latest.state not in TERMINAL_STATES:
-                # Not ended: a race this run lost (the ring timer against an
-                # accept just before the deadline). Look again at once.
-                return self.clock()
-            call, unsent = latest, latest.outbox
-        retry = await self._outbox_due(call, unsent)
-        if retry is None:
-            return due
-        return retry if due is None else min(due, retry)
+            # It ended during this run, and what the end left is in ``due``.
+            return None
+        return _earliest(due, await self._outbox_due(call, unsent))
+
+    async def _set_timer(self, call_id: str, due: int | None) -> None:
+        """Re-schedule the call's timer, or let it go (``due`` None)."""
+        if due is None:
+            await self.timers.cancel(call_id)
+        else:
+            await self.timers.schedule(call_id, due)
 
     async def _outbox_due(self, call: Call, unsent: tuple[OutboxEntry, ...]) -> int | None:
         """When the timer must look at an outbox that still holds ``unsent``
@@ -466,6 +480,23 @@ class CallService:
             await self.calls.keep(call)
         oldest = min(e.written_ms for e in unsent)
         return max(oldest + OUTBOX_STALE_MS, self.clock() + OUTBOX_RETRY_MS)
+
+    async def _after_lost_race(self, latest: Call | None) -> int | None:
+        """A change this timer run tried lost to another one (an RPC's, or
+        another run's): when the timer must look at the call (``latest``, as
+        read since) again."""
+        if latest is None:
+            return None
+        if latest.state not in TERMINAL_STATES:
+            # Not ended: the ring timer against an accept just before the
+            # deadline, say. Look again at once.
+            return self.clock()
+        # Ended by another instance, which may still be appending its records
+        # and publishing its events, or die doing so: the timer stays for them.
+        due = None
+        if latest.unannounced_ms is not None:
+            due = max(latest.unannounced_ms + OUTBOX_STALE_MS, self.clock())
+        return _earliest(due, await self._outbox_due(latest, latest.outbox))
 
     async def _ring_timer(self, call: Call) -> int | None:
         if self.clock() < call.ring_deadline_ms:
@@ -478,15 +509,14 @@ class CallService:
 
         change = await self._update(call.call_id, decide)
         if change is None:
-            return None
+            return await self._after_lost_race(await self.calls.get(call.call_id))
         if change.before.state == CallState.PENDING:
             # An invite whose instance died before the call rang: nobody was
             # told of it, so nobody is told of its end; just free the users.
             for user in call.participants:
                 await self.calls.release_busy(user, call.call_id)
-            return None
-        await self._finished(change)
-        return None
+            return await self._outbox_due(change.after, change.unsent)
+        return await self._finished(change)
 
     async def _call_timer(self, call_id: str) -> int | None:
         # Ticks, warnings and the max duration, one compare-and-set each, in
@@ -496,16 +526,13 @@ class CallService:
             change = await self._update(call_id, functools.partial(self._clock_step, at=at), at)
             if change is None:
                 break
-            await self._clock_changed(change, at)
             if change.after.state != CallState.ACCEPTED:
-                return None
+                return await self._finished(change)  # the max duration
+            await self._clock_changed(change, at)
         call = await self.calls.get(call_id)
         if call is None or call.state != CallState.ACCEPTED:
-            return None
-        next_check = await self._check_liveness(call)
-        if next_check is None:
-            return None  # a participant was lost: ended
-        return min(self._next_clock_due(call), next_check)
+            return await self._after_lost_race(call)
+        return await self._check_liveness(call)
 
     def _due_times(self, c: Call) -> tuple[int, int | None, int | None]:
         """(end, next tick or None, next warning or None) of an accepted call."""
@@ -542,10 +569,9 @@ class CallService:
         return None
 
     async def _clock_changed(self, change: Change, at: int) -> None:
+        """The events of a tick or a warning."""
         before, after = change.before, change.after
-        if after.state == CallState.ENDED:
-            await self._finished(change)
-        elif after.ticks > before.ticks:
+        if after.ticks > before.ticks:
             duration = after.ticks * self.tick_ms
             extra: JSONObject = {"minute": after.ticks, "duration_ms": duration}
             await self._publish(after.participants, event_data(EventType.TICK, after, at, extra))
@@ -559,8 +585,8 @@ class CallService:
             await self._publish(after.participants, event_data(EventType.WARNING, after, at, extra))
 
     async def _check_liveness(self, call: Call) -> int | None:
-        """End the call if a participant has been offline for the grace period.
-        Returns when to check again, or None if the call ended."""
+        """End the call if a participant has been offline for the grace
+        period. Returns when the call's timer must look at it again."""
         assert call.accepted_at_ms is not None
         at = self.clock()
         statuses = await asyncio.gather(
@@ -578,23 +604,24 @@ class CallService:
             since = max(last_seen, call.seen_ms(user) or 0, call.accepted_at_ms)
             lost.append((since + self.grace_ms, user, since))
         await self.calls.note_seen(call.call_id, seen)
+        next_check = at + self.live_check_ms
         if lost:
             deadline, user, since = min(lost)
             if deadline <= at:
-                await self._lose(call.call_id, user, since, at)
-                return None
-            return min(deadline, at + self.live_check_ms)
-        return at + self.live_check_ms
+                return await self._lose(call.call_id, user, since, at)
+            next_check = min(deadline, next_check)
+        return min(self._next_clock_due(call), next_check)
 
-    async def _lose(self, call_id: str, user: str, since: int, at: int) -> None:
+    async def _lose(self, call_id: str, user: str, since: int, at: int) -> int | None:
         def decide(c: Call) -> Mapping[str, str] | None:
             if c.state != CallState.ACCEPTED:
                 return None
             return {**_ended(EndReason.PARTICIPANT_LOST, at, user), "lost_since_ms": str(since)}
 
         change = await self._update(call_id, decide)
-        if change is not None:
-            await self._finished(change)
+        if change is None:
+            return await self._after_lost_race(await self.calls.get(call_id))
+        return await self._finished(change)
 
     # --- follow-ups of a winning change ---------------------------------------------
 
@@ -630,7 +657,11 @@ class CallService:
         async def show(user: str) -> None:
             nonlocal failed
             try:
-                await set_call_busy(self.node, user, call.call_id, busy)
+                # Marked only while the call holds the user's busy flag: an
+                # end that came first (it releases the flag) is not undone.
+                await set_call_busy(
+                    self.node, user, call.call_id, busy, while_key=busy_key(user) if busy else None
+                )
             except BrokerUnavailable as exc:
                 failed = True
                 log.warning(
@@ -640,78 +671,155 @@ class CallService:
         await _each(show, call.participants)
         return not failed
 
-    async def _clear_in_call_later(self, call: Call) -> None:
-        """The end's in-call clearing failed: the call's timer retries it
-        (:meth:`run_timer`), or the flags expire by themselves."""
-        try:
-            await self.timers.schedule(call.call_id, self.clock() + OUTBOX_RETRY_MS)
-        except BrokerUnavailable as exc:
-            log.warning("call %s: in-call status left to expire: %s", call.call_id, exc)
+    async def _leave_call(self, call: Call) -> bool:
+        """Clear an ended call's in-call status (other ends never showed it);
+        False if that failed."""
+        return call.state != CallState.ENDED or await self._show_in_call(call, False)
 
-    async def _finished(self, change: Change) -> None:
-        """A call reached a terminal state: free everything, tell everyone."""
+    async def _finished(self, change: Change) -> int | None:
+        """A call reached a terminal state: free everything, tell everyone.
+        Returns when the call's timer must look at it again, None to let it
+        go: the timer stays while the end's events, its in-call clearing or
+        billing records are left to do."""
         call = change.after
-        # The busy flags, the timer and the active set in one round trip; the
+        # The busy flags and the active set in one round trip; the
         # participants hear of the end after their flags are free (their next
         # invite must not find them busy).
-        await asyncio.gather(
-            *(self.calls.release_busy(user, call.call_id) for user in call.participants),
-            self._after_end(change),
+        frees: list[Awaitable[object]] = [
+            self.calls.release_busy(user, call.call_id) for user in call.participants
+        ]
+        if call.state == CallState.ENDED:
+            frees.append(self.store.zrem(ACTIVE_KEY, call.call_id))
+        await asyncio.gather(*frees)
+        self._count_end(call)
+        published, cleared = await asyncio.gather(
+            self._publish(call.participants, self._end_event(call)), self._leave_call(call)
         )
-        at = call.ended_at_ms if call.ended_at_ms is not None else self.clock()
-        event = _TERMINAL_EVENT[call.state]
+        due = await self._outbox_due(call, change.unsent)
+        if not (published and cleared):
+            # The timer tries again (it publishes only the events missing).
+            due = _earliest(due, self.clock() + OUTBOX_RETRY_MS)
+        if published and due is not None:
+            # The timer stays for something else: it need not look for the
+            # events (on the common path, the timer gone, no write at all).
+            with contextlib.suppress(BrokerUnavailable):
+                await self.calls.mark_announced(call)
+        return due
+
+    def _count_end(self, call: Call) -> None:
+        if call.state == CallState.ENDED:
+            assert call.reason is not None
+            self.metrics.calls.labels(call.reason).inc()
+            self.metrics.duration.observe(call.duration_ms(self._end_time(call)) / 1000)
+        else:
+            self.metrics.calls.labels(call.state.value).inc()
+
+    def _end_time(self, call: Call) -> int:
+        return call.ended_at_ms if call.ended_at_ms is not None else self.clock()
+
+    def _end_event(self, call: Call) -> bytes:
+        """The data of the participants' event about a finished call."""
+        at = self._end_time(call)
         extra: JSONObject = {}
         if call.ended_by is not None:
             # Who hung up, rejected or cancelled; or who was lost.
             who = "lost" if call.reason == EndReason.PARTICIPANT_LOST else "by"
             extra[who] = call.ended_by
-        duration = call.duration_ms(at)
         if call.state == CallState.ENDED:
-            assert call.reason is not None
-            extra |= {"reason": call.reason, "duration_ms": duration}
+            extra |= {"reason": call.reason, "duration_ms": call.duration_ms(at)}
             extra["accepted_at_ms"] = call.accepted_at_ms
             extra["ended_at_ms"] = at
             if call.lost_since_ms is not None:
                 extra["lost_since_ms"] = call.lost_since_ms
-            self.metrics.calls.labels(call.reason).inc()
-            self.metrics.duration.observe(duration / 1000)
-        else:
-            self.metrics.calls.labels(call.state.value).inc()
-        news = self._publish(call.participants, event_data(event, call, at, extra))
-        if call.state == CallState.ENDED:
-            _, cleared = await asyncio.gather(news, self._show_in_call(call, False))
-            if not cleared:
-                await self._clear_in_call_later(call)
-        else:
-            await news
+        return event_data(_TERMINAL_EVENT[call.state], call, at, extra)
 
-    async def _after_end(self, change: Change) -> None:
-        """The timer goes with the call, unless its outbox still holds records
-        (in flight from another instance, or not appended): it appends them.
-        An ended call leaves the active set."""
-        call = change.after
-        retry = await self._outbox_due(call, change.unsent)
-        if retry is None:
-            timer = self.timers.cancel(call.call_id)
-        else:
-            timer = self.timers.schedule(call.call_id, retry)
-        if call.state == CallState.ENDED:
-            await asyncio.gather(timer, self.store.zrem(ACTIVE_KEY, call.call_id))
-        else:
-            await timer
+    async def _settle_end(self, call: Call) -> int | None:
+        """The timer of a finished call: what its end left undone (by a dead
+        instance, or one that failed), if anything. Returns when to look
+        again, or None."""
+        now = self.clock()
+        due: int | None = None
+        if call.unannounced_ms is not None:
+            ready = call.unannounced_ms + OUTBOX_STALE_MS
+            if now < ready:
+                due = ready  # its winner is publishing them (or died doing so)
+            elif not await self._announce_left_over(call):
+                due = now + OUTBOX_RETRY_MS
+        # The end's clearing of the in-call status may have failed (or its
+        # instance died first): again, harmless if done (the flags are
+        # cleared only while they hold this call).
+        if not await self._leave_call(call):
+            due = _earliest(due, now + OUTBOX_RETRY_MS)
+        return due
 
-    async def _publish(self, users: tuple[str, ...], data: bytes) -> None:
+    async def _announce_left_over(self, call: Call) -> bool:
+        """Publish the end's event to the participants whose personal channel
+        does not hold it yet (its instance died, or failed, before); then
+        clear the mark. False if something failed (the timer tries again)."""
+        data = self._end_event(call)
+        failed = False
+
+        async def announce(user: str) -> None:
+            nonlocal failed
+            channel = personal_channel(user)
+            try:
+                if await self._holds_event(channel, call):
+                    return
+                await self.node.publish(channel, data)
+            except (BrokerUnavailable, SignalError) as exc:
+                failed = True
+                log.warning("call %s: end's event to %s not published: %s", call.call_id, user, exc)
+                return
+            self.metrics.events_redelivered.inc()
+            log.warning(
+                "call %s: end's event published to %s in its instance's place", call.call_id, user
+            )
+
+        await _each(announce, call.participants)
+        if failed:
+            return False
+        try:
+            await self.calls.mark_announced(call)
+        except BrokerUnavailable as exc:
+            log.debug("call %s: end's events published, mark not cleared: %s", call.call_id, exc)
+        return True
+
+    async def _holds_event(self, channel: str, call: Call) -> bool:
+        """Whether the channel's latest publications hold the event of the
+        call's current revision (the end's own, ``seq`` = ``rev``). Without
+        history nothing can tell: False (published, at least once)."""
+        kept = self.node.channel_options(channel).history
+        if not kept.enabled:
+            return False
+        page = await self.node.broker.history(
+            channel, since=None, limit=_EVENTS_LOOKED_AT, reverse=True, history=kept
+        )
+        marker = call.call_id.encode()
+        for pub in page.publications:
+            if marker not in pub.data:
+                continue  # another call's event, or not a call event
+            event = orjson.loads(pub.data)
+            if event.get("call_id") == call.call_id and event.get("seq") == call.rev:
+                return True
+        return False
+
+    async def _publish(self, users: tuple[str, ...], data: bytes) -> bool:
         """Publish to the users' personal channels (with history, so a
         reconnecting app recovers it). The state already changed: a failed
-        publish is logged, the call goes on (call.state tells the truth)."""
+        publish is logged, the call goes on (call.state tells the truth);
+        False if one failed."""
+        failed = False
 
         async def publish(user: str) -> None:
+            nonlocal failed
             try:
                 await self.node.publish(personal_channel(user), data)
             except (BrokerUnavailable, SignalError) as exc:
+                failed = True
                 log.warning("call event to %s not published: %s", user, exc)
 
         await _each(publish, users)
+        return not failed
 
     # --- billing ----------------------------------------------------------------------
 
@@ -845,6 +953,13 @@ async def _each(action: Callable[[str], Awaitable[None]], users: Sequence[str]) 
         await action(users[0])
     else:
         await asyncio.gather(*(action(user) for user in users))
+
+
+def _earliest(a: int | None, b: int | None) -> int | None:
+    """The earlier of two due times, either of which may be None (nothing due)."""
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
 
 
 def _ended(reason: EndReason, at: int, by: str | None) -> dict[str, str]:

@@ -35,6 +35,14 @@ timer is not dropped while the outbox holds anything, so a record is never
 lost, only possibly appended twice (dead after the append, before the
 clearing). Single-key operations only: it works on Redis Cluster.
 
+**The end's events.** A change that ends a call the participants were told
+of also writes ``unannounced`` (the change's time, unix ms): its events
+(``call.ended``, ``call.rejected`` ...) are still to be published. The winner
+publishes them before it lets the call's timer go; if it dies first, the
+timer (any instance) finds the mark older than the winner could take and
+publishes them. The mark is cleared (:meth:`CallStore.mark_announced`) only
+when the timer stays for something else, so the happy path costs no write.
+
 Other keys, one per user, each touched alone (single-key operations, hash
 tags for Redis Cluster):
 
@@ -64,6 +72,7 @@ __all__ = [
     "CALL_ID_RE",
     "LIVE_STATES",
     "TERMINAL_STATES",
+    "UNANNOUNCED",
     "Call",
     "CallState",
     "CallStore",
@@ -91,6 +100,8 @@ CALL_ID_RE = re.compile(r"[0-9a-f]{32}")
 PENDING_TTL_S = 30.0
 # Ended calls stay readable (call.state, late events) for a day.
 RETAIN_S = 86400.0
+# The field of an ended call whose end's events may not be published yet.
+UNANNOUNCED = "unannounced"
 # Update retries before giving up (only reached under pathological contention).
 _MAX_ATTEMPTS = 32
 
@@ -205,6 +216,8 @@ class Call:
     ver: int = 0
     # Billing records written with a change, not yet appended to the stream.
     outbox: tuple[OutboxEntry, ...] = ()
+    # Ended, and the end's events maybe not published yet: when it was written.
+    unannounced_ms: int | None = None
 
     # The hash it was read from (what a compare-and-set on it starts from).
     fields: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -241,6 +254,7 @@ class Call:
             callee_seen_ms=int(text) if (text := get("callee_seen_ms")) else None,
             ver=int(get("ver") or 0),
             outbox=decode_outbox(text) if (text := get("outbox")) else (),
+            unannounced_ms=int(text) if (text := get(UNANNOUNCED)) else None,
             fields=fields,
         )
 
@@ -413,6 +427,13 @@ class CallStore:
         cannot be appended yet must not expire meanwhile)."""
         await self.store.hcas(
             call_key(call.call_id), "state", (call.state.value,), {}, self.ttl_s(call.state)
+        )
+
+    async def mark_announced(self, call: Call) -> None:
+        """The end's events are published: a later run of the call's timer
+        must not publish them again. No revision (not a change of state)."""
+        await self.store.hcas(
+            call_key(call.call_id), "state", (call.state.value,), {UNANNOUNCED: ""}, RETAIN_S
         )
 
     async def note_seen(self, call_id: str, values: Mapping[str, str]) -> None:

@@ -31,6 +31,10 @@ class KeyWrite(NamedTuple):
     # With ``value`` None: delete only while the key holds this (a flag owned
     # by one thing, a call say, that a late clean-up must not take from the next).
     only_if: str | None = None
+    # (key, value): write only while that key, which shares this one's hash
+    # tag, holds that value (a mark of a call's, written only while the call
+    # still holds the user's busy flag, cannot land after the call's end).
+    guard: tuple[str, str] | None = None
 
 
 class StateStore(Protocol):

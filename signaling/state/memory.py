@@ -111,8 +111,10 @@ class MemoryStateStore:
 
     async def set_and_get(self, write: KeyWrite, reads: Sequence[str]) -> list[str | None]:
         # Nothing awaits in between: atomic like the Redis script.
-        key, value, ttl_s, only_if = write
-        if value is not None:
+        key, value, ttl_s, only_if, guard = write
+        if guard is not None and await self.get(guard[0]) != guard[1]:
+            pass  # not written: the guard key does not hold its value
+        elif value is not None:
             await self.set(key, value, ttl_s)
         elif only_if is None:
             await self.delete(key)

@@ -272,26 +272,34 @@ NX (PX). Returns {1 or 0 (claimed), value or nil per guard and read}."""
 SET_AND_GET = LuaScript(
     """
 local n = 1
-if ARGV[1] == '1' then
+local mode = ARGV[1]
+if string.sub(mode, 2) == 'g' then
+  mode = string.sub(mode, 1, 1)
+  n = 3
+  if redis.call('GET', KEYS[2]) ~= ARGV[4] then
+    mode = 'x'
+  end
+end
+if mode == '1' then
   local ttl = tonumber(ARGV[3])
   if ttl > 0 then
     redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
   else
     redis.call('SET', KEYS[1], ARGV[2])
   end
-  n = 2
-elseif ARGV[1] == '0' then
+elseif mode == '0' then
   redis.call('DEL', KEYS[1])
-  n = 2
-elseif ARGV[1] == '3' then
+elseif mode == '3' then
   if redis.call('GET', KEYS[1]) == ARGV[2] then
     redis.call('DEL', KEYS[1])
   end
+end
+if mode ~= '2' and n == 1 then
   n = 2
 end
 local live = 0
-if ARGV[4] ~= '' then
-  live = #redis.call('ZRANGEBYSCORE', KEYS[n], ARGV[4], '+inf', 'LIMIT', 0, 1)
+if ARGV[5] ~= '' then
+  live = #redis.call('ZRANGEBYSCORE', KEYS[n], ARGV[5], '+inf', 'LIMIT', 0, 1)
   n = n + 1
 end
 local values = {}
@@ -301,12 +309,13 @@ end
 return {values, live}
 """
 )
-"""KEYS: the key written (unless ARGV[1] is 2), the sorted set looked at (if
-ARGV[4] is not empty), then the keys read. ARGV: 1 (set), 0 (delete), 3
-(delete if it holds the value) or 2 (no write), value, ttl_ms (0 = none), the
-lowest live score or "". Returns {the values read (nil when absent or not a
-string), 1 if the set holds a member scored that or more, else 0}:
-``set_and_get`` and ``get_many_live``."""
+"""KEYS: the key written (unless ARGV[1] is 2), the guard key (if ARGV[1] ends
+in "g"), the sorted set looked at (if ARGV[5] is not empty), then the keys
+read. ARGV: 1 (set), 0 (delete), 3 (delete if it holds the value) or 2 (no
+write), with "g" appended when guarded; value, ttl_ms (0 = none), the value
+the guard key must hold for the write to happen, the lowest live score or "".
+Returns {the values read (nil when absent or not a string), 1 if the set holds
+a member scored that or more, else 0}: ``set_and_get`` and ``get_many_live``."""
 
 INCR_WINDOW = LuaScript(
     """
@@ -606,16 +615,21 @@ class RedisStateStore:
     ) -> tuple[list[str | None], bool]:
         prefix = self._prefix
         keys: list[str] = []
-        args: list[RedisArg] = ["2", "", 0]
+        mode, value_arg, ttl_arg, guard_value = "2", "", 0, ""
         if write is not None:
-            key, value, ttl_s, only_if = write
+            key, value, ttl_s, only_if, guard = write
             keys.append(prefix + key)
             if value is not None:
-                args = ["1", value, 0 if ttl_s is None else ttl_ms(ttl_s)]
+                mode, value_arg, ttl_arg = "1", value, 0 if ttl_s is None else ttl_ms(ttl_s)
             elif only_if is None:
-                args = ["0", "", 0]
+                mode = "0"
             else:
-                args = ["3", only_if, 0]
+                mode, value_arg = "3", only_if
+            if guard is not None:
+                keys.append(prefix + guard[0])
+                mode += "g"
+                guard_value = guard[1]
+        args: list[RedisArg] = [mode, value_arg, ttl_arg, guard_value]
         if live_key is None or live_from is None:
             args.append("")
         else:

@@ -428,6 +428,37 @@ async def test_set_and_get_writes_then_reads(h: Harness) -> None:
     assert await h.store.get_many_live([written], live, 0.0, write=write) == ([None], False)
 
 
+async def test_a_guarded_write_happens_only_while_the_guard_key_holds_its_value(
+    h: Harness,
+) -> None:
+    written, flag, other, live = "w:{user:1}", "busy:{user:1}", "o:{user:1}", "online:{user:1}"
+    await h.store.set(other, "x")
+    guarded = KeyWrite(written, "call-1", TTL_S, guard=(flag, "call-1"))
+    # The guard key absent, then holding another value: nothing written, the
+    # reads still answered.
+    assert await h.store.set_and_get(guarded, [written, other]) == [None, "x"]
+    await h.store.set(flag, "call-0")
+    assert await h.store.set_and_get(guarded, [written, flag]) == [None, "call-0"]
+    # Holding the value: written (with its TTL).
+    await h.store.set(flag, "call-1")
+    assert await h.store.set_and_get(guarded, [written]) == ["call-1"]
+    await h.elapse(PAST_TTL_S)
+    assert await h.store.get(written) is None
+    # The same through get_many_live, and for a guarded delete.
+    await h.store.zadd(live, "node-a", 50.0)
+    assert await h.store.get_many_live([written], live, 10.0, write=guarded) == (
+        ["call-1"],
+        True,
+    )
+    delete = KeyWrite(written, None, only_if="call-1", guard=(flag, "call-2"))
+    assert await h.store.get_many_live([written], live, 60.0, write=delete) == (
+        ["call-1"],
+        False,
+    )
+    await h.store.set(flag, "call-2")
+    assert await h.store.set_and_get(delete, [written, other]) == [None, "x"]
+
+
 async def test_incr_counts_in_a_fixed_window(h: Harness) -> None:
     assert [await h.store.incr("rate", TTL_S) for _ in range(3)] == [1, 2, 3]
     await h.elapse(PAST_TTL_S)

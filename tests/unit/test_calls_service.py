@@ -20,7 +20,7 @@ from test_calls_state import YieldingStore
 from handlers.calls.agora import TokenIssuer
 from handlers.calls.metrics import CallMetrics
 from handlers.calls.service import OUTBOX_STALE_MS, CallService
-from handlers.calls.state import CallState, busy_key
+from handlers.calls.state import TERMINAL_STATES, CallState, busy_key
 from handlers.calls.timers import ACTIVE_KEY, LEASE_MS, TIMERS_KEY, TimerQueue
 from handlers.channels import PlatformChannelPolicy, personal_channel
 from signaling.auth import TokenVerifier
@@ -206,9 +206,16 @@ async def test_ring_timeout_and_a_late_answer(h: Harness) -> None:
     assert "missed" in err.value.value.message  # type: ignore[union-attr]
     for user in ("alice", "bob"):
         assert types(await h.events(user))[-1] == "call.missed"
-    # The missed event was sent once, though the timer also runs.
+    # The missed event was sent once, though the timer also runs: at once it
+    # cannot tell whether the end's instance is still publishing it, so it
+    # looks again later, finds it in both personal channels and goes.
+    again = await h.service.run_timer(call.call_id)
+    assert again == h.clock.ms + OUTBOX_STALE_MS
+    h.clock.ms = again
     assert await h.service.run_timer(call.call_id) is None
     assert types(await h.events("bob")).count("call.missed") == 1
+    assert types(await h.events("alice")).count("call.missed") == 1
+    assert h.service.metrics.events_redelivered._value.get() == 0
     missed = [r for r in h.records() if r["type"] == "call.missed"]
     assert len(missed) == 1 and missed[0]["at_ms"] == str(call.ring_deadline_ms)
 
@@ -620,8 +627,15 @@ async def test_racing_changes_append_each_record_once(h: Harness) -> None:
             for call_id in await TimerQueue(h.memory).claim(h.clock.ms):
                 await a.fire(call_id)
         assert await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")) == []
+        # Every event once too, the end's included.
+        for user in (caller, callee):
+            events = [e for e in await h.events(user) if e["call_id"] == call.call_id]
+            assert types(events).count("call.ended") == 1, (n, user)
+            seqs = [e["seq"] for e in events]
+            assert len(seqs) == len(set(seqs)), (n, user, seqs)
     assert a.metrics.billing_redelivered._value.get() == 0
     assert b.metrics.billing_redelivered._value.get() == 0
+    assert a.metrics.events_redelivered._value.get() == 0
 
 
 class PausedStream:
@@ -678,9 +692,10 @@ async def test_participants_hear_of_the_end_once_free_to_call_again(
 ) -> None:
     """The end's follow-ups go out together, its events after them: when a
     participant's app hears ``call.ended``, their busy flag is gone (a new invite
-    goes through), and so are the call's timer and its place among the active
-    calls. A store that yields at every operation interleaves everything that
-    runs concurrently."""
+    goes through), and so is the call's place among the active calls. The
+    call's timer goes once the events are out (until then, should the instance
+    die, it is what publishes them). A store that yields at every operation
+    interleaves everything that runs concurrently."""
     service = h.instance(yielding=True)
     call = await service.invite("alice", "bob", "video", "")
     await service.accept("bob", call.call_id)
@@ -703,8 +718,9 @@ async def test_participants_hear_of_the_end_once_free_to_call_again(
 
     monkeypatch.setattr(h.node, "publish", watching)
     await service.end("alice", call.call_id)
-    free = (None, None, False, False)
+    free = (None, None, True, False)
     assert seen == {personal_channel("alice"): free, personal_channel("bob"): free}
+    assert await store.zrange_by_score(TIMERS_KEY, 0, float("inf")) == []
     # Free indeed: bob calls alice at once.
     await service.invite("bob", "alice", "audio", "")
 
@@ -719,10 +735,12 @@ async def test_an_in_call_status_left_by_a_failed_end_is_cleared_by_the_timer(
     assert (await presence.status_view(h.node, "bob")).in_call
     real = presence.set_call_busy
 
-    async def store_fails_on_clearing(node: Node, user: str, call: str, busy: bool) -> None:
+    async def store_fails_on_clearing(
+        node: Node, user: str, call: str, busy: bool, **kwargs: Any
+    ) -> None:
         if not busy:
             raise BrokerUnavailable("the store failed as the call ended")
-        await real(node, user, call, busy)
+        await real(node, user, call, busy, **kwargs)
 
     monkeypatch.setattr(service_module, "set_call_busy", store_fails_on_clearing)
     await h.service.end("alice", call_id)
@@ -737,3 +755,225 @@ async def test_an_in_call_status_left_by_a_failed_end_is_cleared_by_the_timer(
         view = await presence.status_view(h.node, user)
         assert not view.in_call, user
     assert await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")) == []
+
+
+# --------------------------------------------------------------------------- the end's events
+
+
+class DyingNode:
+    """The node as one instance sees it, with its publications of one kind of
+    event failing: ``mode`` "die" kills the instance right before the n-th
+    such publish (``after`` of them went out), "unavailable" makes the broker
+    refuse them (the instance lives on)."""
+
+    def __init__(self, node: Node, event: str, mode: str, after: int = 0) -> None:
+        self.node = node
+        self.event = event
+        self.mode = mode
+        self.after = after
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.node, name)
+
+    async def publish(self, channel: str, data: bytes, **kwargs: Any) -> Any:
+        if orjson.loads(data).get("type") == self.event:
+            if self.after:
+                self.after -= 1
+            elif self.mode == "die":
+                raise Died
+            else:
+                raise BrokerUnavailable("broker unreachable")
+        return await self.node.publish(channel, data, **kwargs)
+
+
+async def drain_timers(h: Harness, service: CallService, rounds: int = 5) -> None:
+    """Another instance's timer loop, the clock jumping to each due time,
+    until no call timer is left."""
+    queue = TimerQueue(h.memory)
+    for _ in range(rounds):
+        due = await h.memory.zrange_by_score(TIMERS_KEY, float("-inf"), float("inf"))
+        if not due:
+            return
+        h.clock.ms = max(h.clock.ms, int(min(score for _, score in due)))
+        for call_id in await queue.claim(h.clock.ms):
+            await service.fire(call_id)
+    assert await h.memory.zrange_by_score(TIMERS_KEY, float("-inf"), float("inf")) == []
+
+
+def call_events(events: list[dict[str, Any]], call_id: str, kind: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["call_id"] == call_id and e["type"] == kind]
+
+
+async def end_by(h: Harness, service: CallService, transition: str) -> tuple[str, str]:
+    """A call of alice and bob brought to its end by ``service`` through
+    ``transition``: (its id, the end's event type)."""
+    await both_online(h)
+    call = await h.service.invite("alice", "bob", "video", "")
+    if transition in ("hangup", "max_duration", "lost"):
+        await h.service.accept("bob", call.call_id)
+    if transition == "hangup":
+        await service.end("alice", call.call_id)
+    elif transition == "reject":
+        await service.reject("bob", call.call_id)
+    elif transition == "cancel":
+        await service.cancel("alice", call.call_id)
+    elif transition == "missed":
+        h.clock.ms = call.ring_deadline_ms
+        await service.fire(call.call_id)
+    elif transition == "max_duration":
+        h.clock.advance(600_000)
+        await service.fire(call.call_id)
+    else:
+        await h.memory.delete("online:{bob}")  # bob's instance died too
+        h.clock.advance(20_000)
+        await service.fire(call.call_id)
+    kind = {"reject": "call.rejected", "cancel": "call.cancelled", "missed": "call.missed"}
+    return call.call_id, kind.get(transition, "call.ended")
+
+
+@pytest.mark.parametrize(
+    "transition", ["hangup", "reject", "cancel", "missed", "max_duration", "lost"]
+)
+async def test_the_end_s_events_survive_its_instance_dying_before_publishing_them(
+    h: Harness, transition: str
+) -> None:
+    dying = h.instance()
+    kind = {"reject": "call.rejected", "cancel": "call.cancelled", "missed": "call.missed"}
+    dying.node = DyingNode(h.node, kind.get(transition, "call.ended"), "die")  # type: ignore[assignment]
+    if transition in ("missed", "max_duration", "lost"):
+        # A timer's run dies: fire() logs what it cannot handle; Died is not
+        # an Exception the loop would swallow in a real death, so run it bare.
+        dying.fire = dying.run_timer  # type: ignore[method-assign]
+    with pytest.raises(Died):
+        await end_by(h, dying, transition)
+    (call_id,) = {m for m, _ in await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf"))}
+    call = await h.service.calls.get(call_id)
+    assert call is not None and call.state in TERMINAL_STATES and call.unannounced_ms is not None
+    ended = kind.get(transition, "call.ended")
+    assert call_events(await h.events("alice"), call_id, ended) == []
+
+    # Another instance's timer publishes them, once they are older than their
+    # writer's own publish could take, to each participant once.
+    survivor = h.instance()
+    await drain_timers(h, survivor)
+    for user in ("alice", "bob"):
+        (event,) = call_events(await h.events(user), call_id, ended)
+        assert event["seq"] == call.rev and event["at_ms"] == call.ended_at_ms
+        if transition == "hangup":
+            assert event["reason"] == "hangup" and event["by"] == "alice"
+        if transition == "lost":
+            assert event["reason"] == "participant_lost" and event["lost"] == "bob"
+    assert survivor.metrics.events_redelivered._value.get() == 2
+    after = await h.service.calls.get(call_id)
+    assert after is not None and after.unannounced_ms is None and after.rev == call.rev
+    assert not (await presence_of(h, "alice")).in_call
+
+
+async def presence_of(h: Harness, user: str) -> Any:
+    from handlers import presence
+
+    return await presence.status_view(h.node, user)
+
+
+async def hang_up_and_die(h: Harness, dying: CallService) -> str:
+    """``dying`` hangs up a call of alice and bob and dies on the way: the
+    id of the call, whose timer is left."""
+    with pytest.raises(Died):
+        await end_by(h, dying, "hangup")
+    (call_id,) = {m for m, _ in await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf"))}
+    return call_id
+
+
+async def each_told_once_after_the_timers(h: Harness, call_id: str) -> CallService:
+    """Another instance runs the timers until none is left; then each
+    participant has the end's event exactly once. Returns that instance."""
+    survivor = h.instance()
+    await drain_timers(h, survivor)
+    for user in ("alice", "bob"):
+        assert len(call_events(await h.events(user), call_id, "call.ended")) == 1, user
+    return survivor
+
+
+async def test_an_end_published_to_one_participant_is_completed_for_the_other(
+    h: Harness,
+) -> None:
+    dying = h.instance()
+    dying.node = DyingNode(h.node, "call.ended", "die", after=1)  # type: ignore[assignment]
+    call_id = await hang_up_and_die(h, dying)
+    told = {u for u in ("alice", "bob") if call_events(await h.events(u), call_id, "call.ended")}
+    assert len(told) == 1
+    survivor = await each_told_once_after_the_timers(h, call_id)
+    assert survivor.metrics.events_redelivered._value.get() == 1
+
+
+async def test_dying_after_publishing_the_end_publishes_nothing_twice(h: Harness) -> None:
+    class DiesOnLettingTheTimerGo:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(h.memory, name)
+
+        async def zrem(self, key: str, member: str) -> bool:
+            if key == TIMERS_KEY:
+                raise Died
+            return await h.memory.zrem(key, member)
+
+    call_id = await hang_up_and_die(h, h.instance(store=DiesOnLettingTheTimerGo()))
+    survivor = await each_told_once_after_the_timers(h, call_id)
+    assert survivor.metrics.events_redelivered._value.get() == 0
+
+
+async def test_an_end_the_broker_refused_is_published_by_the_timer(h: Harness) -> None:
+    flaky = h.instance()
+    node = DyingNode(h.node, "call.ended", "unavailable")
+    flaky.node = node  # type: ignore[assignment]
+    call_id, _ = await end_by(h, flaky, "hangup")  # the hang-up itself succeeds
+    assert call_events(await h.events("bob"), call_id, "call.ended") == []
+    due = dict(await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf"))).get(call_id)
+    assert due is not None
+    # Still refused at the first retry: the timer keeps trying.
+    h.clock.ms = int(max(due, h.clock.ms + OUTBOX_STALE_MS))
+    for claimed in await TimerQueue(h.memory).claim(h.clock.ms):
+        await flaky.fire(claimed)
+    assert call_id in dict(await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")))
+    node.mode = "ok"
+    node.after = 1_000_000
+    await drain_timers(h, flaky)
+    for user in ("alice", "bob"):
+        assert len(call_events(await h.events(user), call_id, "call.ended")) == 1, user
+
+
+async def test_an_in_call_status_written_after_the_hangup_does_not_land(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The accepting instance stalls before marking the participants in the
+    call; the caller hangs up on another instance meanwhile (its end clears
+    nothing yet). The late mark must not make them "busy" for hours."""
+    from handlers import presence
+    from handlers.calls import service as service_module
+
+    real = presence.set_call_busy
+    stalled = asyncio.Event()
+    resume = asyncio.Event()
+
+    async def stalling(node: Node, user: str, call: str, busy: bool, **kwargs: Any) -> None:
+        if busy:
+            stalled.set()
+            await resume.wait()
+        await real(node, user, call, busy, **kwargs)
+
+    await both_online(h)
+    call = await h.service.invite("alice", "bob", "video", "")
+    slow = h.instance()
+    monkeypatch.setattr(service_module, "set_call_busy", stalling)
+    accepting = asyncio.create_task(slow.accept("bob", call.call_id))
+    await stalled.wait()
+    monkeypatch.setattr(service_module, "set_call_busy", real)
+    await h.instance().end("alice", call.call_id)
+    resume.set()
+    await accepting
+    for user in ("alice", "bob"):
+        view = await presence.status_view(h.node, user)
+        assert not view.in_call and view.status != "busy", user
+    # A next call of theirs is shown again.
+    nxt = await h.service.invite("bob", "alice", "audio", "")
+    await h.service.accept("alice", nxt.call_id)
+    assert (await presence.status_view(h.node, "alice")).in_call
