@@ -69,6 +69,7 @@ __all__ = [
     "encode_unsubscribe_push",
     "join_messages",
     "publication_body",
+    "publication_data",
     "publication_object",
 ]
 
@@ -581,6 +582,16 @@ def publication_body(pub: Publication) -> bytes:
     if pub.offset:
         pub = Publication(pub.data, pub.info, 0, pub.tags, pub.time_ms)
     return orjson.dumps(publication_object(pub))
+
+
+def publication_data(pub: Publication) -> JSON:
+    """The publication's data, decoded: its own, or from the body it came
+    with (a publication read back from the Redis broker has only a body)."""
+    if pub.body is not None:
+        value: JSON = orjson.loads(pub.body).get("data")
+        return value
+    decoded: JSON = orjson.loads(pub.data)
+    return decoded
 
 
 def _with_offset(body: bytes, offset: int) -> bytes:

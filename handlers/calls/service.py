@@ -15,10 +15,10 @@ are appended by the call's timer, on whichever instance, before anything
 else; a call's timer is not dropped while its outbox holds anything.
 
 The end's events survive that instance too: the change that ends a call
-marks it ``unannounced`` (:mod:`handlers.calls.state`), and the winner lets
-the call's timer go only once it has published them. A timer that finds the
-mark older than the winner could take looks for the events in the
-participants' personal channels' history and publishes those missing.
+marks it ``unannounced`` (:mod:`handlers.calls.state`); the winner sets the
+call's timer to when they would be overdue, publishes them, and only then
+lets the timer go. A timer that finds the mark overdue looks for the events
+in the participants' personal channels' history and publishes those missing.
 
 The clock of an accepted call belongs to the server: ``accepted_at``,
 minute ticks at ``accepted_at + n * call_tick_s``, warnings before and the
@@ -43,8 +43,6 @@ import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-
-import orjson
 
 from handlers.calls.agora import MAX_UID, RtcGrant, TokenIssuer, channel_name
 from handlers.calls.errors import (
@@ -88,6 +86,7 @@ from signaling.broker.base import BrokerUnavailable
 from signaling.errors import SignalError
 from signaling.ids import random_below, random_uuid_hex
 from signaling.node import ConnectionEvent, Node
+from signaling.protocol import publication_data
 from signaling.state.base import StateStore
 from signaling.values import JSONObject
 
@@ -107,6 +106,9 @@ _LIVE_CHECK_MAX_MS = 5000
 OUTBOX_STALE_MS = 2000
 # An outbox that could not be appended is tried again after at least this (ms).
 OUTBOX_RETRY_MS = 1000
+# An end's events the broker keeps refusing are given up after this (ms): an
+# app back after that long asks call.state (and its history may have expired).
+ANNOUNCE_GIVE_UP_MS = 600_000
 
 # States a participant sees as their current call (pending is not visible yet).
 LIVE_CALL_STATES = frozenset({CallState.RINGING, CallState.ACCEPTED})
@@ -682,15 +684,12 @@ class CallService:
         go: the timer stays while the end's events, its in-call clearing or
         billing records are left to do."""
         call = change.after
-        # The busy flags and the active set in one round trip; the
+        # The busy flags, the active set and the timer in one round trip; the
         # participants hear of the end after their flags are free (their next
-        # invite must not find them busy).
-        frees: list[Awaitable[object]] = [
-            self.calls.release_busy(user, call.call_id) for user in call.participants
-        ]
-        if call.state == CallState.ENDED:
-            frees.append(self.store.zrem(ACTIVE_KEY, call.call_id))
-        await asyncio.gather(*frees)
+        # invite must not find them busy). The timer is set to come back when
+        # the events are overdue (should this instance die before them: a
+        # ringing call's timer would otherwise wait for the ring deadline).
+        await asyncio.gather(self._free(call), self._set_timer(call.call_id, self._overdue(call)))
         self._count_end(call)
         published, cleared = await asyncio.gather(
             self._publish(call.participants, self._end_event(call)), self._leave_call(call)
@@ -699,12 +698,28 @@ class CallService:
         if not (published and cleared):
             # The timer tries again (it publishes only the events missing).
             due = _earliest(due, self.clock() + OUTBOX_RETRY_MS)
-        if published and due is not None:
-            # The timer stays for something else: it need not look for the
-            # events (on the common path, the timer gone, no write at all).
+        elif due is not None:
+            # The timer stays for the billing records only: it need not look
+            # for the events (on the common path, the timer gone, no write).
             with contextlib.suppress(BrokerUnavailable):
                 await self.calls.mark_announced(call)
         return due
+
+    async def _free(self, call: Call) -> None:
+        """Release the participants' busy flags and take an ended call out of
+        the active set. Harmless when done already (each only while it holds
+        this call)."""
+        frees: list[Awaitable[object]] = [
+            self.calls.release_busy(user, call.call_id) for user in call.participants
+        ]
+        if call.state == CallState.ENDED:
+            frees.append(self.store.zrem(ACTIVE_KEY, call.call_id))
+        await asyncio.gather(*frees)
+
+    def _overdue(self, call: Call) -> int:
+        """When a finished call's events, if still unannounced, are overdue."""
+        written = call.unannounced_ms if call.unannounced_ms is not None else self.clock()
+        return written + OUTBOX_STALE_MS
 
     def _count_end(self, call: Call) -> None:
         if call.state == CallState.ENDED:
@@ -740,14 +755,23 @@ class CallService:
         now = self.clock()
         due: int | None = None
         if call.unannounced_ms is not None:
-            ready = call.unannounced_ms + OUTBOX_STALE_MS
+            ready = self._overdue(call)
             if now < ready:
                 due = ready  # its winner is publishing them (or died doing so)
+            elif now - call.unannounced_ms > ANNOUNCE_GIVE_UP_MS:
+                log.error(
+                    "call %s: end's events not published after %d s, given up",
+                    call.call_id,
+                    ANNOUNCE_GIVE_UP_MS // 1000,
+                )
+                await self.calls.mark_announced(call)
             elif not await self._announce_left_over(call):
                 due = now + OUTBOX_RETRY_MS
-        # The end's clearing of the in-call status may have failed (or its
-        # instance died first): again, harmless if done (the flags are
-        # cleared only while they hold this call).
+        # The end's instance may have died before freeing the participants, or
+        # failed to clear their in-call status: again, harmless if done (each
+        # only while it holds this call). Freed first: an in-call mark written
+        # late is refused once the busy flags are gone.
+        await self._free(call)
         if not await self._leave_call(call):
             due = _earliest(due, now + OUTBOX_RETRY_MS)
         return due
@@ -766,9 +790,15 @@ class CallService:
                 if await self._holds_event(channel, call):
                     return
                 await self.node.publish(channel, data)
-            except (BrokerUnavailable, SignalError) as exc:
+            except BrokerUnavailable as exc:
                 failed = True
                 log.warning("call %s: end's event to %s not published: %s", call.call_id, user, exc)
+                return
+            except SignalError as exc:
+                # A user id that names no channel: no retry can help.
+                log.warning(
+                    "call %s: end's event to %s not publishable: %s", call.call_id, user, exc
+                )
                 return
             self.metrics.events_redelivered.inc()
             log.warning(
@@ -796,10 +826,14 @@ class CallService:
         )
         marker = call.call_id.encode()
         for pub in page.publications:
-            if marker not in pub.data:
+            if marker not in (pub.data if pub.body is None else pub.body):
                 continue  # another call's event, or not a call event
-            event = orjson.loads(pub.data)
-            if event.get("call_id") == call.call_id and event.get("seq") == call.rev:
+            event = publication_data(pub)
+            if (
+                isinstance(event, dict)
+                and event.get("call_id") == call.call_id
+                and event.get("seq") == call.rev
+            ):
                 return True
         return False
 
@@ -807,16 +841,19 @@ class CallService:
         """Publish to the users' personal channels (with history, so a
         reconnecting app recovers it). The state already changed: a failed
         publish is logged, the call goes on (call.state tells the truth);
-        False if one failed."""
+        False if one failed for a reason that may pass (the broker)."""
         failed = False
 
         async def publish(user: str) -> None:
             nonlocal failed
             try:
                 await self.node.publish(personal_channel(user), data)
-            except (BrokerUnavailable, SignalError) as exc:
+            except BrokerUnavailable as exc:
                 failed = True
                 log.warning("call event to %s not published: %s", user, exc)
+            except SignalError as exc:
+                # A user id that names no channel: no retry can help.
+                log.warning("call event to %s not publishable: %s", user, exc)
 
         await _each(publish, users)
         return not failed

@@ -40,8 +40,9 @@ of also writes ``unannounced`` (the change's time, unix ms): its events
 (``call.ended``, ``call.rejected`` ...) are still to be published. The winner
 publishes them before it lets the call's timer go; if it dies first, the
 timer (any instance) finds the mark older than the winner could take and
-publishes them. The mark is cleared (:meth:`CallStore.mark_announced`) only
-when the timer stays for something else, so the happy path costs no write.
+publishes those the participants' channels lack. The mark is cleared
+(:meth:`CallStore.mark_announced`) by such a timer, or by the winner only
+when the timer stays for billing records: the common path costs no write.
 
 Other keys, one per user, each touched alone (single-key operations, hash
 tags for Redis Cluster):

@@ -19,7 +19,7 @@ from test_calls_state import YieldingStore
 
 from handlers.calls.agora import TokenIssuer
 from handlers.calls.metrics import CallMetrics
-from handlers.calls.service import OUTBOX_STALE_MS, CallService
+from handlers.calls.service import ANNOUNCE_GIVE_UP_MS, OUTBOX_STALE_MS, CallService
 from handlers.calls.state import TERMINAL_STATES, CallState, busy_key
 from handlers.calls.timers import ACTIVE_KEY, LEASE_MS, TIMERS_KEY, TimerQueue
 from handlers.channels import PlatformChannelPolicy, personal_channel
@@ -754,7 +754,11 @@ async def test_an_in_call_status_left_by_a_failed_end_is_cleared_by_the_timer(
     for user in ("alice", "bob"):
         view = await presence.status_view(h.node, user)
         assert not view.in_call, user
-    assert await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")) == []
+    # The timer then makes sure of the end's events (published once, found
+    # in the channels: not again) and goes.
+    await drain_timers(h, h.instance())
+    for user in ("alice", "bob"):
+        assert len(call_events(await h.events(user), call_id, "call.ended")) == 1, user
 
 
 # --------------------------------------------------------------------------- the end's events
@@ -846,9 +850,12 @@ async def test_the_end_s_events_survive_its_instance_dying_before_publishing_the
         dying.fire = dying.run_timer  # type: ignore[method-assign]
     with pytest.raises(Died):
         await end_by(h, dying, transition)
-    (call_id,) = {m for m, _ in await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf"))}
+    ((call_id, due),) = await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf"))
     call = await h.service.calls.get(call_id)
     assert call is not None and call.state in TERMINAL_STATES and call.unannounced_ms is not None
+    # The timer comes back as soon as the events are overdue (not at the ring
+    # deadline or the next liveness check).
+    assert due == call.unannounced_ms + OUTBOX_STALE_MS
     ended = kind.get(transition, "call.ended")
     assert call_events(await h.events("alice"), call_id, ended) == []
 
@@ -977,3 +984,40 @@ async def test_an_in_call_status_written_after_the_hangup_does_not_land(
     nxt = await h.service.invite("bob", "alice", "audio", "")
     await h.service.accept("alice", nxt.call_id)
     assert (await presence.status_view(h.node, "alice")).in_call
+
+
+async def test_an_end_the_broker_never_takes_is_given_up_after_a_while(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    flaky = h.instance()
+    flaky.node = DyingNode(h.node, "call.ended", "unavailable")  # type: ignore[assignment]
+    call_id, _ = await end_by(h, flaky, "hangup")
+    ended = await h.service.calls.get(call_id)
+    assert ended is not None and ended.unannounced_ms is not None
+    queue = TimerQueue(h.memory)
+    runs = 0
+    while due := await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")):
+        h.clock.ms = max(h.clock.ms, int(due[0][1]))
+        for claimed in await queue.claim(h.clock.ms):
+            await flaky.fire(claimed)
+        runs += 1
+        assert runs < 1000, "the timer never stops"
+    # Tried about once a second for the give-up time, then let go.
+    assert h.clock.ms - ended.unannounced_ms > ANNOUNCE_GIVE_UP_MS
+    assert runs > ANNOUNCE_GIVE_UP_MS // 2000
+    after = await h.service.calls.get(call_id)
+    assert after is not None and after.unannounced_ms is None
+    assert "given up" in caplog.text
+
+
+async def test_a_participant_whose_id_names_no_channel_does_not_keep_the_timer(
+    h: Harness,
+) -> None:
+    # The caller's id comes from their token and may name no personal channel:
+    # their events cannot be published, now or ever, so nobody retries them.
+    await both_online(h)
+    call = await h.service.invite("auth0|42", "bob", "video", "")
+    await h.service.accept("bob", call.call_id)
+    await h.service.end("bob", call.call_id)
+    assert await h.memory.zrange_by_score(TIMERS_KEY, 0, float("inf")) == []
+    assert len(call_events(await h.events("bob"), call.call_id, "call.ended")) == 1

@@ -48,6 +48,7 @@ from signaling.protocol import (
     encode_unsubscribe_push,
     join_messages,
     publication_body,
+    publication_data,
     publication_object,
 )
 
@@ -521,6 +522,21 @@ def test_the_broker_body_leaves_the_offset_out() -> None:
         "time": 1700000000000,
     }
     assert publication_body(Publication(b"", None, 3, body=b'{"data":1}')) == b'{"data":1}'
+
+
+def test_a_publications_data_reads_the_same_from_its_body() -> None:
+    data = b'{"type":"call.ended","seq":4}'
+    fresh = Publication(data, INFO, 0, None, 1700000000000)
+    # As read back from the Redis broker: only the offset and the body.
+    crossed = Publication(b"", None, 7, body=publication_body(fresh))
+    assert (
+        publication_data(fresh)
+        == publication_data(crossed)
+        == {
+            "type": "call.ended",
+            "seq": 4,
+        }
+    )
 
 
 def test_encode_pub_push_embeds_raw_data_and_info_offset() -> None:
