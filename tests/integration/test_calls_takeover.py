@@ -20,10 +20,9 @@ from handlers.calls.metrics import CallMetrics
 from handlers.calls.service import CallService
 from handlers.channels import personal_channel
 from signaling.config import Settings
-from signaling.metrics import Metrics
 from signaling.node import Node
 from signaling.protocol import publication_data
-from signaling.server import build_node
+from support.nodes import started_nodes
 from support.processes import RedisProcess
 
 # The handlers' channel policy, none of their hooks or background loops: the
@@ -56,14 +55,8 @@ class DiesOnTheSecondEnd:
 @pytest.fixture
 async def two_nodes(redis_server: RedisProcess) -> AsyncIterator[tuple[Node, Node]]:
     settings = Settings(dev=True, port=0, redis_url=redis_server.url)
-    nodes = [build_node(settings, BARE_APP, Metrics()) for _ in range(2)]  # type: ignore[arg-type]
-    for node in nodes:
-        await node.start()
-    try:
-        yield nodes[0], nodes[1]
-    finally:
-        for node in nodes:
-            await node.close()
+    async with started_nodes(settings, BARE_APP, 2) as (a, b):
+        yield a, b
 
 
 async def ends_of(node: Node, user: str, call_id: str) -> int:

@@ -14,23 +14,16 @@ import pytest
 from handlers import app
 from handlers.presence import set_status, status_view
 from signaling.config import Settings
-from signaling.metrics import Metrics
 from signaling.node import Node
-from signaling.server import build_node
+from support.nodes import started_nodes
 from support.processes import RedisProcess
 
 
 @pytest.fixture
 async def two_nodes(redis_server: RedisProcess) -> AsyncIterator[tuple[Node, Node]]:
     settings = Settings(dev=True, port=0, redis_url=redis_server.url, viewer_count_interval_s=60.0)
-    nodes = [build_node(settings, app, Metrics()) for _ in range(2)]
-    for node in nodes:
-        await node.start()
-    try:
-        yield nodes[0], nodes[1]
-    finally:
-        for node in nodes:
-            await node.close()
+    async with started_nodes(settings, app, 2) as (a, b):
+        yield a, b
 
 
 async def latest(node: Node, channel: str) -> Any:
