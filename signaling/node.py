@@ -260,6 +260,10 @@ class Node:
                 await self.check_positions()
             except BrokerUnavailable as exc:
                 log.debug("position check skipped: %s", exc)
+            except Exception:
+                # An error the store answers (OOM, READONLY ...): this loop must
+                # outlive it, or lost publications would go unnoticed for good.
+                log.exception("position check failed")
 
     async def check_positions(self, confirm_delay_s: float = 1.0) -> None:
         """Compare each channel's position on this node with its stream top;
@@ -310,6 +314,10 @@ class Node:
                 except BrokerUnavailable as exc:
                     log.warning("refreshing presence failed: %s", exc)
                     break
+                except Exception:
+                    # As for the position check: the next round tries again.
+                    log.exception("refreshing presence failed")
+                    break
 
     async def _refresh_user_presence(self) -> None:
         interval = self.user_presence.ttl_s / 3
@@ -321,6 +329,9 @@ class Node:
                 await self.user_presence.refresh(list(self._users))
             except BrokerUnavailable as exc:
                 log.warning("refreshing user presence failed: %s", exc)
+            except Exception:
+                # Ended, this loop would let every user here expire "offline".
+                log.exception("refreshing user presence failed")
 
     async def close(self) -> None:
         self.heartbeat.stop()

@@ -179,3 +179,42 @@ async def test_close_lets_queued_connection_work_finish() -> None:
     await node.close()
     assert done == ["hook:fan", "flush"]
     assert await node.presence.presence("room:cre") == {}
+
+
+async def test_the_node_loops_outlive_an_error_the_store_answers(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error that is not "unavailable" (Redis answering OOM or READONLY,
+    say) is logged and the periodic refresh and position check go on: had
+    they stopped, every user here would expire "offline" while connected,
+    and lost publications would go unnoticed."""
+    from signaling import node as node_module
+
+    monkeypatch.setattr(node_module, "POSITION_CHECK_S", 0.01)
+    node = build_node(Settings(dev=True, port=0), app, Metrics())
+    node.user_presence.ttl_s = 0.03  # refreshed every 10 ms
+    calls = {"refresh": 0, "check": 0}
+
+    async def refresh(users: list[str]) -> None:
+        calls["refresh"] += 1
+        if calls["refresh"] == 1:
+            raise RuntimeError("OOM command not allowed when used memory > 'maxmemory'")
+
+    async def check_positions(confirm_delay_s: float = 1.0) -> None:
+        calls["check"] += 1
+        if calls["check"] == 1:
+            raise RuntimeError("READONLY You can't write against a read only replica")
+
+    monkeypatch.setattr(node.user_presence, "refresh", refresh)
+    monkeypatch.setattr(node, "check_positions", check_positions)
+    await node.start()
+    try:
+        for _ in range(200):
+            if calls["refresh"] >= 3 and calls["check"] >= 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await node.close()
+    assert calls["refresh"] >= 3 and calls["check"] >= 3, calls
+    assert "refreshing user presence failed" in caplog.text
+    assert "position check failed" in caplog.text
