@@ -415,7 +415,7 @@ class RedisBroker:
         return [
             body,
             history.size,
-            int(history.ttl_s * 1000),
+            ttl_ms(history.ttl_s),
             self._ps_name(channel),
             META_TTL_S * 1000,
             new_epoch(),
@@ -531,7 +531,7 @@ class RedisBroker:
         keys = list(self._presence_keys(channel))
         args = [
             f"{time.time() + ttl_s:.3f}",
-            int(ttl_s * 1000),
+            ttl_ms(ttl_s),
             1,
             info.client,
             encode_client_info(info),
@@ -542,7 +542,7 @@ class RedisBroker:
         self, entries: Sequence[tuple[str, ClientInfo]], ttl_s: float
     ) -> None:
         expires_at = f"{time.time() + ttl_s:.3f}"
-        ttl_ms = int(ttl_s * 1000)
+        ttl = ttl_ms(ttl_s)
         by_channel: dict[str, list[RedisArg]] = {}
         for channel, info in entries:
             pairs = by_channel.get(channel)
@@ -563,7 +563,7 @@ class RedisBroker:
                 items.append((keys, [len(chunk) // 2, *chunk]))
                 counts.append(len(chunk) // 2)
         await self._script_per_item(
-            PRESENCE_ADD, items, [expires_at, ttl_ms], item_weight=counts.__getitem__
+            PRESENCE_ADD, items, [expires_at, ttl], item_weight=counts.__getitem__
         )
 
     async def remove_presence(self, channel: str, client_id: str) -> None:

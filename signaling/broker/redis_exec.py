@@ -50,7 +50,10 @@ def connect_client(url: str, *, cluster: bool, pool_size: int) -> RedisClient:
     noticed quickly.
     """
     if cluster:
-        return RedisCluster.from_url(url, max_connections=pool_size, **_OPTIONS)
+        # No retries here either (redis-py's cluster client retries a command
+        # whose reply was lost, publishing twice); MOVED and ASK are still
+        # followed, in a loop of their own.
+        return RedisCluster.from_url(url, max_connections=pool_size, **_OPTIONS, retry=_NO_RETRY)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=pool_size, timeout=None, **_OPTIONS, retry=_NO_RETRY
     )
@@ -155,10 +158,16 @@ class AutoPipeline:
         except RedisError as exc:
             results = [exc] * len(batch)
         except Exception as exc:
-            # Not a RedisError, e.g. RedisClusterException for a script whose
-            # keys span slots (a bug in a key layout): every caller of the batch
-            # gets it rather than waiting forever on its future.
-            results = [exc] * len(batch)
+            # Not a RedisError: RedisClusterException (no node reachable, slots
+            # not covered; or a script whose keys span slots, a bug in a key
+            # layout), or the client library tripping over a connection reset
+            # under it (redis-py's cluster pipeline writes to a transport a
+            # concurrent disconnect took away: AttributeError). Temporary for
+            # the callers, who must not wait forever nor be disconnected as by
+            # a bug of ours; loud in the log.
+            log.error("redis command batch failed: %r", exc)
+            error = BrokerUnavailable(f"redis client failed: {exc!r}")
+            results = [error] * len(batch)
         finally:
             self._in_flight -= 1
             if self._queue and not self._scheduled:

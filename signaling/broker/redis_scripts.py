@@ -87,7 +87,9 @@ end
 local entries
 if ARGV[5] == '1' then
   local stop = '+'
-  if ARGV[3] ~= '' then stop = '(' .. ARGV[3] end
+  -- An end bound without a sequence means <ms>-<max>: '(N' would still
+  -- include N-0, the entry of offset N itself.
+  if ARGV[3] ~= '' then stop = '(' .. ARGV[3] .. '-0' end
   if limit > 0 then
     entries = redis.call('XREVRANGE', KEYS[1], stop, '-', 'COUNT', limit)
   else

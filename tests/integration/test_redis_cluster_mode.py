@@ -82,13 +82,14 @@ async def open_client(server: ServerProcess, user: str) -> Client:
 
 
 async def two_instances(
-    server_factory: Any, cluster: RedisCluster
+    server_factory: Any, cluster: RedisCluster, **extra_env: str
 ) -> tuple[ServerProcess, ServerProcess]:
     """Two instances on the cluster, each given a different node to start from."""
     env = {
         "REDIS_URL": cluster.url,
         "SIGNAL_REDIS_CLUSTER": "1",
         "SIGNAL_COMMANDS_PER_SECOND": "0",
+        **extra_env,
     }
     a = await server_factory(env, name="a")
     b = await server_factory({**env, "REDIS_URL": cluster.nodes[1].url}, name="b")
@@ -422,3 +423,63 @@ async def test_deliveries_follow_a_slot_moved_to_a_node_that_joined(
     assert (await reader.pub())["pub"]["offset"] == 3
     await reader.ws.close()
     await writer.ws.close()
+
+
+async def test_command_connections_reset_publish_nothing_twice(
+    server_factory: Any, redis_cluster: RedisCluster
+) -> None:
+    """The cluster nodes keep resetting the instance's command connections
+    for 1.5 s under publish load: a publish caught by a reset answers 100
+    (temporary) and is not sent again by the client library (the script may
+    have run: a second run is a second publication), and every publish
+    acknowledged is in the channel's history once."""
+    # History long enough for every publication of the run.
+    a, _ = await two_instances(server_factory, redis_cluster, SIGNAL_HISTORY_SIZE="100000")
+    channels = channels_on_every_node(redis_cluster)
+    acked: dict[str, list[str]] = {c: [] for c in channels}
+    refused = 0
+    stop = asyncio.Event()
+
+    async def writer(index: int) -> None:
+        nonlocal refused
+        client = await open_client(a, f"writer{index}")
+        n = 0
+        while not stop.is_set():
+            channel = channels[n % len(channels)]
+            text = f"w{index}-{n}"
+            n += 1
+            reply = await client.call(
+                "publish", {"channel": channel, "data": {"type": "message", "text": text}}
+            )
+            if "publish" in reply:
+                acked[channel].append(text)
+            else:
+                assert reply["error"]["code"] == 100, reply
+                refused += 1
+        await client.ws.close()
+
+    writers = [asyncio.create_task(writer(i)) for i in range(6)]
+    await asyncio.sleep(0.3)
+    admins = [aioredis.Redis(host=n.host, port=n.port) for n in redis_cluster.nodes]
+    killed = 0
+    try:
+        end = asyncio.get_running_loop().time() + 1.5
+        while asyncio.get_running_loop().time() < end:
+            for admin in admins:
+                killed += int(await admin.execute_command("CLIENT", "KILL", "TYPE", "normal"))
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        await asyncio.gather(*writers)
+        for admin in admins:
+            await admin.aclose()
+    assert killed > 20, killed
+    reader = await open_client(a, "auditor")
+    for channel in channels:
+        hist = await reader.call("history", {"channel": channel, "limit": -1})
+        texts = [p["data"]["text"] for p in hist["history"]["publications"]]
+        assert len(texts) == len(set(texts)), (channel, len(texts) - len(set(texts)))
+        assert set(acked[channel]) <= set(texts), channel
+    print(f"\nkilled {killed} connections, {refused} publishes refused")
+    await reader.ws.close()
