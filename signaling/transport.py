@@ -292,6 +292,7 @@ class WebSocketConnection(asyncio.Protocol):
         "_protocol",
         "_rx",
         "_server",
+        "_slack",
         "_transport",
         "headers",
         "path",
@@ -325,6 +326,9 @@ class WebSocketConnection(asyncio.Protocol):
         # handler crash, invalid UTF-8): further messages are not delivered.
         self._local_close = False
         self._paused = False
+        # The largest frame over the limit written since the buffer last
+        # drained: the limit is on what the client leaves unread beyond it.
+        self._slack = 0
         self._compressed = bool(protocol.extensions)
         self._fragments: list[bytes] | None = None
         self._fragment_opcode = Opcode.TEXT
@@ -358,9 +362,14 @@ class WebSocketConnection(asyncio.Protocol):
         costs one compression per recipient, which is why compression is off
         by default.
 
-        If the write buffer then holds more than ``send_buffer_max_bytes``,
-        the connection is closed with 3008 "slow" and ``on_slow_client`` fires.
-        Dropped silently when the connection is closed.
+        If the write buffer already holds more than ``send_buffer_max_bytes``
+        when a frame comes, the frame is dropped, the connection is closed with
+        3008 "slow" and ``on_slow_client`` fires: the client is not reading. A
+        frame larger than the limit (a page of history, a recovery) raises the
+        limit by its size until the buffer drains, so that a client reading it
+        is not taken for a slow one, while one that reads nothing is still
+        closed within the limit past it. Dropped silently when the connection
+        is closed.
         """
         if not self._open:
             return
@@ -374,12 +383,14 @@ class WebSocketConnection(asyncio.Protocol):
             if len(held) >= _HOLD_MAX_FRAMES:
                 self.release()
             return
-        self._transport.write(frame)
         # The transport pauses us when its buffer passes the high-water mark,
         # which is capped at send_buffer_max_bytes: while not paused the buffer
         # is below the limit, so the common case costs one attribute test.
+        if self._paused and self._over_limit():
+            return
+        self._transport.write(frame)
         if self._paused:
-            self._check_slow()
+            self._note_large(len(frame))
 
     def send_text(self, payload: bytes) -> None:
         """Frame and write one text message for this connection only.
@@ -395,10 +406,12 @@ class WebSocketConnection(asyncio.Protocol):
             # (a Frame, its serializer, data_to_send) costs more than the frame.
             self.write_frame(encode_text_frame(payload))
             return
+        if self._paused and self._over_limit():
+            return
         self._protocol.send_text(payload)
         self._flush()
         if self._paused:
-            self._check_slow()
+            self._note_large(len(payload))
 
     def hold(self) -> None:
         """Keep the frames written from now on and write them together at
@@ -425,10 +438,11 @@ class WebSocketConnection(asyncio.Protocol):
         if held is None:
             return
         self._held = None
-        if held and self._open:
-            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+        if held and self._open and not (self._paused and self._over_limit()):
+            data = held[0] if len(held) == 1 else b"".join(held)
+            self._transport.write(data)
             if self._paused:
-                self._check_slow()
+                self._note_large(len(data))
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the closing handshake; idempotent.
@@ -450,7 +464,10 @@ class WebSocketConnection(asyncio.Protocol):
             Close(code, reason).check()
         except ProtocolError:
             raise ValueError(f"invalid close code {code}") from None
-        self.release()  # held frames go before the close frame
+        if self._held and self._paused and self._buffer_full():
+            self._held = None  # a client that does not read: dropped, not written
+        else:
+            self.release()  # held frames go before the close frame
         self._local_close = True
         self._open = False
         if _log.isEnabledFor(logging.DEBUG):
@@ -494,9 +511,25 @@ class WebSocketConnection(asyncio.Protocol):
         if data:
             self.data_received(data)
 
-    def _check_slow(self) -> None:
-        if self._transport.get_write_buffer_size() <= self._server._options.send_buffer_max_bytes:
-            return
+    def _over_limit(self) -> bool:
+        """Whether the write buffer is over ``send_buffer_max_bytes``; if so,
+        the connection is closed with 3008 (the client does not read)."""
+        if not self._buffer_full():
+            return False
+        self._close_slow()
+        return True
+
+    def _note_large(self, size: int) -> None:
+        """A frame larger than the limit raises it by its size until the
+        buffer drains (a client reading a big reply is not a slow one)."""
+        if size > self._slack and size > self._server._options.send_buffer_max_bytes:
+            self._slack = size
+
+    def _buffer_full(self) -> bool:
+        limit = self._server._options.send_buffer_max_bytes + self._slack
+        return self._transport.get_write_buffer_size() > limit
+
+    def _close_slow(self) -> None:
         if _log.isEnabledFor(logging.DEBUG):
             _log.debug(
                 "%s: slow client, %d bytes buffered", self.remote_address, self.buffered_bytes
@@ -511,6 +544,10 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         """Write what the protocol produced; the empty bytes mean EOF."""
+        if self._open and self._paused and self._over_limit():
+            # Pongs too: a client that sends pings and never reads must not
+            # grow the buffer past the limit (the close flushed what was due).
+            return
         if self._held:
             self.release()  # held data frames go before pongs and close frames
         protocol = self._protocol
@@ -705,6 +742,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        self._slack = 0  # drained to the low-water mark: the big frames are out
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._open = False

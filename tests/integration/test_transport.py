@@ -703,7 +703,8 @@ async def test_slow_client_is_closed_3008() -> None:
                 if session.conn.closed:
                     break
                 session.conn.write_frame(frame)
-                assert session.conn.buffered_bytes <= limit or session.conn.closed
+                # Checked before each write: at most one frame past the limit.
+                assert session.conn.buffered_bytes <= limit + len(frame) or session.conn.closed
                 await asyncio.sleep(0)
             assert session.conn.closed
             assert app.slow_clients == 1
@@ -712,6 +713,54 @@ async def test_slow_client_is_closed_3008() -> None:
             assert await session.closed == (3008, "slow")
             assert time.monotonic() - started < 1000 * MS
             assert transport.connections == 0
+        finally:
+            sock.close()
+
+
+@scenario
+async def test_one_reply_larger_than_the_send_buffer_limit_reaches_a_reading_client() -> None:
+    """A page of history can be larger than ``send_buffer_max_bytes``: the
+    limit is on what a client leaves unread, not on one message."""
+    limit = 64 * 1024
+    async with (
+        serving(send_buffer_max_bytes=limit) as (transport, app),
+        connect(ws_uri(transport), max_size=None) as ws,
+    ):
+        session = await next_session(app)
+        big = b"x" * (limit * 256)  # past what the kernel buffers on loopback
+        session.conn.write_frame(encode_text_frame(big))
+        session.conn.write_frame(encode_text_frame(b"after"))
+        assert await ws.recv() == big.decode()
+        assert await ws.recv() == "after"
+        assert not session.conn.closed and app.slow_clients == 0
+
+
+@scenario
+async def test_a_client_that_pings_and_never_reads_is_closed_3008() -> None:
+    """Pongs count against the limit like everything else written: a flood of
+    pings from a client that reads nothing cannot grow the buffer unbounded."""
+    limit = 64 * 1024
+    async with serving(send_buffer_max_bytes=limit, close_timeout_s=200 * MS) as (
+        transport,
+        app,
+    ):
+        sock = await raw_websocket(transport)
+        loop = asyncio.get_running_loop()
+        try:
+            session = await next_session(app)
+            # Masked (all-zero key) pings with the largest payload allowed.
+            ping = b"\x89" + bytes([0x80 | 125]) + b"\x00" * 4 + b"p" * 125
+            burst = ping * 256
+            for _ in range(2000):  # at most 65 MB of pings
+                if session.conn.closed:
+                    break
+                assert session.conn.buffered_bytes <= limit + 131, session.conn.buffered_bytes
+                with suppress(BlockingIOError, ConnectionResetError, BrokenPipeError):
+                    await asyncio.wait_for(loop.sock_sendall(sock, burst), 1000 * MS)
+                await asyncio.sleep(0)
+            assert session.conn.closed
+            assert app.slow_clients == 1
+            assert await session.closed == (3008, "slow")
         finally:
             sock.close()
 
