@@ -3,7 +3,10 @@ subscriptions (one per Redis node; one in all on a standalone Redis).
 
 SUBSCRIBE and UNSUBSCRIBE calls issued in one loop iteration go out as one
 command each (batched under churn); ``subscribe`` returns only once Redis
-confirmed it, so nothing published afterwards is missed. On a lost
+confirmed it, so nothing published afterwards is missed. Confirmations come
+in the order the SUBSCRIBEs went out, so each SUBSCRIBE sent has its own,
+matched in that order; a subscribe shares a pending one only if no
+UNSUBSCRIBE of the name went out since. On a lost
 connection the reader reconnects with full-jitter backoff, resubscribes to
 what the hub needs now (not a copy of its own) and reports the reconnect,
 since messages may have been lost meanwhile. The reader never dies: any error
@@ -19,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections import deque
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -69,7 +73,13 @@ class _Shard:
         self.ready = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
-        self._confirm: dict[str, asyncio.Future[None]] = {}
+        # Per name, a future per SUBSCRIBE sent and not yet confirmed, oldest
+        # first: Redis confirms them in the order they went out.
+        self._confirm: dict[str, deque[asyncio.Future[None]]] = {}
+        # Per name, the future a subscribe may share: its newest SUBSCRIBE's,
+        # while no UNSUBSCRIBE went out after it (Redis runs that UNSUBSCRIBE
+        # after confirming it, so a subscribe then needs one of its own).
+        self._joinable: dict[str, asyncio.Future[None]] = {}
         self.reconnects = 0
 
     def start(self) -> None:
@@ -86,33 +96,54 @@ class _Shard:
         """Subscribe to ``name``; returns once Redis confirmed it."""
         if not self.ready or not self._connected():
             raise BrokerUnavailable(f"redis pub/sub unavailable ({self.label})")
-        future = self._confirm.get(name)
+        future = self._joinable.get(name)
         if future is None:
-            loop = asyncio.get_running_loop()
-            future = loop.create_future()
-            self._confirm[name] = future
-            # One timer per subscribe sent, not a wait_for per waiter: a
-            # connection storm subscribes to thousands of personal channels.
-            timer = loop.call_later(SUBSCRIBE_TIMEOUT_S, self._not_confirmed, name, future)
-            future.add_done_callback(lambda _: timer.cancel())
-            self._send_subscribe(True, name)
+            future = self._send_confirmed(name)
         # Shielded: a waiter cancelled must not cancel the others' future.
         await asyncio.shield(future)
 
+    def _send_confirmed(self, name: str) -> asyncio.Future[None]:
+        """Send a SUBSCRIBE of ``name``; the future its confirmation resolves."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        pending = self._confirm.get(name)
+        if pending is None:
+            pending = self._confirm[name] = deque()
+        pending.append(future)
+        self._joinable[name] = future
+        # One timer per subscribe sent, not a wait_for per waiter: a
+        # connection storm subscribes to thousands of personal channels.
+        timer = loop.call_later(SUBSCRIBE_TIMEOUT_S, self._not_confirmed, name, future)
+        future.add_done_callback(lambda _: timer.cancel())
+        self._send_subscribe(True, name)
+        return future
+
     def unsubscribe(self, name: str) -> None:
         if self.ready and self._connected():
+            # Redis confirms a pending SUBSCRIBE before it runs this: a
+            # subscribe from now on must wait for a SUBSCRIBE sent after it.
+            self._joinable.pop(name, None)
             self._send_subscribe(False, name)
 
     def _not_confirmed(self, name: str, future: asyncio.Future[None]) -> None:
-        if self._confirm.get(name) is future:
-            del self._confirm[name]
+        if self._joinable.get(name) is future:
+            del self._joinable[name]
+        # It stays in its FIFO: its confirmation may still come (a slow
+        # Redis), and must not be taken for a later SUBSCRIBE's.
         if not future.done():
             future.set_exception(BrokerUnavailable("redis subscribe not confirmed"))
             future.exception()  # retrieved: every waiter may have been cancelled
 
     def _confirmed(self, name: str) -> None:
-        future = self._confirm.pop(name, None)
-        if future is not None and not future.done():
+        pending = self._confirm.get(name)
+        if pending is None:
+            return  # not ours (the control channel, a resubscribe on reopening)
+        future = pending.popleft()
+        if not pending:
+            del self._confirm[name]
+        if self._joinable.get(name) is future:
+            del self._joinable[name]
+        if not future.done():
             future.set_result(None)
 
     async def _run_forever(self) -> None:
@@ -148,10 +179,12 @@ class _Shard:
     def _lost(self) -> None:
         self.ready = False
         confirm, self._confirm = self._confirm, {}
-        for future in confirm.values():
-            if not future.done():
-                future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
-                future.exception()  # retrieved: a waiter may have timed out
+        self._joinable = {}
+        for pending in confirm.values():
+            for future in pending:
+                if not future.done():
+                    future.set_exception(BrokerUnavailable("redis pub/sub connection lost"))
+                    future.exception()  # retrieved: a waiter may have timed out
         if self._on_lost is not None and not self._closing:
             self._on_lost()
 
