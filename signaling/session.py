@@ -336,6 +336,17 @@ class ClientSession:
             return math.inf
         return expires_at + self.node.settings.expired_close_delay_s
 
+    def _connect_arrived(self) -> None:
+        """The client sent connect in time: not stale. Should the server take
+        as long again to answer it (a stalled store or key server), the
+        connection ends with 3004, which the SDKs retry, not with 3502, after
+        which they give up."""
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
+            self._stale_timer = self.node.loop.call_later(
+                self.node.settings.connect_timeout_s, self.disconnect, DISCONNECT_INTERNAL
+            )
+
     def _end_connecting(self) -> None:
         """Connected, or closed before: the connect deadline no longer applies."""
         if self._stale_timer is not None:
@@ -491,6 +502,7 @@ class ClientSession:
             # the CPU or the broker, not when clients are slow to send connect.
             admission = self.node.admission
             started = admission.begin()
+            self._connect_arrived()
             try:
                 await self._connect(cmd.id, req)
             finally:

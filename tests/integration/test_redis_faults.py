@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import orjson
 import pytest
+import websockets
 from centrifuge import ClientState, SubscriptionState
 
 from support.loadcheck import (
@@ -686,3 +690,23 @@ async def test_connect_while_redis_is_down(
         reply = await client.call("connect", {"token": a.token("early")})
         assert "connect" in reply, reply
         assert "user:#early" in reply["connect"]["subs"], reply
+
+
+async def test_a_connect_the_store_stalls_ends_with_a_code_the_sdks_retry(
+    cluster: Any, redis_server: RedisProcess
+) -> None:
+    """A client sends connect at once, and Redis stalls while the server sets
+    the connection up (its personal channel): past the connect timeout the
+    connection ends with 3004, which the SDKs reconnect after, not with 3502
+    "stale" (no connect sent), after which they give up."""
+    (a,) = await cluster(1, SIGNAL_CONNECT_TIMEOUT_S=1)
+    async with websockets.connect(a.ws_url) as ws:
+        os.kill(redis_server.pid, signal.SIGSTOP)
+        try:
+            connect = {"id": 1, "connect": {"token": a.token("stalled")}}
+            await ws.send(orjson.dumps(connect).decode())
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5.0)
+        finally:
+            os.kill(redis_server.pid, signal.SIGCONT)
+    assert ws.close_code == 3004, (ws.close_code, ws.close_reason)
