@@ -100,8 +100,15 @@ def _serve(args: argparse.Namespace) -> int:
     if dev_secret is not None:
         _announce_dev_mode(dev_secret)
     if settings.workers > 1:
+        from signaling.server import load_app
         from signaling.workers import run_workers
 
+        try:
+            # Here, once, rather than in every worker, restarted in a loop.
+            load_app(args.app)
+        except Exception as exc:
+            print(f"digis-signal: cannot load the app {args.app!r}: {exc}", file=sys.stderr)
+            return 2
         return run_workers(settings, args.app)
     return run_single(settings, args.app)
 

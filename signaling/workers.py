@@ -3,8 +3,10 @@
 Each worker is a whole server process bound with SO_REUSEPORT, so the kernel
 spreads connections over them; they share the Redis broker (several workers
 on the embedded broker are refused by the configuration). The supervisor
-(this module, in the parent) restarts a worker that dies, forwards SIGTERM and
-SIGINT so every worker drains, and exits 0 once they are gone.
+(this module, in the parent) restarts a worker that dies (with a delay that
+doubles while it keeps dying at start-up, giving up after a few: exit 1),
+forwards SIGTERM and SIGINT once to every worker so each drains, starts none
+after that, and exits 0 once they are gone.
 
 Metrics: the workers run prometheus-client in multiprocess mode over a
 directory the supervisor creates, so ``/metrics`` on any worker reports the
@@ -29,7 +31,14 @@ __all__ = ["run_workers"]
 
 log = logging.getLogger("signaling.workers")
 
-RESTART_DELAY_S = 1.0
+# A worker that dies is restarted after this, doubled at each death in a row
+# within QUICK_EXIT_S of its start (it fails at start-up: a port it cannot
+# bind, an app that fails to install), up to RESTART_DELAY_MAX_S; after
+# MAX_QUICK_EXITS such deaths in a row the supervisor stops and exits 1.
+RESTART_DELAY_S = 0.5
+RESTART_DELAY_MAX_S = 30.0
+QUICK_EXIT_S = 10.0
+MAX_QUICK_EXITS = 5
 # Extra time, beyond the drain window, that workers get to exit on SIGTERM.
 EXIT_GRACE_S = 15.0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -44,6 +53,8 @@ def _worker_main(settings: Settings, app: str, index: int) -> None:
 
 
 def run_workers(settings: Settings, app: str) -> int:
+    """Run ``settings.workers`` worker processes until SIGTERM/SIGINT; 0 once
+    they are all gone, 1 if one kept failing at start-up."""
     count = settings.workers
     metrics_dir = tempfile.mkdtemp(prefix="digis-signal-metrics-")
     # Inherited by the spawned workers: set before any of them imports
@@ -51,7 +62,12 @@ def run_workers(settings: Settings, app: str) -> int:
     os.environ[MULTIPROC_ENV] = metrics_dir
     context = multiprocessing.get_context("spawn")
     workers: dict[int, BaseProcess] = {}
+    started_at: dict[int, float] = {}
+    quick_exits: dict[int, int] = {}
+    restart_at: dict[int, float] = {}
+    signalled: set[int] = set()
     stopping = False
+    exit_code = 0
 
     def start(index: int) -> None:
         proc = context.Process(
@@ -59,40 +75,78 @@ def run_workers(settings: Settings, app: str) -> int:
         )
         proc.start()
         workers[index] = proc
+        started_at[index] = time.monotonic()
         log.info("worker %d started (pid %s)", index, proc.pid)
+
+    def terminate_all() -> None:
+        """SIGTERM each live worker, once: a second one would cut its drain."""
+        for proc in workers.values():
+            if proc.pid is not None and proc.pid not in signalled and proc.is_alive():
+                signalled.add(proc.pid)
+                os.kill(proc.pid, signal.SIGTERM)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         if not stopping:
             log.info("stopping %d workers", len(workers))
         stopping = True
-        for proc in workers.values():
-            if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGTERM)
+        restart_at.clear()
+        terminate_all()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("supervising %d workers on %s:%d", count, settings.host, settings.port)
     for index in range(count):
+        if stopping:
+            break
         start(index)
 
     deadline: float | None = None
-    while workers:
+    while workers or (restart_at and not stopping):
         time.sleep(0.2)
-        if stopping and deadline is None:
-            deadline = time.monotonic() + settings.drain_s + EXIT_GRACE_S
+        now = time.monotonic()
+        if stopping:
+            # Workers started as the signal came (between a check and a
+            # start) get theirs too.
+            terminate_all()
+            if deadline is None:
+                deadline = now + settings.drain_s + EXIT_GRACE_S
         for index, proc in list(workers.items()):
             if proc.is_alive():
                 continue
             proc.join()
             _mark_dead(proc.pid)
             del workers[index]
-            if not stopping:
-                log.error(
-                    "worker %d (pid %s) exited with %s; restarting", index, proc.pid, proc.exitcode
+            if stopping:
+                continue
+            quick = quick_exits.get(index, 0) + 1 if now - started_at[index] < QUICK_EXIT_S else 0
+            quick_exits[index] = quick
+            if quick >= MAX_QUICK_EXITS:
+                log.critical(
+                    "worker %d exited %d times in a row within %.0f s of its start (last: %s);"
+                    " giving up",
+                    index,
+                    quick,
+                    QUICK_EXIT_S,
+                    proc.exitcode,
                 )
-                time.sleep(RESTART_DELAY_S)
-                start(index)
+                exit_code = 1
+                stop(signal.SIGTERM, None)
+                continue
+            delay = min(RESTART_DELAY_MAX_S, RESTART_DELAY_S * 2 ** max(0, quick - 1))
+            log.error(
+                "worker %d (pid %s) exited with %s; restarting in %.1f s",
+                index,
+                proc.pid,
+                proc.exitcode,
+                delay,
+            )
+            restart_at[index] = now + delay
+        if not stopping:
+            for index, due in list(restart_at.items()):
+                if due <= now:
+                    del restart_at[index]
+                    start(index)
         if deadline is not None and time.monotonic() > deadline:
             for proc in workers.values():
                 log.error("worker pid %s did not exit in time; killing it", proc.pid)
@@ -100,7 +154,7 @@ def run_workers(settings: Settings, app: str) -> int:
             deadline = None
     shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("all workers stopped")
-    return 0
+    return exit_code
 
 
 def _mark_dead(pid: int | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -12,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from support.processes import REPO_ROOT, RedisProcess, ServerProcess
+from support.processes import REPO_ROOT, RedisProcess, ServerProcess, free_port
 
 
 def sample_value(body: bytes, name: str) -> float:
@@ -107,3 +108,53 @@ def test_workers_refused_on_embedded_broker() -> None:
     )
     assert result.returncode == 2
     assert "WEB_CONCURRENCY" in result.stderr and "REDIS_URL" in result.stderr
+
+
+def supervisor(redis_server: RedisProcess, *args: str) -> subprocess.Popen[str]:
+    """``serve --workers 2`` on a free port, the test's support modules
+    importable (``--app support.failing_app``)."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "SIGNAL_JWT_SECRET": "s" * 40,
+        "REDIS_URL": redis_server.url,
+        "PYTHONPATH": f"{REPO_ROOT / 'tests'}:{REPO_ROOT}",
+        "SIGNAL_DRAIN_S": "0.5",
+    }
+    argv = [sys.executable, "-m", "signaling", "serve", "--workers", "2"]
+    argv += ["--port", str(free_port()), *args]
+    return subprocess.Popen(
+        argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_a_worker_failing_at_start_up_is_given_up_on(redis_server: RedisProcess) -> None:
+    """Restarted with a delay that doubles, then the supervisor stops and
+    exits 1, instead of restarting it every second forever."""
+    proc = supervisor(redis_server, "--app", "support.failing_app")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    assert "giving up" in out
+    assert "restarting in 0.5 s" in out and "restarting in 1.0 s" in out, out
+
+
+def test_a_signal_during_restarts_starts_no_worker_after_it(redis_server: RedisProcess) -> None:
+    proc = supervisor(redis_server, "--app", "support.failing_app")
+    assert proc.stdout is not None
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "restarting in" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    text = "".join(lines) + out
+    assert proc.returncode == 0, text
+    after = text.split("stopping", 1)[1]
+    assert " started (pid" not in after, text
+
+
+def test_an_app_that_does_not_load_is_refused_at_start(redis_server: RedisProcess) -> None:
+    proc = supervisor(redis_server, "--app", "support.no_such_app")
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2, out
+    assert "cannot load the app 'support.no_such_app'" in out
