@@ -146,6 +146,13 @@ POSITION_CHECK_S = 40.0
 CLOSE_FLUSH_S = 2.0
 
 
+def _rolled_back(position: tuple[int, str], top: StreamPosition) -> bool:
+    """Whether the stream is behind a position this node saw in the same
+    epoch: it lost its last publications (offsets only grow otherwise)."""
+    offset, epoch = position
+    return epoch == top.epoch and offset > top.offset
+
+
 def _behind(position: tuple[int, str] | None, top: StreamPosition) -> bool:
     if position is None:
         return False
@@ -272,13 +279,24 @@ class Node:
         after ``confirm_delay_s`` so that publications still in flight are
         not mistaken for lost ones."""
         hub = self.hub
-        channels = [c for c in hub.channels() if hub.position(c) is not None]
+        # Taken before the read: a stream's top can only be at or past them.
+        before = {c: p for c in hub.channels() if (p := hub.position(c)) is not None}
+        channels = list(before)
         if not channels:
             return
         tops = await self.broker.positions(channels)
         # A stream that vanished (Redis restarted empty, meta expired) is a
         # new epoch: whatever this node had not delivered yet is gone.
         lost = StreamPosition(0, "")
+        for channel in channels:
+            if _rolled_back(before[channel], tops.get(channel, lost)):
+                # Redis restored from an older snapshot, or failed over to a
+                # replica behind it, with the epoch it had: the next offsets
+                # are ones this node has seen, and the hub would drop them
+                # as seen. Its subscribers recover (and are told they could
+                # not, their position being past the stream's).
+                log.warning("channel %s: its stream went back; subscribers recover", channel)
+                hub.lose_position(channel)
         suspects = {
             c: tops.get(c, lost) for c in channels if _behind(hub.position(c), tops.get(c, lost))
         }

@@ -20,7 +20,7 @@ import pytest
 from test_raw_protocol import QUIET, Raw, connected, msg
 
 from signaling.broker.redis_scripts import HISTORY
-from support.loadcheck import cut_pubsub
+from support.loadcheck import cut_pubsub, redis_call
 from support.processes import RedisProcess, ServerProcess
 
 TIMEOUT = 5.0
@@ -250,4 +250,50 @@ async def test_a_subscription_answered_during_a_pubsub_outage_recovers_what_the_
     assert watcher_recoveries > 0
     assert joiner_recoveries > 0 or not during_cut
     for client in (watcher, writer, joiner):
+        await client.close()
+
+
+async def test_a_stream_that_went_back_makes_its_subscribers_recover(
+    server_on_redis: ServerProcess, redis_server: RedisProcess
+) -> None:
+    """Redis comes back with an older copy of a channel (a restore from a
+    snapshot, a failover to a replica behind): same epoch, a lower top. The
+    next offsets are ones the instance saw already; without a check it would
+    drop them as seen. Its position check (here after its pub/sub
+    reconnects) makes the subscribers recover, and they are told they could
+    not (their position is past the stream's)."""
+    srv = server_on_redis
+    watcher = await connected(srv, "watcher")
+    epoch = (await watcher.call("subscribe", {"channel": "room:b"}))["subscribe"]["epoch"]
+    writer = await connected(srv, "writer")
+    for i in range(5):
+        await writer.call("publish", {"channel": "room:b", "data": msg(str(i))})
+    assert await _receive_offsets(watcher, 5) == [1, 2, 3, 4, 5]
+    # The older copy: offsets 4 and 5 never happened.
+    stream, meta = "sig:stream:{room:b}", "sig:meta:{room:b}"
+    for entry in (b"4-0", b"5-0"):
+        assert await redis_call(redis_server.port, "XDEL", stream, entry.decode()) == b":1\r\n"
+    # As the snapshot had them: the stream's last id and the top, both at 3.
+    assert await redis_call(redis_server.port, "XSETID", stream, "3-0") == b"+OK\r\n"
+    await redis_call(redis_server.port, "HSET", meta, "s", "3")
+    await cut_pubsub(redis_server.port, 0.2)
+    push = await watcher.push("unsubscribe")
+    assert push["channel"] == "room:b" and push["unsubscribe"]["code"] >= 2500, push
+    body = {"channel": "room:b", "recover": True, "offset": 5, "epoch": epoch}
+    for _ in range(50):  # as an SDK does: a temporary error while pub/sub reconnects
+        reply = await watcher.call("subscribe", body)
+        if reply.get("error", {}).get("code") != 100:
+            break
+        await asyncio.sleep(0.1)
+    assert "subscribe" in reply, (push, reply)
+    result = reply["subscribe"]
+    assert not result.get("recovered") and result["offset"] == 3, result
+    # Offset 4 of the new history reaches the subscriber.
+    published = await writer.call("publish", {"channel": "room:b", "data": msg("after")})
+    assert "publish" in published, published
+    try:
+        assert await _receive_offsets(watcher, 1) == [4]
+    except TimeoutError:
+        raise AssertionError(watcher.inbox) from None
+    for client in (watcher, writer):
         await client.close()
