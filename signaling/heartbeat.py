@@ -65,7 +65,11 @@ class Heartbeat:
         while True:
             next_tick += TICK_S
             await asyncio.sleep(max(0.0, next_tick - loop.time()))
-            self.tick(loop.time())
+            # The tick's own time, not the wake-up's: a ping sent by a late
+            # tick gets its deadline from when it was due, so the check
+            # ``pong_lag`` ticks on still finds it past (with the wake-up's,
+            # an on-time check after a late ping waited a whole round more).
+            self.tick(next_tick)
 
     def tick(self, now: float) -> None:
         n = len(self._slots)

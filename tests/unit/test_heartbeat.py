@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -189,3 +191,32 @@ def test_sub_second_interval_pings_every_tick() -> None:
     hb.add(c)
     _run(hb, 1, 4)
     assert c.pings == [1, 2, 3, 4]
+
+
+async def test_a_late_tick_gives_its_pings_the_deadline_of_when_it_was_due(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each tick passes its scheduled time, whatever the loop's lateness: a
+    ping sent late must not push its pong's deadline past the check that
+    comes ``pong_lag`` ticks later on time."""
+    from signaling import heartbeat as heartbeat_module
+
+    monkeypatch.setattr(heartbeat_module, "TICK_S", 0.02)
+    hb = Heartbeat(ping_interval_s=10, pong_timeout_s=5)
+    seen: list[float] = []
+
+    def tick(now: float) -> None:
+        seen.append(now)
+        if len(seen) == 2:
+            time.sleep(0.05)  # the loop stalls: the next ticks run late
+
+    monkeypatch.setattr(hb, "tick", tick)
+    start = asyncio.get_running_loop().time()
+    hb.start()
+    try:
+        while len(seen) < 6:
+            await asyncio.sleep(0.01)
+    finally:
+        hb.stop()
+    steps = [round((now - start) / 0.02, 6) for now in seen[:6]]
+    assert steps == pytest.approx([1, 2, 3, 4, 5, 6], abs=0.01), steps
