@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -105,9 +106,16 @@ class BufferedHistogram:
         self._sum = 0.0
 
 
+# How long a worker reuses the whole server's merged metrics (seconds).
+WORKERS_RENDER_CACHE_S = 1.0
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # Worker mode: the whole server's output, merged from every worker's
+        # files, and when (monotonic s); reused for WORKERS_RENDER_CACHE_S.
+        self._merged: tuple[float, bytes] | None = None
         r = self.registry
         self.active_connections = Gauge(
             "websocket_active_connections",
@@ -255,10 +263,17 @@ class Metrics:
     def render(self) -> bytes:
         self.update_gauges()
         if MULTIPROC_ENV in os.environ:
-            # Workers: report the whole server from every worker's files.
+            # Workers: report the whole server from every worker's files. The
+            # merge reads them all on the event loop: at most once a second,
+            # however often /metrics is asked (it needs no credentials).
+            now = time.monotonic()
+            if self._merged is not None and now - self._merged[0] < WORKERS_RENDER_CACHE_S:
+                return self._merged[1]
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
-            return generate_latest(registry)
+            output = generate_latest(registry)
+            self._merged = (time.monotonic(), output)
+            return output
         return generate_latest(self.registry)
 
 

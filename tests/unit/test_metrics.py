@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from signaling.metrics import Metrics
@@ -63,3 +67,32 @@ def test_buffered_durations_render_as_direct_observations() -> None:
     buffered.command_done("rpc", "ok", 0.004)
     direct.command_duration.labels("rpc").observe(0.004)
     assert samples(buffered) == samples(direct)
+
+
+def test_worker_mode_merges_the_workers_files_at_most_once_a_second(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """In worker mode /metrics merges every worker's files on the event loop:
+    a client asking in a loop must not make each request pay for it."""
+    from signaling import metrics as metrics_module
+
+    monkeypatch.setenv(metrics_module.MULTIPROC_ENV, str(tmp_path))
+    merges = 0
+    real = metrics_module.MultiProcessCollector
+
+    def counting(registry: Any) -> Any:
+        nonlocal merges
+        merges += 1
+        return real(registry)
+
+    monkeypatch.setattr(metrics_module, "MultiProcessCollector", counting)
+    clock = [100.0]
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: clock[0])
+    metrics = Metrics()
+    first = metrics.render()
+    for _ in range(50):
+        assert metrics.render() is first
+    assert merges == 1
+    clock[0] += metrics_module.WORKERS_RENDER_CACHE_S
+    metrics.render()
+    assert merges == 2
