@@ -224,10 +224,12 @@ async def run_server(
         loop.add_signal_handler(signum, _already_draining, signum)
 
     await drain(node, transport, settings.drain_s, handover=settings.handover)
+    lag_watch.cancel()
+    # Handled until the end: the node's close writes the leaves and offline
+    # records a second signal's default action would lose.
+    await node.close()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(signum)
-    lag_watch.cancel()
-    await node.close()
     # The counts buffered since the last update (metrics.BufferedCounter) reach
     # the multiprocess files that outlive a worker.
     metrics.update_gauges()
@@ -277,11 +279,15 @@ async def drain(
     log.info("draining %d connections over %.1f s", len(sessions), drain_s)
     steps = max(1, int(drain_s / DRAIN_STEP_S))
     per_step = -(-len(sessions) // steps)  # ceiling division
-    for start in range(0, len(sessions), per_step or 1):
+    loop = asyncio.get_running_loop()
+    begun = loop.time()
+    for step, start in enumerate(range(0, len(sessions), per_step or 1)):
         for session in sessions[start : start + per_step]:
             session.disconnect(DISCONNECT_SHUTDOWN)
         if start + per_step < len(sessions):
-            await asyncio.sleep(DRAIN_STEP_S)
+            # On a schedule from the start: the time closing a batch takes
+            # is not added to each step's (the window would overrun drain_s).
+            await asyncio.sleep(max(0.0, begun + (step + 1) * DRAIN_STEP_S - loop.time()))
     transport.stop_accepting()
     # Connections opened meanwhile (handshakes in flight) go too.
     for session in list(node.sessions):
