@@ -24,8 +24,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from signaling.broker.base import BrokerUnavailable
@@ -82,6 +88,18 @@ _OPTIONS: dict[str, Any] = {
 # No silent retries: a retried publish script could publish twice, and a
 # pub/sub connection silently re-established would hide lost messages.
 _NO_RETRY = Retry(NoBackoff(), 0)
+
+
+def _unavailable(exc: Exception) -> bool:
+    """Whether an error that is not a RedisError means the cluster or the
+    connection failed, rather than a command that can never work."""
+    if not isinstance(exc, RedisClusterException):
+        return True  # the client library's own failure under a reset
+    if isinstance(exc, SlotNotCoveredError | ClusterDownError):
+        return True
+    # "Redis Cluster cannot be connected": raised from the connection error.
+    cause = exc.__cause__
+    return isinstance(cause, RedisConnectionError | RedisTimeoutError | OSError)
 
 
 class AutoPipeline:
@@ -158,16 +176,19 @@ class AutoPipeline:
         except RedisError as exc:
             results = [exc] * len(batch)
         except Exception as exc:
-            # Not a RedisError: RedisClusterException (no node reachable, slots
-            # not covered; or a script whose keys span slots, a bug in a key
-            # layout), or the client library tripping over a connection reset
-            # under it (redis-py's cluster pipeline writes to a transport a
-            # concurrent disconnect took away: AttributeError). Temporary for
-            # the callers, who must not wait forever nor be disconnected as by
-            # a bug of ours; loud in the log.
-            log.error("redis command batch failed: %r", exc)
-            error = BrokerUnavailable(f"redis client failed: {exc!r}")
-            results = [error] * len(batch)
+            # Not a RedisError. Every caller of the batch gets it rather than
+            # waiting forever on its future: as itself when it is a bug of
+            # ours (a script whose keys span slots: RedisClusterException),
+            # as temporary when the cluster or the connection is the cause
+            # (no node reachable, slots not covered, or redis-py's cluster
+            # pipeline tripping over a connection reset under it with an
+            # AttributeError), so that clients are answered 100 and retry
+            # instead of being disconnected.
+            result: Exception = exc
+            if _unavailable(exc):
+                log.error("redis command batch failed: %r", exc)
+                result = BrokerUnavailable(f"redis client failed: {exc!r}")
+            results = [result] * len(batch)
         finally:
             self._in_flight -= 1
             if self._queue and not self._scheduled:

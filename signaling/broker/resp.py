@@ -485,6 +485,16 @@ class RespConnection(BaseRespConnection):
                     self._fail(BrokerUnavailable("redis sent a reply nobody asked for"))
                     return
                 future = pending.popleft()
+                if isinstance(reply, rexc.ReadOnlyError):
+                    # This server became a replica (a failover behind a DNS
+                    # name or a virtual IP that kept our connection to it):
+                    # temporary for the caller, and a new connection finds
+                    # the primary where this one never would.
+                    lost = BrokerUnavailable(f"redis is read-only (a replica now): {reply}")
+                    if not future.done():
+                        future.set_exception(lost)
+                    self._fail(lost)
+                    return
                 if not future.done():  # done: its caller was cancelled
                     if isinstance(reply, Exception):
                         future.set_exception(reply)

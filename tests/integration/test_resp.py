@@ -723,3 +723,30 @@ def _import_contract() -> dict[str, Any]:
 
 
 globals().update(_import_contract())
+
+
+async def test_a_server_turned_replica_drops_the_connection(
+    client: RespClient, redis_server: RedisProcess, redis_factory: Callable[..., RedisProcess]
+) -> None:
+    """READONLY: the server we are connected to is a replica now (a failover
+    behind a name or a virtual IP that kept the connection open). The
+    command fails as temporary, and the connection goes, so that the next
+    command connects again (to wherever the primary now is) instead of
+    answering READONLY for ever."""
+    other = redis_factory()
+    admin = Redis.from_url(redis_server.url, retry=Retry(NoBackoff(), 0))
+    try:
+        assert await client.execute("SET", "k", "1") in (b"OK", "OK")
+        connects = client.connects
+        await admin.execute_command("REPLICAOF", "127.0.0.1", str(other.port))
+        with pytest.raises(BrokerUnavailable, match="read-only"):
+            await client.execute("SET", "k", "2")
+        await admin.execute_command("REPLICAOF", "NO", "ONE")  # the primary is back
+        for _ in range(50):  # the reconnect waits out its backoff
+            with contextlib.suppress(BrokerUnavailable):
+                assert await client.execute("SET", "k", "3") in (b"OK", "OK")
+                break
+            await asyncio.sleep(0.05)
+        assert client.connects == connects + 1
+    finally:
+        await admin.aclose()
