@@ -799,7 +799,15 @@ def _truncate_reason(reason: str) -> str:
 class _HttpConnection(asyncio.Protocol):
     """Owns a socket from accept until its HTTP request is answered or upgraded."""
 
-    __slots__ = ("_first_data", "_remote_address", "_server", "_timer", "_transport", "_ws")
+    __slots__ = (
+        "_answered",
+        "_first_data",
+        "_remote_address",
+        "_server",
+        "_timer",
+        "_transport",
+        "_ws",
+    )
 
     _transport: asyncio.Transport
     _remote_address: str
@@ -810,6 +818,9 @@ class _HttpConnection(asyncio.Protocol):
         # websockets' protocol, made only for requests the fast path leaves to it.
         self._ws: ServerProtocol | None = None
         self._first_data = True
+        # Refused early and half-closed: whatever else the client sends
+        # (another request, pipelined or not) is ignored, never answered.
+        self._answered = False
 
     @property
     def _protocol(self) -> ServerProtocol:
@@ -828,6 +839,8 @@ class _HttpConnection(asyncio.Protocol):
         server._handshakes.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._answered:
+            return
         if self._first_data:
             self._first_data = False
             if self._answered_early(data):
@@ -876,6 +889,7 @@ class _HttpConnection(asyncio.Protocol):
                 conn._attach_raw(upgrade.rest)
             return True
         self._timer.cancel()
+        self._answered = True
         transport = self._transport
         transport.write(_raw_response(answer))
         if _half_close(transport):
@@ -883,8 +897,9 @@ class _HttpConnection(asyncio.Protocol):
         return True
 
     def eof_received(self) -> bool | None:
-        self._protocol.receive_eof()
-        self._flush()
+        if not self._answered:
+            self._protocol.receive_eof()
+            self._flush()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -585,6 +585,36 @@ async def test_websocket_allowed_can_reject() -> None:
 
 
 @scenario
+async def test_more_bytes_after_an_early_refusal_are_ignored() -> None:
+    """A refused upgrade (draining, overloaded) is answered from its request
+    line and the socket half-closed: another request on it (pipelined, or a
+    health check on the same connection) is ignored, not answered after the
+    EOF, which raised in data_received (uvloop: "Fatal error on transport")."""
+    failures: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: failures.append(context))
+    try:
+        async with serving() as (transport, app):
+            app.rejection = HttpResponse(503, b"draining\n")
+            reader, writer = await asyncio.open_connection("127.0.0.1", transport.port)
+            request = "\r\n".join(
+                ["GET /connection/websocket HTTP/1.1", "Host: x", *upgrade_headers(), "", ""]
+            )
+            writer.write(request.encode())
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 503")
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 70000)
+            await writer.drain()
+            rest = await asyncio.wait_for(reader.read(), 2.0)
+            assert b"HTTP/1.1" not in rest  # nothing answered after the refusal
+            writer.close()
+            await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(previous)
+    assert failures == []
+
+
+@scenario
 async def test_origin_allow_list() -> None:
     async with serving(allowed_origins=("https://app.example",)) as (transport, _app):
         async with connect(ws_uri(transport), origin=Origin("https://app.example")) as ws:
