@@ -11,7 +11,8 @@ too low (refusals while the server keeps up) or too high (connects queue past th
 clients' time-outs). :class:`ConnectAdmission` watches how long connects take: while
 those finishing now took longer than ``max_wait_s`` (a moving average), or none has
 finished for that long, and more than a few are in progress, it refuses.
-``max_connecting`` stays as a hard cap on connects in progress.
+``max_connecting`` stays as a hard cap on connects in progress: upgrades are
+refused past it, and so are connect commands on sockets upgraded before it filled.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ class ConnectAdmission:
         self.connecting -= 1
         now = self._last_end = self._clock()
         self.latency_s += (now - started - self.latency_s) * LATENCY_WEIGHT
+
+    def at_cap(self) -> bool:
+        """Whether the hard cap is reached: a connect command arriving now
+        (on a socket upgraded before the cap filled) is refused too."""
+        return bool(self._max_connecting) and self.connecting >= self._max_connecting
 
     def refusal(self) -> Refusal | None:
         """Why an upgrade arriving now is refused, or None to admit it."""

@@ -501,6 +501,12 @@ class ClientSession:
             # App.websocket_allowed): the count grows when set-ups queue for
             # the CPU or the broker, not when clients are slow to send connect.
             admission = self.node.admission
+            if admission.at_cap():
+                # Upgraded while there was room, connecting when there is none:
+                # refused like an upgrade would be now, as temporary (the SDKs
+                # back off and retry).
+                self.node.metrics.limit_refusals.labels("connecting").inc()
+                raise SignalError(ERROR_TOO_MANY_REQUESTS)
             started = admission.begin()
             self._connect_arrived()
             try:

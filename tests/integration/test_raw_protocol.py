@@ -317,6 +317,14 @@ async def test_upgrades_refused_with_503_while_too_many_connects_are_in_progress
         with pytest.raises(InvalidStatus) as refused:
             await Raw.open(srv)
         assert refused.value.response.status_code == 503
+        # A socket upgraded before the cap filled finds it when it connects:
+        # a temporary refusal, not a third connect in progress.
+        (late,) = await idle[0].send({"connect": {"token": srv.token("late")}})
+        assert (await idle[0].reply(late))["error"] == {
+            "code": 111,
+            "message": "too many requests",
+            "temporary": True,
+        }
         # Plain HTTP is not affected.
         assert await srv.aget("/readyz") == (200, b"ready\n")
         # Once the keys arrive both connects complete, and upgrades are admitted again.
@@ -324,7 +332,7 @@ async def test_upgrades_refused_with_503_while_too_many_connects_are_in_progress
             assert "connect" in await client.reply(cmd_id)
         newcomer = await connected(srv, "bob")
         _, body = await srv.aget("/metrics")
-        assert metric_value(body, "signal_limit_refusals_total", limit="connecting") == 1
+        assert metric_value(body, "signal_limit_refusals_total", limit="connecting") == 2
         for c in (*idle, *waiting, newcomer):
             await c.close()
 

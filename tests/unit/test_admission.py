@@ -83,3 +83,13 @@ def test_both_limits_off_admit_everything() -> None:
     take(admission, clock, 60.0)
     crowd(admission, 100_000)
     assert admission.refusal() is None
+
+
+def test_the_hard_cap_is_also_asked_at_connect_time() -> None:
+    admission = ConnectAdmission(max_connecting=2, max_wait_s=0)
+    assert not admission.at_cap()
+    started = [admission.begin(), admission.begin()]
+    assert admission.at_cap()
+    admission.end(started[0])
+    assert not admission.at_cap()
+    assert not ConnectAdmission(max_connecting=0, max_wait_s=0).at_cap()  # no cap
