@@ -573,6 +573,11 @@ def _validate_redis(s: Settings) -> None:
         "workers",
         "several workers need a shared broker: set REDIS_URL",
     )
+    _check(
+        s.workers == 1 or s.port != 0,
+        "workers",
+        "several workers share one port: PORT=0 would give each a port of its own",
+    )
 
 
 def _validate_jwt(s: Settings) -> None:

@@ -194,9 +194,20 @@ async def run_server(
         send_buffer_max_bytes=settings.send_buffer_max_bytes,
         on_slow_client=metrics.slow_clients.inc,
     )
-    transport = await start_transport(
-        App(node), settings.host, settings.port, options, reuse_port=reuse_port or settings.handover
-    )
+    try:
+        transport = await start_transport(
+            App(node),
+            settings.host,
+            settings.port,
+            options,
+            reuse_port=reuse_port or settings.handover,
+        )
+    except OSError as exc:
+        # A port taken or not allowed, an address not on this machine: a
+        # setting to fix, said in one line (HOST, PORT).
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
+        await node.close()
+        return 1
     tune_gc()
     lag_watch = asyncio.create_task(watch_loop_lag(metrics), name="loop-lag")
     log.info(

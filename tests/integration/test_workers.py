@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -158,3 +159,27 @@ def test_an_app_that_does_not_load_is_refused_at_start(redis_server: RedisProces
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 2, out
     assert "cannot load the app 'support.no_such_app'" in out
+
+
+def test_a_port_taken_is_said_in_one_line(redis_server: RedisProcess) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        port = holder.getsockname()[1]
+        argv = [sys.executable, "-m", "signaling", "serve", "--host", "127.0.0.1"]
+        result = subprocess.run(
+            [*argv, "--port", str(port)],
+            cwd=REPO_ROOT,
+            env={"PATH": "/usr/bin:/bin", "SIGNAL_JWT_SECRET": "s" * 40},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        holder.close()
+    assert result.returncode == 1, result.stdout
+    assert f"cannot listen on 127.0.0.1:{port}: " in result.stdout
+    assert "address already in use" in result.stdout.lower()
+    assert "Traceback" not in result.stdout

@@ -275,6 +275,13 @@ def test_workers_message() -> None:
     assert err.message == "several workers need a shared broker: set REDIS_URL"
 
 
+def test_workers_need_a_port_of_their_own_to_share() -> None:
+    env = {**DEV, "WEB_CONCURRENCY": "2", "REDIS_URL": "redis://127.0.0.1:6379/0"}
+    err = _error({**env, "PORT": "0"})
+    assert err.setting == "WEB_CONCURRENCY"
+    assert "PORT=0" in err.message
+
+
 def test_secret_values_are_never_echoed() -> None:
     secret = "hunter2-is-my-password"
     err = _error({"SIGNAL_JWT_SECRET": secret})
