@@ -15,6 +15,7 @@ whole server (``websocket_active_connections`` as a live sum).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -46,6 +47,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 def _worker_main(settings: Settings, app: str, index: int) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter)."""
+    _drain_when_orphaned()
     from signaling.cli import run_single  # after the metrics directory is in the env
 
     os.environ["SIGNAL_WORKER_INDEX"] = str(index)
@@ -155,6 +157,25 @@ def run_workers(settings: Settings, app: str) -> int:
     shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("all workers stopped")
     return exit_code
+
+
+def _drain_when_orphaned() -> None:
+    """Have the kernel send this worker SIGTERM when the supervisor dies
+    (Linux's parent-death signal): it drains and exits instead of living
+    on, unsupervised, on a SO_REUSEPORT port a new server would share with
+    it. Elsewhere, nothing."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # no libc prctl: not Linux
+        return
+    if os.getppid() != parent:  # the supervisor died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _mark_dead(pid: int | None) -> None:

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -183,3 +184,44 @@ def test_a_port_taken_is_said_in_one_line(redis_server: RedisProcess) -> None:
     assert f"cannot listen on 127.0.0.1:{port}: " in result.stdout
     assert "address already in use" in result.stdout.lower()
     assert "Traceback" not in result.stdout
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        return cmdline.read()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(
+    server_factory: Any, redis_server: RedisProcess
+) -> None:
+    """SIGKILL to the supervisor: its workers get SIGTERM from the kernel and
+    drain, rather than keep the port, unsupervised, beside a new server's."""
+    server = await server_factory(
+        {"REDIS_URL": redis_server.url, "WEB_CONCURRENCY": "2", "SIGNAL_DRAIN_S": "0.5"},
+        name="orphans",
+    )
+    with open(f"/proc/{server.pid}/task/{server.pid}/children") as children:
+        pids = [int(pid) for pid in children.read().split()]
+    # Not multiprocessing's resource tracker, a child too.
+    workers = [pid for pid in pids if b"resource_tracker" not in _cmdline(pid)]
+    assert len(workers) == 2, pids
+    client = await open_client(server, "u1")
+    server.signal(signal.SIGKILL)
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await asyncio.wait_for(client.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 3001
+    for _ in range(100):
+        if not any(_running(pid) for pid in workers):
+            break
+        await asyncio.sleep(0.1)
+    assert not any(_running(pid) for pid in workers), workers
