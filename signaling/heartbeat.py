@@ -65,6 +65,11 @@ class Heartbeat:
         while True:
             next_tick += TICK_S
             await asyncio.sleep(max(0.0, next_tick - loop.time()))
+            if loop.time() - next_tick > TICK_S:
+                # The loop stalled for more than a tick: start again from now
+                # rather than run the missed ticks back to back (a check in
+                # that burst would find pings sent a moment before it unanswered).
+                next_tick = loop.time()
             # The tick's own time, not the wake-up's: a ping sent by a late
             # tick gets its deadline from when it was due, so the check
             # ``pong_lag`` ticks on still finds it past (with the wake-up's,

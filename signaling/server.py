@@ -237,8 +237,13 @@ async def run_server(
     await drain(node, transport, settings.drain_s, handover=settings.handover)
     lag_watch.cancel()
     # Handled until the end: the node's close writes the leaves and offline
-    # records a second signal's default action would lose.
-    await node.close()
+    # records a second signal's default action would lose. Bounded, since
+    # the signals no longer end the process: a broker close that hangs (a
+    # Redis gone without a reset) must not keep it alive.
+    try:
+        await asyncio.wait_for(node.close(), NODE_CLOSE_TIMEOUT_S)
+    except TimeoutError:
+        log.error("node close did not finish in %.0f s; exiting anyway", NODE_CLOSE_TIMEOUT_S)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(signum)
     # The counts buffered since the last update (metrics.BufferedCounter) reach
@@ -246,6 +251,11 @@ async def run_server(
     metrics.update_gauges()
     log.info("stopped")
     return 0
+
+
+# The node's close at the end of a drain: its pending work gets 2 s, the
+# broker's close and the key fetcher a few more.
+NODE_CLOSE_TIMEOUT_S = 10.0
 
 
 def _already_draining(signum: int) -> None:

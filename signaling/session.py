@@ -143,6 +143,7 @@ class ClientSession:
     __slots__ = (
         "_closed",
         "_commands",
+        "_connect_seen",
         "_expiry_due",
         "_finalized",
         "_identity",
@@ -188,6 +189,7 @@ class ClientSession:
         self._stale_timer: asyncio.TimerHandle | None = node.loop.call_later(
             settings.connect_timeout_s, self.disconnect, DISCONNECT_STALE
         )
+        self._connect_seen = False
         node.metrics.active_connections.inc()
         node.sessions.add(self)
 
@@ -340,7 +342,11 @@ class ClientSession:
         """The client sent connect in time: not stale. Should the server take
         as long again to answer it (a stalled store or key server), the
         connection ends with 3004, which the SDKs retry, not with 3502, after
-        which they give up."""
+        which they give up. Once: a client sending connect after connect
+        (each refused) does not keep an unauthenticated socket for ever."""
+        if self._connect_seen:
+            return
+        self._connect_seen = True
         if self._stale_timer is not None:
             self._stale_timer.cancel()
             self._stale_timer = self.node.loop.call_later(

@@ -544,9 +544,11 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         """Write what the protocol produced; the empty bytes mean EOF."""
-        if self._open and self._paused and self._over_limit():
+        if self._open and self._paused and self._protocol.state is OPEN and self._over_limit():
             # Pongs too: a client that sends pings and never reads must not
             # grow the buffer past the limit (the close flushed what was due).
+            # Not once a closing handshake is under way (the peer's close
+            # frame, its EOF): that one just goes out.
             return
         if self._held:
             self.release()  # held data frames go before pongs and close frames

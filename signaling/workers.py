@@ -45,9 +45,9 @@ EXIT_GRACE_S = 15.0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def _worker_main(settings: Settings, app: str, index: int) -> None:
+def _worker_main(settings: Settings, app: str, index: int, supervisor: int) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter)."""
-    _drain_when_orphaned()
+    _drain_when_orphaned(supervisor)
     from signaling.cli import run_single  # after the metrics directory is in the env
 
     os.environ["SIGNAL_WORKER_INDEX"] = str(index)
@@ -73,7 +73,7 @@ def run_workers(settings: Settings, app: str) -> int:
 
     def start(index: int) -> None:
         proc = context.Process(
-            target=_worker_main, args=(settings, app, index), name=f"worker-{index}"
+            target=_worker_main, args=(settings, app, index, os.getpid()), name=f"worker-{index}"
         )
         proc.start()
         workers[index] = proc
@@ -146,8 +146,8 @@ def run_workers(settings: Settings, app: str) -> int:
             restart_at[index] = now + delay
         if not stopping:
             for index, due in list(restart_at.items()):
-                if due <= now:
-                    del restart_at[index]
+                # pop, not del: a signal handled meanwhile may have cleared it.
+                if due <= now and restart_at.pop(index, None) is not None and not stopping:
                     start(index)
         if deadline is not None and time.monotonic() > deadline:
             for proc in workers.values():
@@ -159,19 +159,18 @@ def run_workers(settings: Settings, app: str) -> int:
     return exit_code
 
 
-def _drain_when_orphaned() -> None:
+def _drain_when_orphaned(supervisor: int) -> None:
     """Have the kernel send this worker SIGTERM when the supervisor dies
     (Linux's parent-death signal): it drains and exits instead of living
     on, unsupervised, on a SO_REUSEPORT port a new server would share with
     it. Elsewhere, nothing."""
-    parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
             return
     except (OSError, AttributeError):  # no libc prctl: not Linux
         return
-    if os.getppid() != parent:  # the supervisor died before the call
+    if os.getppid() != supervisor:  # it died before the call
         os.kill(os.getpid(), signal.SIGTERM)
 
 

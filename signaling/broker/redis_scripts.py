@@ -88,7 +88,11 @@ local entries
 if ARGV[5] == '1' then
   local stop = '+'
   -- An end bound without a sequence means <ms>-<max>: '(N' would still
-  -- include N-0, the entry of offset N itself.
+  -- include N-0, the entry of offset N itself. Nothing is before offset 0
+  -- (and '(0-0' is an invalid bound).
+  if ARGV[3] == '0' then
+    return {top, epoch, {}}
+  end
   if ARGV[3] ~= '' then stop = '(' .. ARGV[3] .. '-0' end
   if limit > 0 then
     entries = redis.call('XREVRANGE', KEYS[1], stop, '-', 'COUNT', limit)

@@ -203,6 +203,27 @@ async def test_stale_connection_closed_with_3502(server_factory: Any) -> None:
     assert await client.closed_with() == (3502, "stale")
 
 
+async def test_connects_refused_one_after_another_do_not_keep_a_socket_open(
+    server_factory: Any,
+) -> None:
+    """A connect in time gives the server as long again to answer (3004 past
+    that), once: a client sending connect after connect, each refused (an
+    expired token), is closed within twice the timeout, not kept for ever."""
+    srv = await server_factory({"SIGNAL_CONNECT_TIMEOUT_S": "0.5"}, name="connect-again")
+    client = await Raw.open(srv)
+    started = time.monotonic()
+    expired = srv.token("late", ttl_s=-60)
+    for _ in range(20):  # 2 s of connects, 0.1 s apart
+        try:
+            (cmd,) = await client.send({"connect": {"token": expired}})
+            assert (await client.reply(cmd))["error"]["code"] == 109
+        except ConnectionClosed:
+            break
+        await asyncio.sleep(0.1)
+    assert await client.closed_with() == (3004, "internal server error")
+    assert time.monotonic() - started < 1.5
+
+
 async def test_connection_limit_per_user(server_factory: Any) -> None:
     srv = await server_factory({"SIGNAL_MAX_CONNECTIONS_PER_USER": "2"}, name="limit")
     first = await connected(srv, "alice")

@@ -61,3 +61,4 @@ async def test_history_pages_in_both_directions(broker: Broker) -> None:
     assert await offsets(broker, since=at(4), reverse=True) == [3, 2, 1]
     assert await offsets(broker, since=at(4), reverse=True, limit=1) == [3]
     assert await offsets(broker, since=at(1), reverse=True) == []
+    assert await offsets(broker, since=at(0), reverse=True) == []

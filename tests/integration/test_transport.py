@@ -795,6 +795,42 @@ async def test_a_client_that_pings_and_never_reads_is_closed_3008() -> None:
             sock.close()
 
 
+@scenario
+async def test_a_client_over_the_limit_that_closes_is_answered_without_an_error() -> None:
+    """The limit is checked before a write: a client that reads nothing can
+    sit over it until the next one. Its close frame then gets the closing
+    handshake's answer, not a 3008 attempted on a connection already
+    closing (an exception in the transport's callback)."""
+    failures: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: failures.append(context))
+    limit = 64 * 1024
+    try:
+        async with serving(send_buffer_max_bytes=limit, close_timeout_s=200 * MS) as (
+            transport,
+            app,
+        ):
+            sock = await raw_websocket(transport)
+            try:
+                session = await next_session(app)
+                frame = encode_text_frame(b"x" * 16384)
+                for _ in range(2000):
+                    if session.conn.buffered_bytes > limit:
+                        break
+                    session.conn.write_frame(frame)
+                    await asyncio.sleep(0)
+                assert session.conn.buffered_bytes > limit and not session.conn.closed
+                close = b"\x88\x82" + b"\x00" * 4 + b"\x03\xe8"  # masked close 1000
+                await loop.sock_sendall(sock, close)
+                assert (await session.closed)[0] == 1000
+            finally:
+                sock.close()
+    finally:
+        loop.set_exception_handler(previous)
+    assert failures == []
+
+
 # --- timeouts and shutdown -----------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -208,7 +209,7 @@ async def test_a_late_tick_gives_its_pings_the_deadline_of_when_it_was_due(
     def tick(now: float) -> None:
         seen.append(now)
         if len(seen) == 2:
-            time.sleep(0.05)  # the loop stalls: the next ticks run late
+            time.sleep(0.015)  # the loop stalls: the next tick runs late
 
     monkeypatch.setattr(hb, "tick", tick)
     start = asyncio.get_running_loop().time()
@@ -220,3 +221,31 @@ async def test_a_late_tick_gives_its_pings_the_deadline_of_when_it_was_due(
         hb.stop()
     steps = [round((now - start) / 0.02, 6) for now in seen[:6]]
     assert steps == pytest.approx([1, 2, 3, 4, 5, 6], abs=0.01), steps
+
+
+async def test_a_loop_stalled_for_several_ticks_starts_again_without_a_burst(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Missed ticks are not run back to back after a long stall: each would
+    ping one slot and check another pinged a moment before in the same
+    burst, whose pongs could not have come yet (3012 to a share of clients)."""
+    from signaling import heartbeat as heartbeat_module
+
+    monkeypatch.setattr(heartbeat_module, "TICK_S", 0.02)
+    hb = Heartbeat(ping_interval_s=10, pong_timeout_s=5)
+    seen: list[float] = []
+
+    def tick(now: float) -> None:
+        seen.append(asyncio.get_running_loop().time())
+        if len(seen) == 2:
+            time.sleep(0.2)  # ten ticks' worth
+
+    monkeypatch.setattr(hb, "tick", tick)
+    hb.start()
+    try:
+        while len(seen) < 6:
+            await asyncio.sleep(0.01)
+    finally:
+        hb.stop()
+    gaps = [b - a for a, b in itertools.pairwise(seen[2:6])]
+    assert min(gaps) > 0.015, gaps  # a tick's interval apart, not a burst
