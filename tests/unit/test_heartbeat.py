@@ -194,32 +194,43 @@ def test_sub_second_interval_pings_every_tick() -> None:
     assert c.pings == [1, 2, 3, 4]
 
 
-async def test_a_late_tick_gives_its_pings_the_deadline_of_when_it_was_due(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Each tick passes its scheduled time, whatever the loop's lateness: a
-    ping sent late must not push its pong's deadline past the check that
-    comes ``pong_lag`` ticks later on time."""
+async def six_ticks_with_a_stall(
+    monkeypatch: pytest.MonkeyPatch, stall_s: float
+) -> list[tuple[float, float]]:
+    """The wheel's own loop, ticking every 20 ms, stalled ``stall_s`` after
+    the second tick: each tick's (time passed to it, loop time it ran at),
+    counted from before the start."""
     from signaling import heartbeat as heartbeat_module
 
     monkeypatch.setattr(heartbeat_module, "TICK_S", 0.02)
     hb = Heartbeat(ping_interval_s=10, pong_timeout_s=5)
-    seen: list[float] = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    seen: list[tuple[float, float]] = []
 
     def tick(now: float) -> None:
-        seen.append(now)
+        seen.append((now - start, loop.time() - start))
         if len(seen) == 2:
-            time.sleep(0.015)  # the loop stalls: the next tick runs late
+            time.sleep(stall_s)
 
     monkeypatch.setattr(hb, "tick", tick)
-    start = asyncio.get_running_loop().time()
     hb.start()
     try:
         while len(seen) < 6:
             await asyncio.sleep(0.01)
     finally:
         hb.stop()
-    steps = [round((now - start) / 0.02, 6) for now in seen[:6]]
+    return seen[:6]
+
+
+async def test_a_late_tick_gives_its_pings_the_deadline_of_when_it_was_due(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each tick passes its scheduled time, whatever the loop's lateness: a
+    ping sent late must not push its pong's deadline past the check that
+    comes ``pong_lag`` ticks later on time."""
+    seen = await six_ticks_with_a_stall(monkeypatch, 0.015)  # less than a tick
+    steps = [round(given / 0.02, 6) for given, _ in seen]
     assert steps == pytest.approx([1, 2, 3, 4, 5, 6], abs=0.01), steps
 
 
@@ -229,23 +240,6 @@ async def test_a_loop_stalled_for_several_ticks_starts_again_without_a_burst(
     """Missed ticks are not run back to back after a long stall: each would
     ping one slot and check another pinged a moment before in the same
     burst, whose pongs could not have come yet (3012 to a share of clients)."""
-    from signaling import heartbeat as heartbeat_module
-
-    monkeypatch.setattr(heartbeat_module, "TICK_S", 0.02)
-    hb = Heartbeat(ping_interval_s=10, pong_timeout_s=5)
-    seen: list[float] = []
-
-    def tick(now: float) -> None:
-        seen.append(asyncio.get_running_loop().time())
-        if len(seen) == 2:
-            time.sleep(0.2)  # ten ticks' worth
-
-    monkeypatch.setattr(hb, "tick", tick)
-    hb.start()
-    try:
-        while len(seen) < 6:
-            await asyncio.sleep(0.01)
-    finally:
-        hb.stop()
-    gaps = [b - a for a, b in itertools.pairwise(seen[2:6])]
+    seen = await six_ticks_with_a_stall(monkeypatch, 0.2)  # ten ticks' worth
+    gaps = [b - a for (_, a), (_, b) in itertools.pairwise(seen[2:])]
     assert min(gaps) > 0.015, gaps  # a tick's interval apart, not a burst
