@@ -221,7 +221,7 @@ async def test_connects_refused_one_after_another_do_not_keep_a_socket_open(
             break
         await asyncio.sleep(0.1)
     assert await client.closed_with() == (3004, "internal server error")
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 2.0  # twice the timeout, and a margin
 
 
 async def test_connection_limit_per_user(server_factory: Any) -> None:
