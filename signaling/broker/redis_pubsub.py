@@ -9,7 +9,11 @@ matched in that order; a subscribe shares a pending one only if no
 UNSUBSCRIBE of the name went out since. On a lost
 connection the reader reconnects with full-jitter backoff, resubscribes to
 what the hub needs now (not a copy of its own) and reports the reconnect,
-since messages may have been lost meanwhile. The reader never dies: any error
+since messages may have been lost meanwhile; an open ends with a PING whose
+PONG comes after every confirmation, so the shard is ready (and positions are
+checked) only once its subscriptions took effect. A PING after HEALTH_CHECK_S
+of silence must come back within PING_TIMEOUT_S, or the connection counts as
+lost (a node gone without a TCP reset). The reader never dies: any error
 is logged and retried. It also reports the loss itself (``on_lost``), and a
 sharded shard reports the channels Redis unsubscribed by itself
 (``on_dropped``: their slot moved to another primary), so that the broker can
@@ -24,6 +28,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -43,6 +48,13 @@ SUBSCRIBE_TIMEOUT_S = 5.0
 SUBSCRIBE_BATCH = 512
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
+# Liveness of a shard's connection: a PING after this much silence...
+HEALTH_CHECK_S = 15.0
+# ...must come back within this.
+PING_TIMEOUT_S = 5.0
+# The payload of a PubSubShard's own PINGs (redis-py's health check PINGs
+# "redis-py-health-check" on the same connection, and drops their PONGs).
+PING_PAYLOAD = "digis-signal-ping"
 
 
 class _Shard:
@@ -238,6 +250,13 @@ class PubSubShard(_Shard):
         self._pubsub: PubSub | None = None
         self._ops: list[tuple[bool, str]] = []
         self._ops_scheduled = False
+        # The connection's sender: it sends the queued groups of
+        # (un)subscribes one after the other, in the order they were queued
+        # (a task per flush could let a later SUBSCRIBE overtake an earlier
+        # UNSUBSCRIBE of the name whose send suspended).
+        self._groups: asyncio.Queue[tuple[bool, list[str]]] = asyncio.Queue()
+        self._sender: asyncio.Task[None] | None = None
+        self._pings = 0
         # SUNSUBSCRIBEs sent and not yet confirmed, by name: a sunsubscribe
         # that matches none is Redis's own (the channel's slot moved away).
         self._unsubscribing: dict[str, int] = {}
@@ -249,10 +268,24 @@ class PubSubShard(_Shard):
             await self._client.aclose()
 
     async def _close_pubsub(self) -> None:
+        self._stop_sender()
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()  # type: ignore[no-untyped-call]
             self._pubsub = None
+
+    def _stop_sender(self) -> None:
+        """End the connection's sender and drop what it had still to send
+        (a new connection subscribes to ``wanted()``)."""
+        if self._sender is not None:
+            self._sender.cancel()
+            self._sender = None
+        self._groups = asyncio.Queue()
+        self._ops.clear()
+
+    def _lost(self) -> None:
+        self._stop_sender()
+        super()._lost()
 
     def _connected(self) -> bool:
         return self._pubsub is not None
@@ -276,8 +309,9 @@ class PubSubShard(_Shard):
                 groups[-1][1].append(name)
             else:
                 groups.append((subscribe, [name]))
-        if groups and self._pubsub is not None:
-            asyncio.get_running_loop().create_task(self._send_ops(self._pubsub, groups))
+        if self._sender is not None:
+            for group in groups:
+                self._groups.put_nowait(group)
 
     def _batches(self, names: list[str]) -> list[list[str]]:
         """``names`` in (un)subscribe commands of at most SUBSCRIBE_BATCH; for
@@ -285,9 +319,14 @@ class PubSubShard(_Shard):
         (CROSSSLOT otherwise)."""
         return in_batches(names, SUBSCRIBE_BATCH, cluster_slot if self._sharded else None)
 
-    async def _send_ops(self, pubsub: PubSub, groups: list[tuple[bool, list[str]]]) -> None:
-        try:
-            for subscribe, names in groups:
+    async def _send_forever(
+        self, pubsub: PubSub, groups: asyncio.Queue[tuple[bool, list[str]]]
+    ) -> None:
+        """Send the connection's queued groups of (un)subscribes, in order,
+        until the connection ends (then the task is cancelled)."""
+        while True:
+            subscribe, names = await groups.get()
+            try:
                 for chunk in self._batches(names):
                     if subscribe:
                         await self._subscribe_names(pubsub, chunk)
@@ -295,9 +334,9 @@ class PubSubShard(_Shard):
                         await pubsub.sunsubscribe(*chunk)
                     else:
                         await pubsub.unsubscribe(*chunk)
-        except Exception as exc:
-            # The reader notices a broken connection and resubscribes all.
-            log.warning("redis (un)subscribe failed on %s: %s", self.label, exc)
+            except Exception as exc:
+                # The reader notices a broken connection and resubscribes all.
+                log.warning("redis (un)subscribe failed on %s: %s", self.label, exc)
 
     async def _subscribe_names(self, pubsub: PubSub, names: list[str]) -> None:
         if self._sharded:
@@ -325,29 +364,65 @@ class PubSubShard(_Shard):
         pubsub = self._pubsub = self._client.pubsub()
         if self._control is not None:
             await pubsub.subscribe(self._control)
-        names = self._wanted()
-        for chunk in self._batches(names):
+        for chunk in self._batches(self._wanted()):
             await self._subscribe_names(pubsub, chunk)
-        if self._control is None and not names:
-            # Nothing to subscribe yet: prove the connection with a PING.
-            await pubsub.ping()
+        # Redis answers in order: once the PONG is here, every SUBSCRIBE took
+        # effect, before the shard is ready and positions are checked.
+        await self._ping(pubsub)
+        self._sender = asyncio.get_running_loop().create_task(
+            self._send_forever(pubsub, self._groups), name=f"redis-pubsub-send-{self.label}"
+        )
 
     async def _serve(self) -> None:
+        """Deliver messages; raise once the connection fails, or a PING after
+        HEALTH_CHECK_S without a message does not come back (redis-py's own
+        health check sends PINGs but never misses their PONGs)."""
         pubsub = self._pubsub
         assert pubsub is not None
         while True:
-            message = await pubsub.get_message(timeout=1.0)
+            message = await pubsub.get_message(timeout=HEALTH_CHECK_S)
             if message is None:
-                continue
-            kind = message["type"]
-            raw_name = message["channel"]
-            name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
-            if kind in ("message", "smessage"):
-                self._on_message(name, message["data"])
-            elif kind in ("subscribe", "ssubscribe"):
-                self._confirmed(name)
-            elif kind == "sunsubscribe":
-                self._unsubscribed(name)
+                await self._ping(pubsub)
+            else:
+                self._handle(message)
+
+    async def _ping(self, pubsub: PubSub) -> None:
+        """PING and handle what comes until its PONG; BrokerUnavailable if
+        nothing comes for PING_TIMEOUT_S (while messages keep coming the
+        connection lives: an open reads a confirmation per channel first)."""
+        self._pings += 1
+        payload = f"{PING_PAYLOAD}-{self._pings}"
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_S) as deadline:
+                await pubsub.ping(payload)
+                while True:
+                    message = await pubsub.get_message(timeout=PING_TIMEOUT_S)
+                    if message is None:
+                        continue  # redis-py's own health check PONG
+                    if self._handle(message) == payload:
+                        return
+                    deadline.reschedule(loop.time() + PING_TIMEOUT_S)
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"redis pub/sub {self.label}: no answer to a PING within {PING_TIMEOUT_S}s"
+            ) from None
+
+    def _handle(self, message: dict[str, Any]) -> str | None:
+        """Deliver a message or take a confirmation; a PONG's payload."""
+        kind = message["type"]
+        if kind == "pong":
+            data = message["data"]
+            return data.decode() if isinstance(data, bytes) else str(data)
+        raw_name = message["channel"]
+        name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+        if kind in ("message", "smessage"):
+            self._on_message(name, message["data"])
+        elif kind in ("subscribe", "ssubscribe"):
+            self._confirmed(name)
+        elif kind == "sunsubscribe":
+            self._unsubscribed(name)
+        return None
 
     def _unsubscribed(self, name: str) -> None:
         pending = self._unsubscribing.get(name, 0)
@@ -357,12 +432,6 @@ class PubSubShard(_Shard):
             del self._unsubscribing[name]
         elif self._on_dropped is not None:
             self._on_dropped(name)
-
-
-# Liveness of a RespPubSubShard's connection: a PING after this much silence...
-HEALTH_CHECK_S = 15.0
-# ...must come back within this.
-PING_TIMEOUT_S = 5.0
 
 
 class RespPubSubShard(_Shard):
