@@ -780,33 +780,7 @@ class CallService:
         """Publish the end's event to the participants whose personal channel
         does not hold it yet (its instance died, or failed, before); then
         clear the mark. False if something failed (the timer tries again)."""
-        data = self._end_event(call)
-        failed = False
-
-        async def announce(user: str) -> None:
-            nonlocal failed
-            channel = personal_channel(user)
-            try:
-                if await self._holds_event(channel, call):
-                    return
-                await self.node.publish(channel, data)
-            except BrokerUnavailable as exc:
-                failed = True
-                log.warning("call %s: end's event to %s not published: %s", call.call_id, user, exc)
-                return
-            except SignalError as exc:
-                # A user id that names no channel: no retry can help.
-                log.warning(
-                    "call %s: end's event to %s not publishable: %s", call.call_id, user, exc
-                )
-                return
-            self.metrics.events_redelivered.inc()
-            log.warning(
-                "call %s: end's event published to %s in its instance's place", call.call_id, user
-            )
-
-        await _each(announce, call.participants)
-        if failed:
+        if not await self._publish(call.participants, self._end_event(call), missing_in=call):
             return False
         try:
             await self.calls.mark_announced(call)
@@ -837,23 +811,39 @@ class CallService:
                 return True
         return False
 
-    async def _publish(self, users: tuple[str, ...], data: bytes) -> bool:
+    async def _publish(
+        self, users: tuple[str, ...], data: bytes, *, missing_in: Call | None = None
+    ) -> bool:
         """Publish to the users' personal channels (with history, so a
         reconnecting app recovers it). The state already changed: a failed
         publish is logged, the call goes on (call.state tells the truth);
-        False if one failed for a reason that may pass (the broker)."""
+        False if one failed for a reason that may pass (the broker).
+        ``missing_in``: publish, in the place of the instance that ended this
+        call, only to the channels that do not hold its end's event yet."""
         failed = False
 
         async def publish(user: str) -> None:
             nonlocal failed
+            channel = personal_channel(user)
             try:
-                await self.node.publish(personal_channel(user), data)
+                if missing_in is not None and await self._holds_event(channel, missing_in):
+                    return
+                await self.node.publish(channel, data)
             except BrokerUnavailable as exc:
                 failed = True
                 log.warning("call event to %s not published: %s", user, exc)
+                return
             except SignalError as exc:
                 # A user id that names no channel: no retry can help.
                 log.warning("call event to %s not publishable: %s", user, exc)
+                return
+            if missing_in is not None:
+                self.metrics.events_redelivered.inc()
+                log.warning(
+                    "call %s: end's event published to %s in its instance's place",
+                    missing_in.call_id,
+                    user,
+                )
 
         await _each(publish, users)
         return not failed

@@ -43,13 +43,22 @@ async def test_concurrent_subscribes_share_one_subscribe() -> None:
     await asyncio.gather(*waiters)
 
 
-async def test_a_subscribe_after_an_unsubscribe_sends_its_own() -> None:
-    shard = FakeShard()
+async def subscribe_unsubscribe_subscribe(
+    shard: FakeShard,
+) -> tuple[asyncio.Future[None], asyncio.Future[None]]:
+    """A subscribe of x waiting, an unsubscribe of x, a subscribe of x again:
+    the two subscribes' waits."""
     first = asyncio.ensure_future(shard.subscribe("x"))
     await asyncio.sleep(0)
     shard.unsubscribe("x")
     second = asyncio.ensure_future(shard.subscribe("x"))
     await asyncio.sleep(0)
+    return first, second
+
+
+async def test_a_subscribe_after_an_unsubscribe_sends_its_own() -> None:
+    shard = FakeShard()
+    first, second = await subscribe_unsubscribe_subscribe(shard)
     assert shard.sent == [(True, "x"), (False, "x"), (True, "x")]
     shard._confirmed("x")  # the first SUBSCRIBE's
     await first
@@ -81,11 +90,7 @@ async def test_a_late_confirmation_is_not_taken_for_a_later_subscribe(
 
 async def test_a_lost_connection_fails_every_pending_subscribe() -> None:
     shard = FakeShard()
-    first = asyncio.ensure_future(shard.subscribe("x"))
-    await asyncio.sleep(0)
-    shard.unsubscribe("x")
-    second = asyncio.ensure_future(shard.subscribe("x"))
-    await asyncio.sleep(0)
+    first, second = await subscribe_unsubscribe_subscribe(shard)
     shard._lost()
     for waiter in (first, second):
         with pytest.raises(BrokerUnavailable):
