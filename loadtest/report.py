@@ -71,7 +71,7 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = _key(ours)
         repetition = ours.get("repetition", 1)
         for base in runs:
-            if base["target"] != _BASELINE or _key(base) != key:
+            if not base["target"].startswith(_BASELINE) or _key(base) != key:
                 continue
             if base.get("repetition", 1) != repetition:
                 continue

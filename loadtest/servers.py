@@ -342,8 +342,8 @@ def _server_env(
             SIGNAL_MAX_CONNECTIONS_PER_USER="0",
             SIGNAL_LOG_LEVEL="WARNING",
         )
-        if redis_url:
-            env["REDIS_URL"] = redis_url
+    if redis_url:
+        env["REDIS_URL"] = redis_url  # the baseline shares its rooms through it too
     env.update(extra)
     return env
 

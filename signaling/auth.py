@@ -185,12 +185,23 @@ class TokenVerifier:
 
         Raises:
             TokenExpired: ``exp`` passed beyond ``settings.jwt_leeway_s``.
-            TokenError: any other problem, including an empty or non-string user claim.
+            TokenError: any other problem, including an empty or non-string user
+                claim, or a ``channel`` claim (a subscription token).
         """
         claims = await self._decode(token)
+        if "channel" in claims:
+            # A subscription token (often long-lived, for one paid channel) must not
+            # open a whole session as its user.
+            raise TokenError("a subscription token is not a connection token")
         user = claims.get(self._settings.jwt_user_claim)
         if not isinstance(user, str) or not user:
             raise TokenError(f"missing or empty user claim {self._settings.jwt_user_claim!r}")
+        if "{" in user or "}" in user:
+            # User ids go into store keys after a hash tag of their own
+            # ({<user>}): a brace would move such a key to another Redis
+            # Cluster slot than its siblings, and the user could then not be
+            # looked up, moderated or counted.
+            raise TokenError("user id with a brace")
         name = claims.get("name")
         return Credentials(
             user=user,

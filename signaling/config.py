@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -153,10 +154,13 @@ class Settings:
     # --- authentication (JWT) ------------------------------------------------------
     jwt_secret: Secret | None = None  # HMAC secret for HS*, >= hash size in bytes; default None
     jwt_public_key: Secret | None = None  # PEM public key (RSA, EC, Ed25519); default None
-    jwt_jwks_url: str | None = None  # http(s) URL of a JWKS (Firebase etc.); default None
+    # https URL of a JWKS (Firebase etc.; http only on loopback); needs jwt_audience;
+    # default None
+    jwt_jwks_url: str | None = None
     # Accepted token algorithms; default () = derived from the configured keys.
     jwt_algorithms: tuple[str, ...] = ()
-    jwt_audience: str | None = None  # required "aud" when set; default None = not checked
+    # required "aud" when set (must be, with a JWKS); default None = not checked
+    jwt_audience: str | None = None
     jwt_issuer: str | None = None  # required "iss" when set; default None = not checked
     jwt_user_claim: str = "sub"  # claim holding the user id; default "sub"
     jwt_leeway_s: float = 5.0  # clock skew allowed on exp/nbf/iat, seconds 0-300; default 5
@@ -590,12 +594,7 @@ def _validate_jwt(s: Settings) -> None:
         "SIGNAL_JWT_JWKS_URL (or run with --dev)",
     )
     if s.jwt_jwks_url is not None:
-        scheme = urlsplit(s.jwt_jwks_url).scheme
-        _check(
-            scheme in ("http", "https") and bool(urlsplit(s.jwt_jwks_url).netloc),
-            "jwt_jwks_url",
-            f"must be an http:// or https:// URL (got scheme {scheme!r})",
-        )
+        _validate_jwks(s, s.jwt_jwks_url)
     algorithms = _canonical_algorithms(s.jwt_algorithms) or _default_algorithms(s, key_kind)
     object.__setattr__(s, "jwt_algorithms", algorithms)
     for algorithm in algorithms:
@@ -620,6 +619,42 @@ def _validate_jwt(s: Settings) -> None:
     _check(bool(s.jwt_user_claim), "jwt_user_claim", "must not be empty")
     _check_range(s, "jwt_leeway_s", 0.0, 300.0)
     _check(s.jwks_cache_s > 0, "jwks_cache_s", "must be > 0")
+
+
+def _validate_jwks(s: Settings, url: str) -> None:
+    parts = urlsplit(url)
+    _check(
+        parts.scheme in ("http", "https") and bool(parts.netloc),
+        "jwt_jwks_url",
+        f"must be an http:// or https:// URL (got scheme {parts.scheme!r})",
+    )
+    # Whoever can answer for the key set can sign in as anyone: plain http only
+    # where nobody sits between us and the issuer.
+    _check(
+        parts.scheme == "https" or _is_loopback(parts.hostname),
+        "jwt_jwks_url",
+        "must be an https:// URL (plain http only on a loopback address)",
+    )
+    # A JWKS is usually shared far beyond this application: Google signs every
+    # Firebase project's ID tokens with the same keys, an Auth0 tenant signs the
+    # tokens of all its APIs. Only the audience says a token was made for us.
+    _check(
+        s.jwt_audience is not None,
+        "jwt_audience",
+        "SIGNAL_JWT_JWKS_URL needs SIGNAL_JWT_AUDIENCE (the keys also sign tokens for "
+        "other applications; e.g. the Firebase project id)",
+    )
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _canonical_algorithms(names: tuple[str, ...]) -> tuple[str, ...]:

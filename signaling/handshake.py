@@ -23,8 +23,16 @@ import re
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import parse_qsl
 
-__all__ = ["PlainUpgrade", "RequestHeaders", "parse_plain_upgrade", "switching_protocols"]
+__all__ = [
+    "PROTOBUF_REFUSAL",
+    "PlainUpgrade",
+    "RequestHeaders",
+    "parse_plain_upgrade",
+    "protobuf_requested",
+    "switching_protocols",
+]
 
 # RFC 6455 1.3: the GUID appended to the key before hashing.
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -48,6 +56,35 @@ _SINGLE: Final = frozenset(
 )
 # Fields whose presence sends the request to websockets.
 _NEGOTIATED: Final = frozenset({"sec-websocket-protocol", "transfer-encoding"})
+
+
+# The body of the 400 that answers a client asking for the protobuf format.
+PROTOBUF_REFUSAL: Final = (
+    b"This server speaks the Centrifuge client protocol in JSON only; the protobuf "
+    b"format (centrifuge-protobuf, format=protobuf) is not supported.\n"
+)
+
+
+def protobuf_requested(path: str, subprotocols: str | None) -> bool:
+    """Whether an upgrade asks for the Centrifuge protobuf format, as
+    Centrifuge reads it: a ``format`` or a ``cf_protocol`` query parameter of
+    ``protobuf``, or the subprotocol Centrifuge would select
+    (``subprotocols``: the Sec-WebSocket-Protocol value) being
+    ``centrifuge-protobuf``: offered without ``centrifuge-json``, which it
+    prefers. Such a client (the Swift, Kotlin and Dart SDKs, or centrifuge-js's
+    protobuf build) would send binary frames this server cannot read: it is
+    refused at the upgrade, with a reason, rather than cut off at its first
+    frame."""
+    _, _, query = path.partition("?")
+    if query and any(
+        name in ("format", "cf_protocol") and value == "protobuf"
+        for name, value in parse_qsl(query, keep_blank_values=True)
+    ):
+        return True
+    if not subprotocols:
+        return False
+    offered = {name.strip() for name in subprotocols.split(",")}
+    return "centrifuge-protobuf" in offered and "centrifuge-json" not in offered
 
 
 class RequestHeaders(Mapping[str, str]):

@@ -180,15 +180,21 @@ class Hub:
             ch.join_leave[client_id] = sub
         return buffered
 
-    def _catch_up(self, ch: _Channel) -> None:
+    def _catch_up(self, channel: str, ch: _Channel) -> None:
         """Make live the subscribers the channel's position has caught up
-        with. Their buffers hold nothing past their replies: the position
-        moves one offset at a time (a jump is a gap, which tells them all),
-        so it reaches each one's reply with the publication at it."""
+        with. Their buffers hold no positioned publication past their
+        replies: the position moves one offset at a time (a jump is a gap,
+        which tells them all), so it reaches each one's reply with the
+        publication at it. What else they hold is live-only (offset 0: typing,
+        read receipts), in no reply and no history: delivered now, in order."""
         for client_id, top in list(ch.ahead.items()):
             if top <= ch.last_offset:
                 del ch.ahead[client_id]
-                self._make_live(ch, client_id)
+                buffered = self._make_live(ch, client_id)
+                deliver = ch.live[client_id].deliver
+                for pub in buffered:
+                    if pub.offset == 0:
+                        self._broadcast((deliver,), encode_pub_push(channel, pub))
 
     def remove(self, channel: str, client_id: str) -> bool:
         """Unregister; True if it was the channel's last subscriber here."""
@@ -300,7 +306,7 @@ class Hub:
         if ch.ahead:
             # After the broadcast: one made live now has this publication
             # in its buffer, not in that snapshot.
-            self._catch_up(ch)
+            self._catch_up(channel, ch)
 
     def on_join(self, channel: str, info: ClientInfo) -> None:
         ch = self._channels.get(channel)

@@ -130,7 +130,9 @@ class SubscribeContext:
     options: ChannelOptions
 
 
-# Raise SignalError to refuse the subscription.
+# Raise SignalError to refuse the subscription. Also run, without subscribing,
+# for the history and presence reads of a client not subscribed to the channel:
+# a hook must only check, never change anything.
 SubscribeHook = Callable[[SubscribeContext], Awaitable[None]]
 
 # Presence entries refreshed per broker batch (one round trip on Redis).
@@ -517,9 +519,10 @@ class Node:
         the checks, the claim and the publish are one script and one round
         trip. Returns the position, or why nothing was published: a guard
         found (nothing claimed) or the claim taken already. Raises
-        BrokerUnavailable, after which the claim may or may not be held: a
-        caller that wants the client's retry to go through releases it
-        (``store.delete_if_equals``)."""
+        BrokerUnavailable, after which the claim is held if and only if the
+        publication was made (it may have been, its reply lost): the caller
+        releases nothing, and the client's retry is delivered or found a
+        duplicate accordingly."""
         if options is None:
             options = self.channel_options(channel)
         pub = Publication(data, info, 0, None, int(time.time() * 1000))
@@ -545,7 +548,16 @@ class Node:
                 return ClaimResult(None, key)
         if not claimed:
             return ClaimResult(None)
-        return ClaimResult(await self.broker.publish(channel, pub, history))
+        try:
+            return ClaimResult(await self.broker.publish(channel, pub, history))
+        except BaseException:
+            # Two steps here (a channel without history, on Redis): a claim
+            # must not outlive a publication that failed. A reply lost after
+            # the PUBLISH ran makes the retry a second delivery, which a
+            # channel without history cannot tell from a first.
+            with contextlib.suppress(BrokerUnavailable):
+                await self.store.delete_if_equals(claim.key, claim.value)
+            raise
 
     # --- users ------------------------------------------------------------------
 

@@ -146,6 +146,7 @@ class ClientSession:
         "_connect_seen",
         "_expiry_due",
         "_finalized",
+        "_first_frame",
         "_identity",
         "_last_refill",
         "_pong_deadline",
@@ -185,6 +186,9 @@ class ClientSession:
         settings = node.settings
         self._tokens = float(settings.command_burst)
         self._last_refill = time.monotonic()
+        # No frame read yet: the first may carry the connect and every
+        # subscription of a reconnecting client (see on_text).
+        self._first_frame = True
         # Runs while the connection is not through its connect command.
         self._stale_timer: asyncio.TimerHandle | None = node.loop.call_later(
             settings.connect_timeout_s, self.disconnect, DISCONNECT_STALE
@@ -209,12 +213,24 @@ class ClientSession:
             refusals_log.log(logging.INFO, "bad frame from %s: %s", self.conn.remote_address, exc)
             self.disconnect(DISCONNECT_BAD_REQUEST)
             return
+        # The SDKs batch a connect with every subscription they restore into
+        # one frame: those (as many as a connection may hold) do not draw on
+        # the rate limit, or a client with more subscriptions than the burst
+        # would find some refused at each reconnect.
+        free = 0
+        if self._first_frame:
+            self._first_frame = False
+            if commands and isinstance(commands[0].request, ConnectRequest):
+                free = self.node.settings.max_subscriptions_per_connection + 1
         for cmd in commands:
-            if isinstance(cmd.request, PongCommand):
+            request = cmd.request
+            if isinstance(request, PongCommand):
                 # Answered inline: pongs are most of an idle server's traffic.
                 self._on_pong()
                 continue
-            if not self._take_token():
+            if free > 0 and isinstance(request, ConnectRequest | SubscribeRequest):
+                free -= 1
+            elif not self._take_token():
                 if self._closed:
                     return
                 self._refuse(cmd, ERROR_TOO_MANY_REQUESTS, "command_rate")
@@ -624,7 +640,10 @@ class ClientSession:
         try:
             credentials = await self.node.verifier.verify_connection(req.token)
         except TokenExpired:
-            raise SignalError(ERROR_TOKEN_EXPIRED) from None
+            # Not 109 as at connect: a refresh answered with a permanent error
+            # ends the SDKs' connection for good. 3005 makes them reconnect, and
+            # that connect's 109 makes them fetch a new token.
+            raise SignalError(DISCONNECT_EXPIRED) from None
         except KeysUnavailable:
             # Temporary: the SDK retries the refresh (as a connect's, above).
             raise SignalError(ERROR_INTERNAL) from None
@@ -860,9 +879,17 @@ class ClientSession:
         sub = self.subs.get(req.channel)
         if sub is None:
             raise SignalError(ERROR_PERMISSION_DENIED)
-        sub.expires_at = await self._check_sub_token(
-            req.token, identity.credentials.user, req.channel
-        )
+        try:
+            sub.expires_at = await self._check_sub_token(
+                req.token, identity.credentials.user, req.channel
+            )
+        except SignalError as exc:
+            if exc.value is ERROR_TOKEN_EXPIRED:
+                # 109 alone would end the SDKs' subscription for good (a
+                # permanent error to a refresh); 2501 first makes them subscribe
+                # again with a new token, and they then ignore the reply.
+                self.server_unsubscribe(req.channel, *UNSUBSCRIBE_EXPIRED)
+            raise
         self._expires_at(self._close_due(sub.expires_at))
         expires, ttl = _ttl(sub.expires_at)
         return SubRefreshResult(expires, ttl)
@@ -904,30 +931,36 @@ class ClientSession:
             req.channel, raw, info=identity.info, tags=tags, history=history, options=options
         )
 
-    def _check_read(self, channel: str) -> ChannelOptions:
-        """Presence and history are for those who may subscribe."""
-        identity = self._require_identity()
-        options = self.node.channel_options(channel)
-        if channel not in self.subs and (
-            options.token_required
-            or not self.node.policy.can_subscribe(identity.credentials.user, channel)
-        ):
+    async def _check_read(self, channel: str) -> ChannelOptions:
+        """Presence and history are for those who may subscribe: subscribers,
+        and those a subscribe would admit (the policy, then the subscribe hooks,
+        so that a user banned from a room cannot read it through history)."""
+        if channel in self.subs:
+            return self.node.channel_options(channel)
+        user = self._require_identity().credentials.user
+        node = self.node
+        options = node.channel_options(channel)
+        if options.token_required or not node.policy.can_subscribe(user, channel):
             raise SignalError(ERROR_PERMISSION_DENIED)
+        if node.subscribe_hooks:
+            ctx = SubscribeContext(user, self.client_id, channel, options)
+            for hook in node.subscribe_hooks:
+                await hook(ctx)
         return options
 
     async def _presence(self, channel: str) -> PresenceResult:
-        if not self._check_read(channel).presence:
+        if not (await self._check_read(channel)).presence:
             raise SignalError(ERROR_NOT_AVAILABLE)
         return PresenceResult(await self.node.presence.presence(channel))
 
     async def _presence_stats(self, channel: str) -> PresenceStatsResult:
-        if not self._check_read(channel).presence:
+        if not (await self._check_read(channel)).presence:
             raise SignalError(ERROR_NOT_AVAILABLE)
         clients, users = await self.node.presence.presence_stats(channel)
         return PresenceStatsResult(clients, users)
 
     async def _history(self, req: HistoryRequest) -> HistoryResult:
-        options = self._check_read(req.channel)
+        options = await self._check_read(req.channel)
         if not options.recoverable:
             raise SignalError(ERROR_NOT_AVAILABLE)
         limit = req.limit

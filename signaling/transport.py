@@ -56,7 +56,14 @@ from websockets.server import ServerProtocol
 from websockets.speedups import apply_mask
 from websockets.typing import Origin
 
-from signaling.handshake import RequestHeaders, parse_plain_upgrade, switching_protocols
+from signaling.handshake import (
+    PROTOBUF_REFUSAL,
+    RequestHeaders,
+    parse_plain_upgrade,
+    protobuf_requested,
+    switching_protocols,
+)
+from signaling.logs import Throttle
 
 __all__ = [
     "ConnectionHandler",
@@ -70,6 +77,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("signaling.transport")
+_protobuf_log = Throttle(_log, burst=1, window_s=60.0)
 
 # Listen backlog: the asyncio default (100) drops SYNs when thousands of
 # clients reconnect at once after a deploy; the kernel caps it at
@@ -884,12 +892,14 @@ class _HttpConnection(asyncio.Protocol):
             )
             if upgrade is None:
                 return False
-            self._timer.cancel()
-            self._transport.write(switching_protocols(upgrade.accept))
-            conn = self._upgrade(server._open_protocol(), upgrade.path, upgrade.headers)
-            if conn is not None:
-                conn._attach_raw(upgrade.rest)
-            return True
+            if not protobuf_requested(upgrade.path, None):
+                self._timer.cancel()
+                self._transport.write(switching_protocols(upgrade.accept))
+                conn = self._upgrade(server._open_protocol(), upgrade.path, upgrade.headers)
+                if conn is not None:
+                    conn._attach_raw(upgrade.rest)
+                return True
+            answer = _protobuf_refusal(self._remote_address)
         self._timer.cancel()
         self._answered = True
         transport = self._transport
@@ -934,6 +944,9 @@ class _HttpConnection(asyncio.Protocol):
             response = _http_response(404, b"Not Found\n")
         elif (rejection := server._websocket_rejection()) is not None:
             response = rejection
+        elif protobuf_requested(request.path, request.headers.get("Sec-WebSocket-Protocol")):
+            refusal = _protobuf_refusal(self._remote_address)
+            response = _http_response(refusal.status, refusal.body, refusal.content_type)
         else:
             response = protocol.accept(request)
             if response.status_code == 101:
@@ -1232,6 +1245,19 @@ class Transport:
         if answer is None:
             return None
         return _http_response(answer.status, answer.body, answer.content_type)
+
+
+def _protobuf_refusal(remote_address: str) -> HttpResponse:
+    # A client built for the protobuf format: its app cannot work here until it
+    # is configured for JSON, which its operator should hear of (throttled: the
+    # SDK keeps retrying).
+    _protobuf_log.log(
+        logging.WARNING,
+        "%s: upgrade refused with 400: the client asks for the protobuf format "
+        "(JSON only here: the Swift, Kotlin and Dart SDKs speak protobuf)",
+        remote_address,
+    )
+    return HttpResponse(400, PROTOBUF_REFUSAL)
 
 
 async def start_transport(

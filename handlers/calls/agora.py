@@ -106,8 +106,10 @@ class TokenIssuer:
         """Tokens need both the app id and the certificate."""
         return self._app_id is not None and self._certificate is not None
 
-    def issue(self, channel: str, uid: int, now_s: int) -> RtcGrant:
-        """A publisher token for ``uid`` in ``channel``, valid until now + ttl.
+    def issue(self, channel: str, uid: int, now_s: int, *, until_s: int | None = None) -> RtcGrant:
+        """A publisher token for ``uid`` in ``channel``, valid until now + ttl, or
+        until ``until_s`` if that is sooner (Agora removes a user from the channel
+        when the token expires: a call's token must not outlast the call).
 
         Raises:
             RuntimeError: not configured (check :attr:`configured` first).
@@ -120,6 +122,8 @@ class TokenIssuer:
         if not 0 < uid <= MAX_UID:
             raise ValueError("Agora uid out of range")
         expires_at = now_s + self.ttl_s
+        if until_s is not None:
+            expires_at = max(now_s + 1, min(expires_at, until_s))
         token = RtcTokenBuilder.buildTokenWithUid(
             self._app_id, self._certificate.value, channel, uid, Role_Publisher, expires_at
         )

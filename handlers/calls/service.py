@@ -385,7 +385,13 @@ class CallService:
             call = await self.participant_call(user, call_id)
         if call.state != CallState.ACCEPTED:
             raise wrong_state(call.state)
-        grant = self.issuer.issue(channel_name(call_id), call.uid(user), self.clock() // 1000)
+        assert call.accepted_at_ms is not None
+        # Not past the call's forced end: the media session then ends with it, even
+        # for a client that ignores the end event (or that fetched a token to stay on).
+        ends_at_s = -(-(call.accepted_at_ms + self.max_ms) // 1000)
+        grant = self.issuer.issue(
+            channel_name(call_id), call.uid(user), self.clock() // 1000, until_s=ends_at_s
+        )
         self.metrics.tokens.labels("renew" if renew else "join").inc()
         log.info("call %s: %s token for %s", call_id, "renewed" if renew else "join", user)
         return grant

@@ -51,12 +51,16 @@ def arg_user(args: JSONObject, name: str = "user") -> str:
 
 
 def check_user(value: JSON) -> str:
-    """A user id: printable, no surrounding spaces, 1-128 characters."""
+    """A user id: printable, no surrounding spaces, 1-128 characters, no braces
+    (it goes into store keys, where braces would move a key out of its Redis
+    Cluster hash tag)."""
     if (
         not isinstance(value, str)
         or not 0 < len(value) <= MAX_USER_ID
         or not value.isprintable()
         or value != value.strip()
+        or "{" in value
+        or "}" in value
     ):
         raise bad_request()
     return value

@@ -144,13 +144,13 @@ class ChatPublisher:
         room = kind == "room"
         guards = self._moderation.message_guards(ctx.channel, ctx.user) if room else ()
         claim = Claim(*dedupe, self._dedupe_window_s, guards)
-        try:
-            result = await self._node.publish_claimed(
-                ctx.channel, pub.encode(), claim, info=ctx.info, options=ctx.options
-            )
-        except BaseException:
-            await self._release(dedupe, None)
-            raise
+        # No release on failure: claim and publication are one atomic step, so a
+        # claim exists only if the message was published. After a failure that
+        # hides the outcome (a reply lost with the connection, a reply timeout) the
+        # client's retry then finds the claim and is not delivered a second time.
+        result = await self._node.publish_claimed(
+            ctx.channel, pub.encode(), claim, info=ctx.info, options=ctx.options
+        )
         if result.position is not None:
             return self._published(kind)
         if result.guard is None:

@@ -294,8 +294,11 @@ class Moderation:
         # Expired bars leave the listing as new ones come (and in room.bans).
         await self._store.zpop_due(_bans_key(room), time.time(), 100)
         await self._store.zadd(_bans_key(room), target, until)
-        await self._unsubscribe(target, room)
+        # A banned moderator moderates no more (only the owner bans one).
+        await self._store.zrem(_mods_key(room), target)
+        # The repeat first: it still runs if this first unsubscribe fails.
         self._node.spawn(self._repeat_unsubscribe(target, room), "chat-ban-repeat")
+        await self._unsubscribe(target, room)
         self._count("ban")
         log.info("room %s: %s barred %s for %s s", room, ctx.user, target, duration or "ever")
         return {"user": target, "until_ms": _until_ms(until)}
@@ -383,7 +386,15 @@ class Moderation:
         moderators = await self._moderators(room)
         if target not in moderators and len(moderators) >= MAX_MODERATORS:
             raise SignalError(ERROR_LIMIT_EXCEEDED)
-        await self._store.zadd(_mods_key(room), target, time.time())
+        key = _mods_key(room)
+        await self._store.zadd(key, target, time.time())
+        if target not in moderators and (
+            await self._store.zcount(key, float("-inf"), float("inf")) > MAX_MODERATORS
+        ):
+            # Another add raced this one past the cap: a moderator beyond it
+            # would be one in name only (the checks read the first 50).
+            await self._store.zrem(key, target)
+            raise SignalError(ERROR_LIMIT_EXCEEDED)
         self._count("add_moderator")
         return {"user": target}
 

@@ -1,5 +1,9 @@
 """``chat``: N users in 2-member DMs and small group rooms, each publishing r msg/s
-into its own conversation (and subscribed to it, so it also receives its own)."""
+into its own conversation (and subscribed to it, so it also receives its own).
+
+Against the baseline each conversation is a room of its (``/sub/<room>``: every
+member publishes into it and reads it), shared through Redis when the baseline
+runs with it (``loadtest/baseline.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import asyncio
 import itertools
 from collections.abc import Iterable
 
-from loadtest.client import CentrifugeClient, Client
+from loadtest.client import BaselineClient, CentrifugeClient, Client
 from loadtest.scenarios.base import Scenario
 
 __all__ = ["Chat", "conversations"]
@@ -28,6 +32,7 @@ def conversations(n: int, dm_fraction: float, room_size: int) -> tuple[list[list
 
 class Chat(Scenario):
     name = "chat"
+    baseline_ok = True
 
     def build(self) -> None:
         s = self.s
@@ -52,10 +57,15 @@ class Chat(Scenario):
             self.members_of[gid] = members
 
     async def open_client(self, client: Client) -> None:
-        assert isinstance(client, CentrifugeClient)
-        await client.open(
-            self.opener, self.s.connect_timeout_s, subscribe=self.channel_of[client.gid]
-        )
+        channel = self.channel_of[client.gid]
+        timeout = self.s.connect_timeout_s
+        if isinstance(client, BaselineClient):
+            # A room name that fits in a URL path ("dm:#a,b" would not).
+            room = channel.replace(":#", "-").replace(":", "-").replace(",", "-")
+            await client.open_baseline(self.opener, timeout, "sub", room)
+        else:
+            assert isinstance(client, CentrifugeClient)
+            await client.open(self.opener, timeout, subscribe=channel)
 
     def expected_streams(self, client: Client) -> Iterable[int]:
         return self.members_of[client.gid]

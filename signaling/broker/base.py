@@ -23,6 +23,7 @@ from signaling.protocol import ClientInfo, Publication, StreamPosition
 from signaling.values import record
 
 __all__ = [
+    "META_TTL_S",
     "Broker",
     "BrokerError",
     "BrokerHandler",
@@ -34,6 +35,14 @@ __all__ = [
     "PresenceStore",
     "UnrecoverablePosition",
 ]
+
+
+# A stream's epoch and offset counter outlive its publications (as in
+# Centrifuge), for this long after it was created or last published to: a
+# subscriber of a channel quiet for longer than its history keeps its position
+# (and a client returning after the history expired learns it cannot recover),
+# instead of every subscriber being made to recover once a day.
+META_TTL_S = 30 * 86400
 
 
 class BrokerError(Exception):

@@ -5,8 +5,9 @@ publication reaches the hub before ``publish`` returns, so the publisher's own
 subscribers see the push before its publish reply.
 
 Memory is bounded: each stream keeps at most ``size`` publications, each at
-most ``ttl_s`` seconds, and a stream with nothing published for ``ttl_s`` is
-dropped with its epoch by :meth:`MemoryBroker.sweep` (run periodically).
+most ``ttl_s`` seconds; its epoch and offset counter live on for
+``META_TTL_S`` (30 days) after it was created or last published to, as on
+Redis, and are then dropped by :meth:`MemoryBroker.sweep` (run periodically).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from signaling.broker.base import (
+    META_TTL_S,
     BrokerHandler,
     HistoryOptions,
     HistoryPage,
@@ -87,7 +89,7 @@ class MemoryBroker:
         self._sweep_hooks.append(hook)
 
     def sweep(self) -> None:
-        """Drop expired publications and streams idle past their TTL."""
+        """Drop expired publications, and streams idle past ``META_TTL_S``."""
         for hook in self._sweep_hooks:
             hook()
         now = self._clock()
@@ -116,14 +118,14 @@ class MemoryBroker:
             handler.on_publication(channel, pub, "")
             return StreamPosition(0, "")
         now = self._clock()
-        stream = self._stream(channel, history, now)
+        stream = self._stream(channel, now)
         stream.top += 1
         stored = Publication(compact(pub.data), pub.info, stream.top, pub.tags, pub.time_ms)
         stream.entries.append((stored, now + history.ttl_s))
         excess = len(stream.entries) - history.size
         if excess > 0:
             del stream.entries[:excess]
-        stream.expires_at = now + history.ttl_s
+        stream.expires_at = now + META_TTL_S
         handler.on_publication(channel, stored, stream.epoch)
         return StreamPosition(stream.top, stream.epoch)
 
@@ -154,7 +156,7 @@ class MemoryBroker:
         if not history.enabled:
             return HistoryPage((), StreamPosition(0, ""))
         now = self._clock()
-        stream = self._stream(channel, history, now)
+        stream = self._stream(channel, now)
         _trim_expired(stream, now)
         top = StreamPosition(stream.top, stream.epoch)
         if since is not None and since.epoch != stream.epoch:
@@ -181,10 +183,10 @@ class MemoryBroker:
             if (s := self._streams.get(c)) is not None and s.expires_at > now
         }
 
-    def _stream(self, channel: str, history: HistoryOptions, now: float) -> _Stream:
+    def _stream(self, channel: str, now: float) -> _Stream:
         stream = self._streams.get(channel)
         if stream is None or stream.expires_at <= now:
-            stream = _Stream(new_epoch(), now + history.ttl_s)
+            stream = _Stream(new_epoch(), now + META_TTL_S)
             self._streams[channel] = stream
         return stream
 

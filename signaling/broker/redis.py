@@ -40,10 +40,11 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from signaling.broker.base import (
+    META_TTL_S,
     BrokerHandler,
     BrokerUnavailable,
     Claim,
@@ -66,6 +67,7 @@ from signaling.broker.redis_scripts import (
     PUBLISH_CLAIMED,
 )
 from signaling.broker.resp import RespClient, parse_redis_url
+from signaling.logs import Throttle
 from signaling.protocol import (
     ClientInfo,
     Publication,
@@ -84,13 +86,11 @@ from signaling.state.redis import (
     ttl_ms,
 )
 
-__all__ = ["RedisBroker"]
+__all__ = ["RedisBroker", "StoreExecutor"]
 
 log = logging.getLogger("signaling.redis")
+_store_errors_log = Throttle(log)
 
-# The epoch and offset counter outlive the stream itself (as in centrifuge),
-# so a client returning after its history expired learns it cannot recover.
-META_TTL_S = 30 * 86400
 # Channels per batch of position checks: bounds one write and its replies.
 POSITIONS_BATCH = 1000
 # Client ids per presence removal script call (well under Lua's unpack limit).
@@ -98,6 +98,59 @@ _REMOVE_AT_ONCE = 500
 # Cluster: how often the slot map is re-read while a shard is down (a failover
 # promotes a replica after the cluster's node timeout).
 TOPOLOGY_RETRY_S = 1.0
+
+
+class StoreExecutor:
+    """The broker's executor as the state store sees it: any error Redis answers
+    (OOM, MISCONF, READONLY, TRYAGAIN, CLUSTERDOWN, BUSY, or a script's or
+    command's error) raises :class:`BrokerUnavailable`, as the broker's own
+    commands do. Callers handle that one failure, and clients get the temporary
+    error 100 and retry, instead of a disconnect per typing indicator while
+    Redis refuses writes."""
+
+    __slots__ = ("_executor",)
+
+    def __init__(self, executor: AutoPipeline | RespClient) -> None:
+        self._executor = executor
+
+    async def execute(self, *args: RedisArg) -> Any:
+        try:
+            return await self._executor.execute(*args)
+        except NoScriptError:
+            raise  # the store's batched scripts load themselves on it (run_script_many)
+        except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
+            raise _store_unavailable(exc) from exc
+
+    async def run_script(self, script: Any, keys: Sequence[str], args: Sequence[RedisArg]) -> Any:
+        try:
+            return await self._executor.run_script(script, keys, args)
+        except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
+            raise _store_unavailable(exc) from exc
+
+    async def execute_many(self, commands: Sequence[Sequence[RedisArg]]) -> list[Any]:
+        try:
+            results = await self._executor.execute_many(commands)
+        except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
+            raise _store_unavailable(exc) from exc
+        return [_unavailable_result(r) for r in results]
+
+
+def _unavailable_result(result: Any) -> Any:
+    """One result of a batch: an error as BrokerUnavailable, except NOSCRIPT,
+    which run_script_many answers by loading the script."""
+    if isinstance(result, NoScriptError) or not isinstance(
+        result, RedisConnectionError | RedisTimeoutError | OSError | RedisError
+    ):
+        return result
+    return _store_unavailable(result)
+
+
+def _store_unavailable(exc: BaseException) -> BrokerUnavailable:
+    if not isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+        # An error reply: Redis refusing writes, or a bug of ours (WRONGTYPE).
+        # Throttled: while Redis refuses writes, every command gets one.
+        _store_errors_log.log(logging.ERROR, "redis state command failed: %s", exc)
+    return BrokerUnavailable(str(exc))
 
 
 class RedisBroker:
@@ -143,7 +196,9 @@ class RedisBroker:
     def state_store(self) -> RedisStateStore:
         """The state store on this broker's Redis and key prefix: the one
         whose keys :meth:`publish_claimed` takes."""
-        return RedisStateStore(self.executor, prefix=self.prefix, slot_of=self._slot_of)
+        return RedisStateStore(
+            StoreExecutor(self.executor), prefix=self.prefix, slot_of=self._slot_of
+        )
 
     # --- names ------------------------------------------------------------------
 

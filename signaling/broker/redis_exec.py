@@ -37,11 +37,23 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from signaling.broker.base import BrokerUnavailable
 from signaling.state.redis import LuaScript, RedisArg
 
-__all__ = ["AutoPipeline", "RedisClient", "connect_client", "node_client"]
+__all__ = [
+    "CLUSTER_REPLY_TIMEOUT_S",
+    "AutoPipeline",
+    "RedisClient",
+    "connect_client",
+    "node_client",
+]
 
 log = logging.getLogger("signaling.redis")
 
 RedisClient = aioredis.Redis | RedisCluster
+
+# Longest wait for a command's reply on the cluster client (the standalone
+# RESP client has its own: resp.REPLY_TIMEOUT_S). A primary gone without a TCP
+# reset (a frozen host, a network partition) would otherwise hold its commands,
+# and the clients waiting on them, until TCP keepalive gives up, minutes later.
+CLUSTER_REPLY_TIMEOUT_S = 10.0
 
 # Largest batch in one pipeline; more waits for the next.
 MAX_BATCH = 1000
@@ -51,15 +63,23 @@ def connect_client(url: str, *, cluster: bool, pool_size: int) -> RedisClient:
     """A redis-py asyncio client (no I/O until first use).
 
     The pool blocks (waits) when all connections are busy rather than
-    raising. TCP keepalive is on; no socket timeout on reads, which would
-    break blocking reads, but a connect timeout so that a dead Redis is
-    noticed quickly.
+    raising. TCP keepalive is on, and a connect timeout, so that a dead Redis
+    is noticed quickly; the cluster client also times out a reply after
+    ``CLUSTER_REPLY_TIMEOUT_S``.
     """
     if cluster:
         # No retries here either (redis-py's cluster client retries a command
         # whose reply was lost, publishing twice); MOVED and ASK are still
-        # followed, in a loop of their own.
-        return RedisCluster.from_url(url, max_connections=pool_size, **_OPTIONS, retry=_NO_RETRY)
+        # followed, in a loop of their own. A read timeout is safe here: this
+        # client sends no blocking command, and pub/sub has its own connections
+        # (node_client) with their own liveness check.
+        return RedisCluster.from_url(
+            url,
+            max_connections=pool_size,
+            **_OPTIONS,
+            retry=_NO_RETRY,
+            socket_timeout=CLUSTER_REPLY_TIMEOUT_S,
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=pool_size, timeout=None, **_OPTIONS, retry=_NO_RETRY
     )

@@ -38,6 +38,7 @@ from examples import billing_consumer
 APP_ID = "0123456789abcdef0123456789abcdef"
 CERTIFICATE = "00112233445566778899aabbccddeeff"
 TOKEN_TTL_S = 600
+MAX_DURATION_S = 60
 AGORA_ENV = {
     "AGORA_APP_ID": APP_ID,
     "AGORA_APP_CERTIFICATE": CERTIFICATE,
@@ -51,7 +52,7 @@ FAST_ENV = {
     "SIGNAL_CALL_RING_TIMEOUT_S": "2",
     "SIGNAL_CALL_TICK_S": "0.5",
     "SIGNAL_CALL_GRACE_S": "1",
-    "SIGNAL_CALL_MAX_DURATION_S": "60",
+    "SIGNAL_CALL_MAX_DURATION_S": str(MAX_DURATION_S),
     "SIGNAL_CALL_WARNINGS_S": "30",
 }
 CALL_ID = re.compile(r"[0-9a-f]{32}")
@@ -133,15 +134,20 @@ async def parties() -> AsyncIterator[Callable[..., Any]]:
         await asyncio.sleep(0.02)
 
 
-def check_token(grant: dict[str, Any], call_id: str, *, issued_at: float) -> None:
+def check_token(
+    grant: dict[str, Any], call_id: str, *, issued_at: float, accepted_at_ms: int
+) -> None:
     """Verify a call.join / call.renew_token reply and its token."""
     assert set(grant) == {"app_id", "channel", "uid", "token", "expires_at"}
     assert grant["app_id"] == APP_ID
     assert grant["channel"] == f"call_{call_id}"
     assert len(grant["channel"].encode()) < 64
     assert isinstance(grant["uid"], int) and 0 < grant["uid"] < 2**32
-    # Absolute expiry: issue time (server clock) + the configured lifetime.
-    assert abs(grant["expires_at"] - (issued_at + TOKEN_TTL_S)) <= 2
+    # Absolute expiry: issue time (server clock) + the configured lifetime, but not
+    # past the call's forced end (here the sooner).
+    ends_at = -(-(accepted_at_ms + MAX_DURATION_S * 1000) // 1000)
+    assert ends_at < issued_at + TOKEN_TTL_S
+    assert grant["expires_at"] == ends_at
     verify_token(
         grant["token"],
         app_id=APP_ID,
@@ -218,14 +224,16 @@ async def test_invite_accept_join_renew_ticks_end(server_factory, parties) -> No
     for party in (caller, callee):
         issued = time.time()
         grants[party.user] = await party.rpc("call.join", {"call_id": call_id})
-        check_token(grants[party.user], call_id, issued_at=issued)
+        check_token(
+            grants[party.user], call_id, issued_at=issued, accepted_at_ms=accepted["accepted_at_ms"]
+        )
     uids = {g["uid"] for g in grants.values()}
     assert len(uids) == 2  # distinct uids in the channel
     assert len({g["channel"] for g in grants.values()}) == 1
 
     issued = time.time()
     renewed = await callee.rpc("call.renew_token", {"call_id": call_id})
-    check_token(renewed, call_id, issued_at=issued)
+    check_token(renewed, call_id, issued_at=issued, accepted_at_ms=accepted["accepted_at_ms"])
     assert renewed["uid"] == grants[callee.user]["uid"]  # stable per user in the call
     assert renewed["token"] != grants[callee.user]["token"]
 
@@ -613,13 +621,14 @@ async def test_cross_instance_flow_and_billing_consumer_group(
     caller = await parties(node_a, uniq("alice"))
     callee = await parties(node_b, uniq("bob"))
     call_id = await start_call(caller, callee, price=90)
+    accepted_at_ms = (await caller.rpc("call.state", {"call_id": call_id}))["accepted_at_ms"]
     for party in (caller, callee):
         issued = time.time()
-        check_token(await party.rpc("call.join", {"call_id": call_id}), call_id, issued_at=issued)
+        grant = await party.rpc("call.join", {"call_id": call_id})
+        check_token(grant, call_id, issued_at=issued, accepted_at_ms=accepted_at_ms)
     issued = time.time()
-    check_token(
-        await caller.rpc("call.renew_token", {"call_id": call_id}), call_id, issued_at=issued
-    )
+    grant = await caller.rpc("call.renew_token", {"call_id": call_id})
+    check_token(grant, call_id, issued_at=issued, accepted_at_ms=accepted_at_ms)
     await callee.event("call.tick", call_id, timeout=3)
     await caller.event("call.tick", call_id, timeout=3)
     await callee.rpc("call.end", {"call_id": call_id})

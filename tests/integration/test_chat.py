@@ -389,7 +389,8 @@ async def test_read_receipts(pair: Pair) -> None:
     assert await alice.pushes(pub_of(dm, "read"), within=200 * MS) == []
 
     state = await alice.rpc("chat.read_state", {"channel": dm})
-    assert state == {"reads": {"alice": 0, "bob": 3}}
+    assert state == {"reads": {"alice": 0, "bob": 3}, "epoch": state["epoch"]}
+    assert isinstance(state["epoch"], str) and state["epoch"]
     assert [p["data"]["type"] for p in await alice.history(dm)] == ["message"] * 3
 
     carol = await client(a, "carol")
@@ -447,15 +448,38 @@ async def test_permanent_ban_and_unban(pair: Pair) -> None:
     room = "room:cre"
     creator = await client(a, "cre")
     fan = await client(b, "fan")
+    await creator.publish(room, {"type": "message", "text": "before the ban"})
     result = await creator.rpc("room.ban", {"channel": room, "user": "fan", "reason": "spam"})
     assert result == {"user": "fan", "until_ms": None}
     assert await fan.error("subscribe", {"channel": room}) == 1110
+    # Nor read the room without a subscription.
+    assert await fan.error("history", {"channel": room, "limit": 10}) == 1110
+    assert await fan.error("presence", {"channel": room}) == 1110
+    assert await fan.error("presence_stats", {"channel": room}) == 1110
     assert (await fan.rpc("room.state", {"channel": room}))["you"]["banned_until_ms"] is None
     assert await creator.rpc("room.unban", {"channel": room, "user": "fan"}) == {
         "user": "fan",
         "lifted": True,
     }
+    assert [p["data"]["text"] for p in await fan.history(room)] == ["before the ban"]
     await fan.subscribe(room)
+
+
+async def test_a_banned_moderator_moderates_no_more(pair: Pair) -> None:
+    a, b = pair
+    room = "room:cre"
+    creator = await client(a, "cre")
+    mod = await client(b, "mod")
+    await creator.rpc("room.add_moderator", {"channel": room, "user": "mod"})
+    await mod.rpc("room.timeout", {"channel": room, "user": "fan", "duration_s": 60})
+    await creator.rpc("room.ban", {"channel": room, "user": "mod", "duration_s": 60})
+    assert await mod.rpc_error("room.ban", {"channel": room, "user": "fan"}) == 103
+    assert await mod.rpc_error("room.slow_mode", {"channel": room, "interval_s": 5}) == 103
+    state = await creator.rpc("room.state", {"channel": room})
+    assert state["moderators"] == []
+    # Unbanned, still not a moderator until made one again.
+    await creator.rpc("room.unban", {"channel": room, "user": "mod"})
+    assert await mod.rpc_error("room.ban", {"channel": room, "user": "fan"}) == 103
 
 
 async def test_message_refused_for_a_bar_is_delivered_when_retried_after(pair: Pair) -> None:
@@ -544,6 +568,34 @@ async def test_slow_mode_enforced_across_instances(pair: Pair) -> None:
     await creator.rpc("room.slow_mode", {"channel": room, "interval_s": 0})
     await fan_a.publish(room, {"type": "message", "text": "three"})
     await fan_a.publish(room, {"type": "message", "text": "four"})
+
+
+async def test_moderators_added_at_once_at_the_cap_are_all_real_moderators(pair: Pair) -> None:
+    """The owner adds the 50th and 51st moderators at once, on both instances:
+    each add that succeeds gives a moderator who can moderate; past the cap
+    the answer is 106 (a racing add may be refused with it too), never a
+    success for a moderator in name only."""
+    a, b = pair
+    room = "room:cre"
+    owner_a, owner_b = await client(a, "cre"), await client(b, "cre")
+    for i in range(49):
+        await owner_a.rpc("room.add_moderator", {"channel": room, "user": f"m{i}"})
+    results = await asyncio.gather(
+        *(
+            owner.call(
+                "rpc", {"method": "room.add_moderator", "data": {"channel": room, "user": user}}
+            )
+            for owner, user in ((owner_a, "late1"), (owner_b, "late2"))
+        )
+    )
+    added = [r["rpc"]["data"]["user"] for r in results if "rpc" in r]
+    assert all(r["error"]["code"] == 106 for r in results if "error" in r), results
+    assert len(added) <= 1, results  # one more fits at 49
+    moderators = (await owner_a.rpc("room.state", {"channel": room}))["moderators"]
+    assert len(moderators) == 49 + len(added) and set(added) <= set(moderators), moderators
+    for user in added:
+        mod = await client(b, user)
+        await mod.rpc("room.timeout", {"channel": room, "user": "fan", "duration_s": 1})
 
 
 async def test_moderators_and_tombstones(pair: Pair) -> None:

@@ -244,6 +244,28 @@ async def test_smoke_against_baseline(tmp_path: Path) -> None:
     check_fanout(check_report(documents[0], "fanout", "baseline"))
 
 
+async def test_chat_through_redis_beside_the_baseline_through_redis(tmp_path: Path) -> None:
+    """``chat --spawn-baseline`` with Redis and two instances: the baseline has
+    ours' shape (two instances sharing a Redis of their own, a conversation
+    spread over both), every acknowledged publication reaches every member of
+    its conversation once on both, and the ratio is made."""
+    args = ["chat", "-n", "40", "-r", "5", "-d", "2", "--spawn-server", "--spawn-baseline"]
+    args += ["--spawn-redis", "--instances", "2"]
+    document = await run_tool(args, tmp_path / "chat.json", tool_env())
+    runs = {run["target"]: run for run in document["runs"]}
+    assert runs.keys() == {"digis-signal redis x2", "baseline redis x2"}
+    for run in runs.values():
+        assert len(run["settings"]["urls"]) == 2
+        assert run["publications"]["acked"] > 0 and run["publications"]["failed"] == 0
+        assert run["deliveries"]["lost"] == 0 and run["deliveries"]["duplicated"] == 0
+        assert run["deliveries"]["count"] == run["deliveries"]["expected"] > 0
+        # Redis (the tool's, one per target) counted as the run's helper.
+        assert run["machine"]["helpers_cpu_s"] > 0, run["machine"]
+    (comparison,) = document["comparisons"]
+    assert comparison["target"] == "digis-signal redis x2"
+    assert comparison["ratios"]["server CPU per publication"] > 0
+
+
 async def test_connect_restart_by_hand_over(tmp_path: Path) -> None:
     """``connect --handover``: the tool starts the successor on the same port,
     then stops the old server; every client comes back and recovers from Redis,

@@ -197,6 +197,18 @@ async def test_refresh_extends_and_rejects_other_user(srv: ServerProcess) -> Non
     assert (await client.closed_with())[0] == 3500
 
 
+async def test_a_refresh_with_an_expired_token_closes_with_3005_that_sdks_retry(
+    srv: ServerProcess,
+) -> None:
+    """An error reply to a refresh that is not temporary ends the SDKs'
+    connection for good (centrifuge-js _refreshError); an expired token there
+    (a cached one, or a refresh delayed past its exp) closes with 3005, after
+    which they reconnect and fetch a new token on the connect's 109."""
+    client = await connected(srv, "alice")
+    await client.send({"refresh": {"token": srv.token("alice", ttl_s=-60)}})
+    assert await client.closed_with() == (3005, "connection expired")
+
+
 async def test_stale_connection_closed_with_3502(server_factory: Any) -> None:
     srv = await server_factory({"SIGNAL_CONNECT_TIMEOUT_S": "0.5"}, name="stale")
     client = await Raw.open(srv)
@@ -290,6 +302,10 @@ class SlowJwks:
         self._httpd.server_close()
 
 
+# A JWKS needs an audience; the servers' tokens (ServerProcess.token) then carry it.
+JWKS_ENV = {"SIGNAL_JWT_ALGORITHMS": "HS256,RS256", "SIGNAL_JWT_AUDIENCE": "digis-test"}
+
+
 @contextlib.asynccontextmanager
 async def slow_key_server(
     server_factory: Any, env: dict[str, str], name: str, delay_s: float
@@ -300,7 +316,7 @@ async def slow_key_server(
     jwks = SlowJwks(rsa.generate_private_key(public_exponent=65537, key_size=2048), delay_s)
     try:
         srv = await server_factory(
-            {"SIGNAL_JWT_JWKS_URL": jwks.url, "SIGNAL_JWT_ALGORITHMS": "HS256,RS256", **env},
+            {**JWKS_ENV, "SIGNAL_JWT_JWKS_URL": jwks.url, **env},
             name=name,
         )
         yield srv, jwks.key
@@ -316,9 +332,8 @@ async def send_slow_connects(
     waiting = [await Raw.open(srv) for _ in range(count)]
     ids = []
     for i, client in enumerate(waiting):
-        token = jwt.encode(
-            {"sub": f"w{i}", "exp": exp}, key, algorithm="RS256", headers={"kid": "k1"}
-        )
+        claims = {"sub": f"w{i}", "exp": exp, "aud": JWKS_ENV["SIGNAL_JWT_AUDIENCE"]}
+        token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
         ids += await client.send({"connect": {"token": token}})
     return waiting, ids
 
@@ -385,6 +400,36 @@ async def test_upgrades_refused_with_503_while_a_new_connect_would_wait_too_long
         assert metric_value(body, "signal_limit_refusals_total", limit="connecting") == 0
         for c in (*waiting, newcomer):
             await c.close()
+
+
+async def test_a_client_asking_for_protobuf_is_refused_at_the_upgrade_with_a_reason(
+    server: ServerProcess,
+) -> None:
+    """The Swift, Kotlin and Dart SDKs (and centrifuge-js's protobuf build) ask
+    for the protobuf format: by subprotocol, or by query on the plain upgrade
+    the fast path answers. They get a 400 that says why, not an upgrade whose
+    first binary frame ends the connection with a code the SDKs never retry."""
+    from websockets.exceptions import InvalidStatus
+
+    attempts: list[tuple[str, list[Any] | None]] = [
+        (server.ws_url, ["centrifuge-protobuf"]),
+        (server.ws_url + "?format=protobuf", None),
+        (server.ws_url + "?cf_protocol=protobuf", None),
+    ]
+    for url, subprotocols in attempts:
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(url, open_timeout=TIMEOUT, subprotocols=subprotocols)
+        assert refused.value.response.status_code == 400
+        assert b"protobuf" in refused.value.response.body
+    # JSON, asked for or not, is served.
+    for url, subprotocols in [(server.ws_url, ["centrifuge-json"]), (server.ws_url, None)]:
+        ws = await connect(url, open_timeout=TIMEOUT, subprotocols=subprotocols)
+        client = Raw(ws)
+        reply = await client.call("connect", {"token": server.token("alice")})
+        assert "connect" in reply, reply
+        await client.close()
+    # One warning for the operator, not one per attempt.
+    assert server.log_text().count("asks for the protobuf format") == 1
 
 
 # --- malformed input -----------------------------------------------------------------
@@ -632,7 +677,7 @@ async def test_rate_limit_errors_then_disconnect(server_factory: Any) -> None:
     srv = await server_factory(
         {"SIGNAL_COMMANDS_PER_SECOND": "5", "SIGNAL_COMMAND_BURST": "5"}, name="rate"
     )
-    client = await connected(srv, "alice")  # connect took one token
+    client = await connected(srv, "alice")  # the first frame's connect: no token
     ids = await client.send(*[{"rpc": {"method": "server.info"}} for _ in range(8)])
     replies = [await client.reply(i) for i in ids]
     codes = [r["error"]["code"] if "error" in r else 0 for r in replies]
@@ -643,6 +688,32 @@ async def test_rate_limit_errors_then_disconnect(server_factory: Any) -> None:
     assert (await client.closed_with())[0] == 3013
     _, body = await srv.aget("/metrics")
     assert metric_value(body, "signal_rate_limit_disconnects_total") == 1
+
+
+async def test_a_reconnect_batch_of_subscriptions_is_not_rate_limited(
+    server_factory: Any,
+) -> None:
+    """The SDKs send a connect and every subscription they restore in one
+    frame: more subscriptions than the burst must all go through (they did
+    not: the ones past the burst got 111 at every reconnect), and the limit
+    holds for what follows."""
+    srv = await server_factory(
+        {"SIGNAL_COMMANDS_PER_SECOND": "5", "SIGNAL_COMMAND_BURST": "5", **QUIET}, name="batch"
+    )
+    client = await Raw.open(srv)
+    subscribes = [{"subscribe": {"channel": f"room:r{i}"}} for i in range(20)]
+    # Other commands in that frame draw on the limit as ever.
+    rpcs = [{"rpc": {"method": "server.info"}} for _ in range(8)]
+    ids = await client.send({"connect": {"token": srv.token("alice")}}, *subscribes, *rpcs)
+    replies = [await client.reply(i) for i in ids]
+    assert "connect" in replies[0], replies[0]
+    assert all("subscribe" in r for r in replies[1:21]), [r for r in replies if "error" in r]
+    codes = [r["error"]["code"] if "error" in r else 0 for r in replies[21:]]
+    assert codes.count(111) >= 3, codes
+    # Only the first frame goes free: a later subscribe is refused like the rest.
+    reply = await client.call("subscribe", {"channel": "room:later"})
+    assert reply["error"]["code"] == 111, reply
+    await client.close()
 
 
 async def test_a_fast_publisher_is_slowed_down_not_disconnected(server_factory: Any) -> None:
@@ -921,14 +992,15 @@ async def test_unreachable_keys_for_a_subscription_or_refresh_token_are_a_tempor
     from support.processes import free_port
 
     url = f"http://127.0.0.1:{free_port()}/jwks.json"  # nothing listens there
-    env = {"SIGNAL_JWT_JWKS_URL": url, "SIGNAL_JWT_ALGORITHMS": "HS256,RS256", **EXPIRY_ENV}
+    env = {**JWKS_ENV, "SIGNAL_JWT_JWKS_URL": url, **EXPIRY_ENV}
     srv = await server_factory(env, name="keys-unavailable")
     client = await connected(srv, "alice")  # HS256: no keys needed
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     exp = int(time.time()) + 600
 
     def rs256(**claims: Any) -> str:
-        return jwt.encode({"sub": "alice", "exp": exp, **claims}, key, "RS256", {"kid": "k1"})
+        claims = {"sub": "alice", "exp": exp, "aud": JWKS_ENV["SIGNAL_JWT_AUDIENCE"], **claims}
+        return jwt.encode(claims, key, "RS256", {"kid": "k1"})
 
     temporary = {"code": 100, "message": "internal server error", "temporary": True}
     vip = "private:vip"
@@ -936,7 +1008,8 @@ async def test_unreachable_keys_for_a_subscription_or_refresh_token_are_a_tempor
     assert reply["error"] == temporary
     reply = await client.call("refresh", {"token": rs256()})
     assert reply["error"] == temporary
-    hs256 = jwt.encode({"sub": "alice", "channel": vip, "exp": exp}, srv.secret, "HS256")
+    hs_claims = {"sub": "alice", "channel": vip, "exp": exp, "aud": JWKS_ENV["SIGNAL_JWT_AUDIENCE"]}
+    hs256 = jwt.encode(hs_claims, srv.secret, "HS256")
     assert "subscribe" in await client.call("subscribe", {"channel": vip, "token": hs256})
     reply = await client.call("sub_refresh", {"channel": vip, "token": rs256(channel=vip)})
     assert reply["error"] == temporary
@@ -1001,6 +1074,39 @@ async def test_a_subscription_refreshed_late_within_the_grace_stays(server_facto
     assert reply["sub_refresh"]["ttl"] > 500
     await listen(3)  # past the old token's grace
     assert not [m for m in client.inbox if "unsubscribe" in m.get("push", {})]
+    await client.close()
+
+
+async def test_a_sub_refresh_with_an_expired_token_unsubscribes_with_2501_first(
+    server_factory: Any,
+) -> None:
+    """As for the connection's refresh: 109 alone would leave the SDKs'
+    subscription unsubscribed for good; the 2501 push before it makes them
+    subscribe again with a new token (the reply then finds them no longer
+    subscribed, and they ignore it)."""
+    import jwt
+
+    srv = await server_factory(EXPIRY_ENV, name="sub-refresh-expired")
+    client = await connected(srv, "alice")
+
+    def token(ttl_s: int) -> str:
+        claims = {"sub": "alice", "channel": "private:vip", "exp": int(time.time()) + ttl_s}
+        return jwt.encode(claims, srv.secret, algorithm="HS256")
+
+    assert "subscribe" in await client.call(
+        "subscribe", {"channel": "private:vip", "token": token(600)}
+    )
+    reply = await client.call("sub_refresh", {"channel": "private:vip", "token": token(-60)})
+    assert reply["error"]["code"] == 109
+    # Read before the reply was (the reply is taken out of the inbox when found).
+    pushes = [m["push"] for m in client.inbox if "unsubscribe" in m.get("push", {})]
+    assert pushes == [
+        {"channel": "private:vip", "unsubscribe": {"code": 2501, "reason": "subscription expired"}}
+    ]
+    # Subscribing again with a fresh token works; the connection stayed.
+    assert "subscribe" in await client.call(
+        "subscribe", {"channel": "private:vip", "token": token(600)}
+    )
     await client.close()
 
 

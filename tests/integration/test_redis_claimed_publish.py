@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+import redis.asyncio as aioredis
 
-from signaling.broker.base import Claim, ClaimResult, HistoryOptions
+from signaling.broker.base import BrokerUnavailable, Claim, ClaimResult, HistoryOptions
 from signaling.broker.redis import RedisBroker
 from signaling.protocol import Publication
 from signaling.state.redis import RedisStateStore
@@ -80,3 +81,30 @@ async def test_a_channel_without_history_is_refused(broker: RedisBroker) -> None
     claim = Claim(f"dedupe:{{{CHANNEL}}}:m3", "token", 30)
     with pytest.raises(ValueError):
         await broker.publish_claimed(CHANNEL, pub("x"), HistoryOptions(), claim)
+
+
+async def test_the_brokers_store_loads_its_scripts_again_and_refusals_are_unavailable(
+    broker: RedisBroker, redis_server: RedisProcess
+) -> None:
+    """The state store the broker hands out (through its StoreExecutor): a
+    batch of scripts Redis no longer knows (a restart, a failover, SCRIPT
+    FLUSH) is loaded again, not failed; a write Redis refuses (NOREPLICAS
+    here; MISCONF, OOM, READONLY in production) is BrokerUnavailable, the
+    temporary failure every caller handles."""
+    store = broker.state_store()
+    keys = [f"presence:{{u{i}}}" for i in range(3)]
+    await store.zadd_many(keys, "m", 1.0, 60)
+    admin = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        await admin.script_flush()
+        await store.zadd_many(keys, "m", 2.0, 60)
+        assert await store.zrange_by_score(keys[0], 0, 10) == [("m", 2.0)]
+        await admin.config_set("min-replicas-to-write", 1)
+        try:
+            with pytest.raises(BrokerUnavailable, match="NOREPLICAS"):
+                await store.incr("counter", 10.0)
+        finally:
+            await admin.config_set("min-replicas-to-write", 0)
+        assert await store.incr("counter", 10.0) == 1
+    finally:
+        await admin.aclose()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,8 @@ import redis.asyncio as aioredis
 from redis.cluster import key_slot
 from websockets.asyncio.client import ClientConnection, connect
 
-from signaling.broker.base import HistoryOptions
+from signaling.broker import redis_exec
+from signaling.broker.base import BrokerUnavailable, HistoryOptions
 from signaling.broker.redis import RedisBroker
 from signaling.protocol import ClientInfo, Publication
 from support.cluster import RedisCluster
@@ -483,3 +486,46 @@ async def test_command_connections_reset_publish_nothing_twice(
         assert set(acked[channel]) <= set(texts), channel
     print(f"\nkilled {killed} connections, {refused} publishes refused")
     await reader.ws.close()
+
+
+async def test_a_command_to_a_node_that_stops_answering_fails_within_the_reply_timeout(
+    redis_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A primary gone without a TCP reset (here: stopped) must not hold a
+    publish, and the client waiting for its reply, until TCP keepalive gives
+    up: past the reply timeout it fails as temporary (100 to the client), and
+    commands work again once the node answers."""
+    monkeypatch.setattr(redis_exec, "CLUSTER_REPLY_TIMEOUT_S", 0.5)
+    per_node = 16384 // len(redis_cluster.nodes)
+    names = (f"room:f{i}" for i in range(10000))
+    channel = next(c for c in names if key_slot(f"{{{c}}}".encode()) < per_node)
+    broker = RedisBroker(redis_cluster.url, cluster=True, prefix="frozen:")
+    broker.bind(PublicationRecorder([channel]))
+    await broker.start()
+    history = HistoryOptions(size=10, ttl_s=60)
+    loop = asyncio.get_running_loop()
+    node = redis_cluster.nodes[0]
+    try:
+        await broker.publish(channel, Publication(b"{}"), history)  # a connection to the node
+        os.kill(node.pid, signal.SIGSTOP)
+        try:
+            started = loop.time()
+            with pytest.raises(BrokerUnavailable):
+                async with asyncio.timeout(5):
+                    await broker.publish(channel, Publication(b"{}"), history)
+            assert loop.time() - started < 3
+        finally:
+            os.kill(node.pid, signal.SIGCONT)
+        for _ in range(50):
+            try:
+                position = await broker.publish(channel, Publication(b"{}"), history)
+                break
+            except BrokerUnavailable:
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("publishing never worked again")
+        # The stopped node may have run the timed-out script once resumed:
+        # the caller was told "temporary", not "published", either way.
+        assert position.offset in (2, 3)
+    finally:
+        await broker.close()

@@ -710,3 +710,37 @@ async def test_a_connect_the_store_stalls_ends_with_a_code_the_sdks_retry(
         finally:
             os.kill(redis_server.pid, signal.SIGCONT)
     assert ws.close_code == 3004, (ws.close_code, ws.close_reason)
+
+
+async def test_redis_refusing_writes_is_a_temporary_error_not_a_disconnect(
+    cluster: Any, redis_server: RedisProcess, harness: Harness
+) -> None:
+    """Redis up but answering every write with an error (here NOREPLICAS; in
+    production MISCONF after a failed save, OOM, READONLY): what the handlers
+    store through the state store (a typing indicator's rate counter, a status)
+    fails with the temporary error 100 like a publish does, and the connection
+    stays; once Redis takes writes again, so does the server."""
+    (a,) = await cluster(1)
+    room = "room:refusing"
+    client = await harness.connected(a, "typist")
+    assert "subscribe" in await client.call("subscribe", {"channel": room})
+    typing = {"channel": room, "data": {"type": "typing"}}
+    assert "publish" in await client.call("publish", typing)
+
+    await redis_call(redis_server.port, "CONFIG", "SET", "min-replicas-to-write", "1")
+    try:
+        assert_temporary_internal(await client.call("publish", typing))
+        status = {"method": "user.set_status", "data": {"status": "dnd"}}
+        assert_temporary_internal(await client.call("rpc", status))
+        assert_temporary_internal(
+            await client.call("publish", {"channel": room, "data": message("w", 1)})
+        )
+        assert not client.closed.is_set()
+    finally:
+        await redis_call(redis_server.port, "CONFIG", "SET", "min-replicas-to-write", "0")
+    assert "publish" in await client.call("publish", typing)
+    assert "rpc" in await client.call("rpc", status)
+    assert not client.closed.is_set()
+    log = a.log_text()
+    assert " failed on connection " not in log, a.log_tail(80)
+    assert "redis state command failed: NOREPLICAS" in log, a.log_tail(80)

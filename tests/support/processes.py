@@ -305,9 +305,12 @@ class ServerProcess(_ManagedProcess):
 
     # -- tokens --------------------------------------------------------------
     def token(self, user: str, *, ttl_s: int = 3600, **claims: Any) -> str:
-        """HS256 connection JWT for ``user`` signed with this server's secret."""
+        """HS256 connection JWT for ``user`` signed with this server's secret, for
+        the audience the server requires, if any."""
         now = int(time.time())
         payload: dict[str, Any] = {"sub": user, "iat": now, "exp": now + ttl_s}
+        if audience := self.overrides.get("SIGNAL_JWT_AUDIENCE"):
+            payload["aud"] = audience
         payload.update(claims)
         return jwt.encode(payload, self.secret, algorithm="HS256")
 

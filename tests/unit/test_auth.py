@@ -74,6 +74,10 @@ def _hand_token(header: dict[str, Any], payload: dict[str, Any], hmac_key: bytes
     return f"{signing_input}.{_b64(signature)}"
 
 
+# The audience a JWKS configuration must name (config refuses a JWKS without one).
+AUD = "digis-test"
+
+
 def _claims(user: str | None = "alice", ttl_s: float = 60, **extra: Any) -> dict[str, Any]:
     now = int(time.time())
     claims: dict[str, Any] = {"iat": now, "exp": now + int(ttl_s), **extra}
@@ -241,6 +245,24 @@ async def test_secret_pyjwt_refuses_refuses_every_hmac_token(pyjwt_only: bool) -
         forged = _hand_token({"alg": "HS256"}, _claims(), bad_secret.encode())
         error = await _refused(verifier.verify_connection, forged)
         assert str(error) == "signing key refused"
+
+
+async def test_a_subscription_token_does_not_open_a_connection(
+    hs_verifier: TokenVerifier,
+) -> None:
+    """A subscription token (often long-lived, for one paid channel) carries its
+    holder's user claim too; as a connection token it would open a whole session."""
+    grant = _hs(_claims(channel="private:vip", ttl_s=30 * 86400))
+    assert await hs_verifier.verify_subscription(grant, user="alice", channel="private:vip")
+    error = await _refused(hs_verifier.verify_connection, grant)
+    assert str(error) == "a subscription token is not a connection token"
+    assert (await hs_verifier.verify_connection(_hs(_claims()))).user == "alice"
+
+
+async def test_a_user_id_with_a_brace_does_not_connect(hs_verifier: TokenVerifier) -> None:
+    for user in ("}x", "a{b", "{tag}"):
+        error = await _refused(hs_verifier.verify_connection, _hs(_claims(user=user)))
+        assert str(error) == "user id with a brace"
 
 
 # --- audience and issuer -------------------------------------------------------------------
@@ -452,27 +474,29 @@ async def test_jwks_verify_and_rotate(
     jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey, rsa_key2: rsa.RSAPrivateKey
 ) -> None:
     jwks_server.keys = [_jwk(rsa_key, "k1")]
-    verifier = TokenVerifier(Settings(jwt_jwks_url=jwks_server.url))
+    verifier = TokenVerifier(Settings(jwt_jwks_url=jwks_server.url, jwt_audience=AUD))
     try:
         for _ in range(3):
-            token = _signed(rsa_key, "RS256", _claims(), kid="k1")
+            token = _signed(rsa_key, "RS256", _claims(aud=AUD), kid="k1")
             assert (await verifier.verify_connection(token)).user == "alice"
         assert jwks_server.requests == 1  # cached
 
         # Rotation: the issuer publishes k2 and starts signing with it.
         jwks_server.keys = [_jwk(rsa_key, "k1"), _jwk(rsa_key2, "k2")]
-        token = _signed(rsa_key2, "RS256", _claims(user="bob"), kid="k2")
+        token = _signed(rsa_key2, "RS256", _claims(user="bob", aud=AUD), kid="k2")
         assert (await verifier.verify_connection(token)).user == "bob"
         assert jwks_server.requests == 2  # one refetch for the unknown kid
 
         # Unknown kids cannot make us hammer the issuer: at most one refetch per 30 s.
         for i in range(5):
-            token = _signed(rsa_key2, "RS256", _claims(), kid=f"junk-{i}")
+            token = _signed(rsa_key2, "RS256", _claims(aud=AUD), kid=f"junk-{i}")
             await _refused(verifier.verify_connection, token)
         # A known kid with the wrong key is a bad signature, not a reason to refetch.
-        await _refused(verifier.verify_connection, _signed(rsa_key2, "RS256", _claims(), kid="k1"))
+        await _refused(
+            verifier.verify_connection, _signed(rsa_key2, "RS256", _claims(aud=AUD), kid="k1")
+        )
         # HS256 tokens have no key here at all (JWKS only configures RS256).
-        await _refused(verifier.verify_connection, _hs(_claims()))
+        await _refused(verifier.verify_connection, _hs(_claims(aud=AUD)))
         assert jwks_server.requests == 2
     finally:
         await verifier.aclose()
@@ -482,9 +506,9 @@ async def test_jwks_concurrent_verifications_share_one_fetch(
     jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey
 ) -> None:
     jwks_server.keys = [_jwk(rsa_key, "k1")]
-    verifier = TokenVerifier(Settings(jwt_jwks_url=jwks_server.url))
+    verifier = TokenVerifier(Settings(jwt_jwks_url=jwks_server.url, jwt_audience=AUD))
     try:
-        token = _signed(rsa_key, "RS256", _claims(), kid="k1")
+        token = _signed(rsa_key, "RS256", _claims(aud=AUD), kid="k1")
         results = await asyncio.gather(*(verifier.verify_connection(token) for _ in range(20)))
         assert {c.user for c in results} == {"alice"}
         assert jwks_server.requests == 1
@@ -499,15 +523,19 @@ async def test_jwks_symmetric_keys_are_never_used(
     # secret only, and the symmetric entry is dropped from the key set.
     oct_key = {"kty": "oct", "kid": "sym", "k": _b64(OTHER_SECRET.encode()), "alg": "HS256"}
     jwks_server.keys = [oct_key, _jwk(rsa_key, "k1")]
-    settings = Settings(jwt_secret=Secret(SECRET), jwt_jwks_url=jwks_server.url)
+    settings = Settings(jwt_secret=Secret(SECRET), jwt_jwks_url=jwks_server.url, jwt_audience=AUD)
     assert settings.jwt_algorithms == ("HS256", "RS256")
     verifier = TokenVerifier(settings)
     try:
-        token = _signed(rsa_key, "RS256", _claims(), kid="k1")
+        token = _signed(rsa_key, "RS256", _claims(aud=AUD), kid="k1")
         assert (await verifier.verify_connection(token)).user == "alice"
-        forged = _hand_token({"alg": "HS256", "kid": "sym"}, _claims(), OTHER_SECRET.encode())
+        forged = _hand_token(
+            {"alg": "HS256", "kid": "sym"}, _claims(aud=AUD), OTHER_SECRET.encode()
+        )
         await _refused(verifier.verify_connection, forged)
-        forged = _hand_token({"alg": "RS256", "kid": "sym"}, _claims(), OTHER_SECRET.encode())
+        forged = _hand_token(
+            {"alg": "RS256", "kid": "sym"}, _claims(aud=AUD), OTHER_SECRET.encode()
+        )
         await _refused(verifier.verify_connection, forged)
     finally:
         await verifier.aclose()
@@ -517,9 +545,9 @@ async def test_jwks_server_error_without_cache(
     jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey, caplog: pytest.LogCaptureFixture
 ) -> None:
     jwks_server.status = 500
-    verifier = TokenVerifier(Settings(jwt_jwks_url=jwks_server.url))
+    verifier = TokenVerifier(Settings(jwt_jwks_url=jwks_server.url, jwt_audience=AUD))
     try:
-        token = _signed(rsa_key, "RS256", _claims(), kid="k1")
+        token = _signed(rsa_key, "RS256", _claims(aud=AUD), kid="k1")
         with caplog.at_level(logging.WARNING, logger="signaling.auth"):
             for _ in range(3):
                 with pytest.raises(KeysUnavailable):
@@ -537,9 +565,11 @@ async def test_jwks_down_without_cache(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    verifier = TokenVerifier(Settings(jwt_jwks_url=f"http://127.0.0.1:{port}/jwks.json"))
+    verifier = TokenVerifier(
+        Settings(jwt_jwks_url=f"http://127.0.0.1:{port}/jwks.json", jwt_audience=AUD)
+    )
     try:
-        token = _signed(rsa_key, "RS256", _claims(), kid="k1")
+        token = _signed(rsa_key, "RS256", _claims(aud=AUD), kid="k1")
         with caplog.at_level(logging.DEBUG, logger="signaling.auth"):
             for _ in range(3):
                 # Not the client's fault: temporary, not "invalid token".

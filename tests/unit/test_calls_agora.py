@@ -150,6 +150,21 @@ def test_issuer_builds_a_publisher_token_that_verifies() -> None:
     assert grant.token not in repr(grant) and "***" in repr(grant)
 
 
+def test_issuer_cuts_the_lifetime_at_the_given_end() -> None:
+    issuer = TokenIssuer(TEST_APP_ID, Secret(TEST_CERT), 3600)
+    now = int(time.time())
+    assert issuer.issue("call_x", 7, now, until_s=now + 90).expires_at == now + 90
+    # A later end than the lifetime does not lengthen it...
+    assert issuer.issue("call_x", 7, now, until_s=now + 7200).expires_at == now + 3600
+    # ...and an end already reached still gives a token that expires, not one of 1970.
+    grant = issuer.issue("call_x", 7, now, until_s=now - 5)
+    assert grant.expires_at == now + 1
+    verify_token(
+        grant.token, app_id=TEST_APP_ID, certificate=TEST_CERT, channel="call_x", uid=7,
+        expires_at=now + 1,
+    )  # fmt: skip
+
+
 def test_issuer_validates_before_building() -> None:
     issuer = TokenIssuer(TEST_APP_ID, Secret(TEST_CERT), 600)
     now = int(time.time())

@@ -308,15 +308,21 @@ async def test_grant_tokens_only_for_accepted_calls(h: Harness) -> None:
     with pytest.raises(SignalError) as err:
         await h.service.grant("alice", call.call_id, renew=False)
     assert err.value.value.code == 1007
-    await h.service.accept("bob", call.call_id)
+    accepted = await h.service.accept("bob", call.call_id)
     grant = await h.service.grant("alice", call.call_id, renew=False)
     assert grant.channel == f"call_{call.call_id}"
-    assert grant.expires_at == h.clock.ms // 1000 + 3600
+    # The token lifetime (1 h here) is cut at the call's forced end (600 s after the
+    # accept): Agora drops whoever is still in the channel then.
+    assert accepted.accepted_at_ms is not None
+    ends_at_s = -(-(accepted.accepted_at_ms + 600_000) // 1000)
+    assert grant.expires_at == ends_at_s < h.clock.ms // 1000 + 3600
+    h.clock.advance(590_000)
+    assert (await h.service.grant("bob", call.call_id, renew=True)).expires_at == ends_at_s
     with pytest.raises(SignalError) as err:
         await h.service.grant("mallory", call.call_id, renew=True)
     assert err.value.value.code == 1002
     # Past the maximum duration, though no timer ran yet: no token, the call ends.
-    h.clock.advance(600_000)
+    h.clock.advance(10_000)
     with pytest.raises(SignalError) as err:
         await h.service.grant("bob", call.call_id, renew=True)
     assert err.value.value.code == 1007

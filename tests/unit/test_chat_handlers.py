@@ -32,12 +32,14 @@ from handlers.presence import (
     set_status,
     status_view,
 )
-from signaling.broker.base import BrokerUnavailable
+from signaling.auth import Credentials
+from signaling.broker import memory as memory_broker
+from signaling.broker.base import BrokerUnavailable, Claim
 from signaling.broker.redis import RedisBroker
 from signaling.config import Settings
 from signaling.errors import SignalError
 from signaling.metrics import Metrics
-from signaling.node import ConnectionEvent, Node, PublishContext, PublishDecision
+from signaling.node import ConnectionEvent, Node, PublishContext, PublishDecision, RpcContext
 from signaling.protocol import ClientInfo
 from signaling.server import build_node
 from signaling.users import online_key
@@ -68,6 +70,25 @@ def context(node: Node, data: Any, user: str = "fan", channel: str = ROOM) -> Pu
     )
 
 
+def fail_once(
+    monkeypatch: pytest.MonkeyPatch, target: object, name: str, *, after_running: bool = False
+) -> None:
+    """Make the coroutine method ``target.name`` fail once with BrokerUnavailable:
+    before doing anything, or ``after_running`` it (its reply lost)."""
+    real = getattr(target, name)
+    failures = [BrokerUnavailable("down")]
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures and not after_running:
+            raise failures.pop()
+        result = await real(*args, **kwargs)
+        if failures:
+            raise failures.pop()
+        return result
+
+    monkeypatch.setattr(target, name, flaky)
+
+
 async def history(node: Node, channel: str) -> list[Any]:
     page = await node.broker.history(
         channel, since=None, limit=-1, reverse=False, history=node.channel_options(channel).history
@@ -83,6 +104,23 @@ async def test_message_is_published_by_the_hook_and_acknowledged(node: Node) -> 
     assert metrics.publications.labels("room", "message")._value.get() == 1
 
 
+async def test_a_publication_whose_reply_was_lost_is_not_delivered_again_on_retry(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim and the publication are one step (one script on Redis): when it
+    ran but its reply was lost (the connection dropped, the reply timed out),
+    the client gets a temporary error and retries with the same client_msg_id;
+    the claim must still be there, or the message is delivered twice."""
+    publisher, metrics, _ = chat(node)
+    fail_once(monkeypatch, node, "publish_claimed", after_running=True)
+    message = {"type": "message", "text": "hi", "client_msg_id": "m1"}
+    with pytest.raises(BrokerUnavailable):
+        await publisher.on_publish(context(node, message))
+    assert await publisher.on_publish(context(node, message)) == PublishDecision(skip=True)
+    assert await history(node, ROOM) == [message]
+    assert metrics.deduplicated.labels("room")._value.get() == 1
+
+
 async def test_other_channels_are_left_to_the_core(node: Node) -> None:
     publisher, _, _ = chat(node)
     assert await publisher.on_publish(context(node, {"n": 1}, channel="user:#fan")) is None
@@ -93,15 +131,7 @@ async def test_failed_publish_releases_dedupe_and_slow_mode_claims(
 ) -> None:
     publisher, metrics, moderation = chat(node)
     await node.store.set("chat:slow:{room:cre}", "60")
-    real_publish = node.publish
-    failures = [BrokerUnavailable("down")]
-
-    async def flaky_publish(*args: Any, **kwargs: Any) -> Any:
-        if failures:
-            raise failures.pop()
-        return await real_publish(*args, **kwargs)
-
-    monkeypatch.setattr(node, "publish", flaky_publish)
+    fail_once(monkeypatch, node, "publish")
     message = {"type": "message", "text": "hi", "client_msg_id": "m1"}
     with pytest.raises(BrokerUnavailable):
         await publisher.on_publish(context(node, message))
@@ -526,3 +556,71 @@ async def test_slow_mode_message_with_client_msg_id_takes_the_steps(
     # Refused for slow mode: its dedupe claim was released, so a retry after the
     # interval is published, not taken for a duplicate.
     assert await store.inner.get("chat:dedupe:{room:cre}:s2:fan") is None
+
+
+async def test_read_positions_of_an_older_epoch_do_not_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A conversation whose stream starts over (quiet past the stream's meta
+    lifetime, here shortened; or lost by Redis) counts its offsets from 1 again
+    in a new epoch: a member's position of the old epoch (here 2) must not
+    hide what is new (offset 1), as read, forever."""
+    monkeypatch.setattr(memory_broker, "META_TTL_S", 0.3)
+    settings = Settings(dev=True, port=0, viewer_count_interval_s=60.0)
+    node = build_node(settings, app, Metrics())
+    await node.start()
+    try:
+        dm = "dm:#ann,ben"
+
+        async def rpc(user: str, method: str, data: Any) -> Any:
+            info = ClientInfo(user, f"client-{user}")
+            ctx = RpcContext(user, info.client, info, Credentials(user, None, None, None), node)
+            return await node.rpc_handlers[method](ctx, data)
+
+        async def say(text: str) -> None:
+            await node.publish(dm, orjson.dumps({"type": "message", "text": text}))
+
+        await say("one")
+        await say("two")
+        assert await rpc("ben", "chat.mark_read", {"channel": dm, "offset": 2}) == {"offset": 2}
+        first = await rpc("ann", "chat.read_state", {"channel": dm})
+        assert first["reads"] == {"ann": 0, "ben": 2}
+        await asyncio.sleep(0.4)
+        await say("three, in a new epoch")
+        state = await rpc("ann", "chat.read_state", {"channel": dm})
+        assert state["reads"] == {"ann": 0, "ben": 0}
+        assert state["epoch"] != first["epoch"]
+        assert await rpc("ben", "chat.mark_read", {"channel": dm, "offset": 1}) == {"offset": 1}
+        assert (await rpc("ann", "chat.read_state", {"channel": dm}))["reads"]["ben"] == 1
+        # Within the epoch, still never backwards.
+        assert await rpc("ben", "chat.mark_read", {"channel": dm, "offset": 0}) == {"offset": 1}
+        # A device still on the old stream marks what it read there: nothing
+        # of the new one moves (offsets of the two say nothing of each other).
+        await say("four")
+        await say("five")
+        old = {"channel": dm, "offset": 2, "epoch": first["epoch"]}
+        assert await rpc("ben", "chat.mark_read", old) == {"offset": 1}
+        now = {"channel": dm, "offset": 2, "epoch": state["epoch"]}
+        assert await rpc("ben", "chat.mark_read", now) == {"offset": 2}
+        with pytest.raises(SignalError) as refused:
+            await rpc("ben", "chat.mark_read", {"channel": dm, "offset": 2, "epoch": 7})
+        assert refused.value.value.code == 107
+    finally:
+        await node.close()
+
+
+async def test_a_claim_taken_in_its_own_step_is_released_when_the_publish_fails(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the claim and the publish are two steps (the embedded broker; a
+    channel without history on Redis), a failed publish releases the claim:
+    kept, it would make the client's retry a "duplicate" of a message that
+    was never published."""
+    fail_once(monkeypatch, node.broker, "publish")
+    claim = Claim("dedupe:{room:cre}:m1", "attempt-1", 60.0, ())
+    with pytest.raises(BrokerUnavailable):
+        await node.publish_claimed(ROOM, b'{"type":"message","text":"hi"}', claim)
+    assert await node.store.get(claim.key) is None
+    retry = Claim(claim.key, "attempt-2", 60.0, ())
+    assert (await node.publish_claimed(ROOM, b'{"type":"message","text":"hi"}', retry)).position
+    assert await node.store.get(claim.key) == "attempt-2"

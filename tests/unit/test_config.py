@@ -162,7 +162,7 @@ def test_override_of_wrong_type_is_refused() -> None:
 def test_algorithms_derived_from_keys(rsa_pem: str, ec_pem: str) -> None:
     assert load_settings({"SIGNAL_JWT_SECRET": SECRET}).jwt_algorithms == ("HS256",)
     assert load_settings({"SIGNAL_JWT_PUBLIC_KEY": rsa_pem}).jwt_algorithms == ("RS256",)
-    jwks = {"SIGNAL_JWT_JWKS_URL": "https://keys.example/jwks.json"}
+    jwks = {"SIGNAL_JWT_JWKS_URL": "https://keys.example/jwks.json", "SIGNAL_JWT_AUDIENCE": "a"}
     assert load_settings(jwks).jwt_algorithms == ("RS256",)
     both = {"SIGNAL_JWT_SECRET": SECRET, "SIGNAL_JWT_PUBLIC_KEY": rsa_pem}
     assert load_settings(both).jwt_algorithms == ("HS256", "RS256")
@@ -232,6 +232,13 @@ def test_private_key_is_not_a_public_key() -> None:
         ({"SIGNAL_JWT_SECRET": "x" * 32, "SIGNAL_JWT_ALGORITHMS": "HS512"}, "SIGNAL_JWT_SECRET"),
         ({}, "SIGNAL_JWT_SECRET"),
         ({"SIGNAL_JWT_JWKS_URL": "ftp://keys.example/jwks"}, "SIGNAL_JWT_JWKS_URL"),
+        # Keys that anyone on the path could replace, and keys that also sign other
+        # applications' tokens (Firebase, Auth0) without an audience to tell them apart.
+        (
+            {"SIGNAL_JWT_JWKS_URL": "http://keys.example/jwks", "SIGNAL_JWT_AUDIENCE": "a"},
+            "SIGNAL_JWT_JWKS_URL",
+        ),
+        ({"SIGNAL_JWT_JWKS_URL": "https://keys.example/jwks"}, "SIGNAL_JWT_AUDIENCE"),
         ({**DEV, "SIGNAL_JWT_LEEWAY_S": "301"}, "SIGNAL_JWT_LEEWAY_S"),
         ({**DEV, "SIGNAL_JWKS_CACHE_S": "0"}, "SIGNAL_JWKS_CACHE_S"),
         ({**DEV, "WEB_CONCURRENCY": "2"}, "WEB_CONCURRENCY"),

@@ -6,7 +6,7 @@ import pytest
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
-from signaling.handshake import parse_plain_upgrade, switching_protocols
+from signaling.handshake import parse_plain_upgrade, protobuf_requested, switching_protocols
 
 PATH = "/connection/websocket"
 # RFC 6455 1.3's worked example.
@@ -169,3 +169,25 @@ def test_websockets_answers_the_same_accept_key() -> None:
     response = protocol.accept(event)
     assert response.status_code == 101
     assert response.headers["Sec-WebSocket-Accept"].encode() == ACCEPT
+
+
+@pytest.mark.parametrize(
+    ("path", "subprotocols", "expected"),
+    [
+        ("/connection/websocket", None, False),
+        ("/connection/websocket?format=protobuf", None, True),
+        ("/connection/websocket?cf_protocol=protobuf", None, True),
+        ("/connection/websocket?format=json", None, False),
+        # As in Centrifuge, either parameter or the subprotocol can ask for it.
+        ("/connection/websocket?format=json&cf_protocol=protobuf", None, True),
+        ("/connection/websocket?format=json", "centrifuge-protobuf", True),
+        ("/connection/websocket", "centrifuge-protobuf", True),
+        ("/connection/websocket", "chat, centrifuge-protobuf", True),
+        ("/connection/websocket", "centrifuge-json", False),
+        # Both offered: Centrifuge selects JSON, its first.
+        ("/connection/websocket", "centrifuge-protobuf, centrifuge-json", False),
+        ("/connection/websocket", "something-else", False),
+    ],
+)
+def test_protobuf_requested(path: str, subprotocols: str | None, expected: bool) -> None:
+    assert protobuf_requested(path, subprotocols) is expected

@@ -521,6 +521,27 @@ def test_a_subscriber_ahead_goes_live_when_the_position_reaches_its_reply() -> N
     assert _offsets(other) == [8]
 
 
+def test_a_subscriber_ahead_gets_the_live_only_publications_of_its_wait() -> None:
+    # Typing and read receipts (offset 0) are in no reply and no history: what
+    # came while it waited for the position must reach it when it goes live.
+    hub = Hub(CountingEncoder())
+    live = _live(hub, "room:1", "a")
+    hub.on_publication("room:1", _pub(5), "ep")
+    ahead = FakeSub("ahead")
+    hub.add("room:1", "b", ahead, join_leave=False)
+    assert hub.go_live("room:1", "b", 6, "ep") == []
+    hub.on_publication("room:1", _pub(100, offset=0), "ep")  # while it waits
+    hub.on_publication("room:1", _pub(6), "ep")  # caught up
+    hub.on_publication("room:1", _pub(101, offset=0), "ep")
+    hub.on_publication("room:1", _pub(7), "ep")
+
+    def numbers(sub: FakeSub) -> list[int]:
+        return [int(n) for frame in sub.frames for n in re.findall(rb'"n":(\d+)', frame)]
+
+    assert numbers(ahead) == [100, 101, 7]
+    assert numbers(live) == [5, 100, 6, 101, 7]
+
+
 def test_a_subscriber_ahead_leaves_and_is_told_of_a_gap_like_any_syncing_one(hub: Hub) -> None:
     _live(hub, "room:1", "a")
     hub.on_publication("room:1", _pub(5), "ep")

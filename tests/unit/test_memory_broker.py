@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from signaling.broker.base import HistoryOptions, UnrecoverablePosition
+from signaling.broker.base import META_TTL_S, HistoryOptions, UnrecoverablePosition
 from signaling.broker.memory import MemoryBroker
 from signaling.protocol import ClientInfo, Publication, StreamPosition
 
@@ -275,10 +275,31 @@ async def test_ttl_bound_drops_old_entries(broker: MemoryBroker, clock: FakeCloc
     assert (await broker.publish("room:1", _pub(4), opts)) == StreamPosition(4, epoch)
 
 
-async def test_idle_stream_past_ttl_gets_new_epoch(broker: MemoryBroker, clock: FakeClock) -> None:
+async def test_a_stream_quiet_past_its_history_keeps_its_epoch_and_offsets(
+    broker: MemoryBroker, clock: FakeClock
+) -> None:
+    """As on Redis: the publications go with their TTL, the epoch and offset
+    counter stay (for META_TTL_S), so the subscribers of a quiet channel keep
+    their position instead of being made to recover."""
+    opts = HistoryOptions(size=100, ttl_s=10)
+    epoch = await _publish_n(broker, "room:1", 3, opts)
+    clock.advance(11)
+    broker.sweep()
+    assert await broker.positions(["room:1"]) == {"room:1": StreamPosition(3, epoch)}
+    assert await _history(broker, "room:1", opts=opts) == ([], StreamPosition(3, epoch))
+    # A client at 3 recovers (nothing missed); one at 2 missed an expired one.
+    offsets, _ = await _history(broker, "room:1", opts=opts, since=StreamPosition(3, epoch))
+    assert offsets == []
+    pos = await broker.publish("room:1", _pub(1), opts)
+    assert pos == StreamPosition(4, epoch)
+
+
+async def test_idle_stream_past_its_meta_lifetime_gets_new_epoch(
+    broker: MemoryBroker, clock: FakeClock
+) -> None:
     opts = HistoryOptions(size=100, ttl_s=10)
     old = await _publish_n(broker, "room:1", 3, opts)
-    clock.advance(10)
+    clock.advance(META_TTL_S)
 
     offsets, top = await _history(broker, "room:1", opts=opts)
     assert offsets == []
@@ -288,27 +309,27 @@ async def test_idle_stream_past_ttl_gets_new_epoch(broker: MemoryBroker, clock: 
         await _history(broker, "room:1", opts=opts, since=StreamPosition(3, old))
 
 
-async def test_idle_stream_past_ttl_publish_restarts_offsets(
+async def test_idle_stream_past_its_meta_lifetime_publish_restarts_offsets(
     broker: MemoryBroker, clock: FakeClock
 ) -> None:
     opts = HistoryOptions(size=100, ttl_s=10)
     old = await _publish_n(broker, "room:1", 3, opts)
-    clock.advance(11)
+    clock.advance(META_TTL_S + 1)
     pos = await broker.publish("room:1", _pub(1), opts)
     assert pos.offset == 1
     assert pos.epoch != old
 
 
-async def test_publishing_keeps_stream_alive_past_first_ttl(
+async def test_publishing_keeps_stream_alive_past_its_meta_lifetime(
     broker: MemoryBroker, clock: FakeClock
 ) -> None:
     opts = HistoryOptions(size=100, ttl_s=10)
     epoch = (await broker.publish("room:1", _pub(1), opts)).epoch
-    for _ in range(5):
-        clock.advance(9)
+    for _ in range(3):
+        clock.advance(META_TTL_S - 1)
         pos = await broker.publish("room:1", _pub(1), opts)
         assert pos.epoch == epoch
-    assert pos.offset == 6
+    assert pos.offset == 4
 
 
 async def test_sweep_drops_idle_streams_and_expired_entries(
@@ -316,10 +337,11 @@ async def test_sweep_drops_idle_streams_and_expired_entries(
 ) -> None:
     opts = HistoryOptions(size=100, ttl_s=10)
     old_a = await _publish_n(broker, "room:a", 2, opts)
+    clock.advance(META_TTL_S - 8)
     epoch_b = (await broker.publish("room:b", _pub(1), opts)).epoch
-    clock.advance(8)
+    clock.advance(5)
     await broker.publish("room:b", _pub(2), opts)
-    clock.advance(3)  # a idle for 11 s; b's first entry is 11 s old, its second 3 s
+    clock.advance(6)  # a idle past META_TTL_S; b's first entry 11 s old (past its TTL)
 
     broker.sweep()
 
