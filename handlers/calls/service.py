@@ -96,6 +96,15 @@ log = logging.getLogger("handlers.calls")
 
 # Invites are counted per caller in windows of this many seconds.
 INVITE_WINDOW_S = 60.0
+# Times a hang-up lets the call's clock catch up before it ends the call (a new
+# step can fall due while the timer runs; the last attempt ends it regardless).
+_END_CATCH_UPS = 3
+
+
+class _ClockDue(Exception):
+    """The call's clock has a step due: run the timer before the change."""
+
+
 # Liveness checks of an accepted call: every grace/4, within these bounds (ms).
 _LIVE_CHECK_MIN_MS = 250
 _LIVE_CHECK_MAX_MS = 5000
@@ -294,11 +303,32 @@ class CallService:
 
     async def _claim_both(self, caller: str, callee: str, call_id: str) -> None:
         # One key at a time (single-key operations only); undo on failure.
-        if not await self.calls.claim_busy(caller, call_id):
+        if not await self._claim_busy(caller, call_id):
             raise SignalError(CALL_BUSY)
-        if not await self.calls.claim_busy(callee, call_id):
+        if not await self._claim_busy(callee, call_id):
             await self.calls.release_busy(caller, call_id)
             raise SignalError(CALL_CALLEE_BUSY)
+
+    async def _claim_busy(self, user: str, call_id: str) -> bool:
+        """Mark ``user`` busy with ``call_id``. A call holding the flag past its
+        deadline (ringing past the ring timeout, accepted past the maximum) is
+        one whose timer did not run (its entry lost in a failover, say): it is
+        settled now, and the flag claimed again, instead of refusing the user's
+        calls until the flag expires, hours later."""
+        if await self.calls.claim_busy(user, call_id):
+            return True
+        holder = await self.calls.busy_with(user)
+        held = await self.calls.get(holder) if holder is not None else None
+        if held is None or not self._past_deadline(held, self.clock()):
+            return False
+        log.warning("call %s: past its deadline with no timer run; settled now", held.call_id)
+        await self._set_timer(held.call_id, await self.run_timer(held.call_id))
+        return await self.calls.claim_busy(user, call_id)
+
+    def _past_deadline(self, call: Call, at: int) -> bool:
+        if call.state in (CallState.PENDING, CallState.RINGING):
+            return at >= call.ring_deadline_ms
+        return call.state == CallState.ACCEPTED and self._clock_overdue(call, at)
 
     async def _abandon(self, call_id: str, users: tuple[str, str]) -> None:
         for user in users:
@@ -333,7 +363,7 @@ class CallService:
             role,
             lambda at: {"state": state.value, "ended_at_ms": str(at), "ended_by": user},
         )
-        await self._set_timer(call_id, await self._finished(change))
+        await self._after_change(call_id, await self._finished(change))
         return change.after
 
     async def _settle_ringing(
@@ -359,18 +389,31 @@ class CallService:
         return change
 
     async def end(self, user: str, call_id: str) -> Call:
-        """Either participant hangs up an accepted call."""
+        """Either participant hangs up an accepted call. What its clock had due
+        by then (a tick, the maximum duration) that the timer has not done yet
+        is done first, as the timer would have: a minute begun before the
+        hang-up is billed, and a call past its maximum ends at the maximum."""
+        for attempt in range(_END_CATCH_UPS + 1):
+            now = self.clock()
+            catch_up = attempt < _END_CATCH_UPS
 
-        def decide(c: Call) -> Mapping[str, str]:
-            _participant_role(c, user)
-            if c.state != CallState.ACCEPTED:
-                raise wrong_state(c.state)
-            return _ended(EndReason.HANGUP, self.clock(), user)
+            def decide(c: Call, now: int = now, catch_up: bool = catch_up) -> Mapping[str, str]:
+                _participant_role(c, user)
+                if c.state != CallState.ACCEPTED:
+                    raise wrong_state(c.state)
+                if catch_up and self._clock_step(c, now) is not None:
+                    raise _ClockDue
+                return _ended(EndReason.HANGUP, now, user)
 
-        change = await self._update(call_id, decide)
-        assert change is not None
-        await self._set_timer(call_id, await self._finished(change))
-        return change.after
+            try:
+                change = await self._update(call_id, decide)
+            except _ClockDue:
+                await self._set_timer(call_id, await self.run_timer(call_id))
+                continue
+            assert change is not None
+            await self._after_change(call_id, await self._finished(change))
+            return change.after
+        raise AssertionError("unreachable: the last attempt does not catch up")
 
     async def grant(self, user: str, call_id: str, *, renew: bool) -> RtcGrant:
         """An Agora token for a participant of an accepted call (call.join,
@@ -471,6 +514,14 @@ class CallService:
             # It ended during this run, and what the end left is in ``due``.
             return None
         return _earliest(due, await self._outbox_due(call, unsent))
+
+    async def _after_change(self, call_id: str, due: int | None) -> None:
+        """Re-schedule the timer after an RPC's change. A failure is logged, not
+        answered: the change was made, and the timer in place finishes it."""
+        try:
+            await self._set_timer(call_id, due)
+        except BrokerUnavailable as exc:
+            log.warning("call %s: timer not re-scheduled: %s", call_id, exc)
 
     async def _set_timer(self, call_id: str, due: int | None) -> None:
         """Re-schedule the call's timer, or let it go (``due`` None)."""
@@ -638,13 +689,20 @@ class CallService:
         assert call.accepted_at_ms is not None
         ends_at = call.accepted_at_ms + self.max_ms
         # The call's clock and its place among the active calls in one round
-        # trip; then the events and the in-call status, side by side.
-        await asyncio.gather(
-            self.timers.schedule(
-                call.call_id,
-                min(self._next_clock_due(call), call.accepted_at_ms + self.live_check_ms),
+        # trip; then the events and the in-call status, side by side. The
+        # accept has happened whatever fails here: the events still go out,
+        # and a clock not moved on runs from the ring timer still in place.
+        _log_unavailable(
+            call,
+            "accepted, its clock or active-set entry not written",
+            await asyncio.gather(
+                self.timers.schedule(
+                    call.call_id,
+                    min(self._next_clock_due(call), call.accepted_at_ms + self.live_check_ms),
+                ),
+                self.store.zadd(ACTIVE_KEY, call.call_id, float(ends_at + self.grace_ms + 60_000)),
+                return_exceptions=True,
             ),
-            self.store.zadd(ACTIVE_KEY, call.call_id, float(ends_at + self.grace_ms + 60_000)),
         )
         self.metrics.ring_to_answer.observe((call.accepted_at_ms - call.created_at_ms) / 1000)
         extra: JSONObject = {
@@ -695,14 +753,25 @@ class CallService:
         # invite must not find them busy). The timer is set to come back when
         # the events are overdue (should this instance die before them: a
         # ringing call's timer would otherwise wait for the ring deadline).
-        await asyncio.gather(self._free(call), self._set_timer(call.call_id, self._overdue(call)))
+        # The end has happened whatever fails here: the events still go out,
+        # and the call's timer (in place since the invite) frees what is left.
+        unfreed = _log_unavailable(
+            call,
+            "ended, its busy flags or timer not written",
+            await asyncio.gather(
+                self._free(call),
+                self._set_timer(call.call_id, self._overdue(call)),
+                return_exceptions=True,
+            ),
+        )
         self._count_end(call)
         published, cleared = await asyncio.gather(
             self._publish(call.participants, self._end_event(call)), self._leave_call(call)
         )
         due = await self._outbox_due(call, change.unsent)
-        if not (published and cleared):
-            # The timer tries again (it publishes only the events missing).
+        if not (published and cleared) or unfreed:
+            # The timer tries again (it publishes only the events missing, and
+            # frees the participants).
             due = _earliest(due, self.clock() + OUTBOX_RETRY_MS)
         elif due is not None:
             # The timer stays for the billing records only: it need not look
@@ -968,6 +1037,20 @@ class CallService:
         if call.accepted_at_ms is not None:
             view["ends_at_ms"] = call.accepted_at_ms + self.max_ms
         return view
+
+
+def _log_unavailable(call: Call, what: str, results: Sequence[object]) -> bool:
+    """Log the broker failures among ``results`` (of a change already made, whose
+    reply must still say so); True if there was one. Anything else (a bug) is
+    raised."""
+    failed = False
+    for result in results:
+        if isinstance(result, BrokerUnavailable):
+            log.warning("call %s: %s: %s", call.call_id, what, result)
+            failed = True
+        elif isinstance(result, BaseException):
+            raise result
+    return failed
 
 
 def _participant_role(call: Call, user: str) -> Role:

@@ -191,6 +191,100 @@ async def test_ticks_warnings_and_max_duration_in_server_time(h: Harness) -> Non
     assert records[-1]["reason"] == "max_duration"
 
 
+async def test_a_hang_up_after_a_due_tick_the_timer_missed_bills_it_first(h: Harness) -> None:
+    """The timer runs late (its instance died, its claim waits for the lease): a
+    hang-up 10 s into minute 2 must not end the call with 1 tick billed; and
+    one after the maximum ends it at the maximum, as the timer would have."""
+    for user in ("alice", "bob", "carol", "dave"):
+        await h.node.user_presence.went_online(user)  # only the clock acts
+    call_id = await h.accepted_call()
+    call = await h.service.calls.get(call_id)
+    assert call is not None and call.accepted_at_ms is not None
+    accepted = call.accepted_at_ms
+    h.clock.ms = accepted + 70_000  # tick 1 due at 60 s; no timer ran
+    ended = await h.service.end("bob", call_id)
+    assert ended.state == "ended" and ended.ended_at_ms == accepted + 70_000
+    events = [e for e in await h.events("alice") if e["type"] in ("call.tick", "call.ended")]
+    assert types(events) == ["call.tick", "call.ended"]
+    assert events[1]["reason"] == "hangup" and events[1]["duration_ms"] == 70_000
+    records = [r for r in h.records() if r["call_id"] == call_id]
+    assert [r["type"] for r in records][-2:] == ["call.tick", "call.ended"]
+
+    late_id = await h.accepted_call(caller="carol", callee="dave")
+    late = await h.service.calls.get(late_id)
+    assert late is not None and late.accepted_at_ms is not None
+    h.clock.ms = late.accepted_at_ms + 600_000 + 5_000  # past the 600 s maximum
+    with pytest.raises(SignalError) as refused:
+        await h.service.end("dave", late_id)
+    assert refused.value.value.code == 1007  # the maximum ended it first
+    final = [e for e in await h.events("carol") if e["type"] == "call.ended"]
+    assert final[-1]["reason"] == "max_duration"
+    assert final[-1]["duration_ms"] == 600_000
+    ticks = [e for e in await h.events("carol") if e["type"] == "call.tick"]
+    assert [t["minute"] for t in ticks] == list(range(1, 11))
+
+
+async def test_an_accept_or_end_made_answers_so_though_a_follow_up_write_failed(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compare-and-set won: the change is made. A write after it that the
+    broker refuses (the active set, the busy flags) must not turn the reply
+    into error 100, whose retry finds "wrong state" and looks like a lost
+    race; the events still go out, and the call's timer finishes the rest."""
+    for user in ("alice", "bob"):
+        await h.node.user_presence.went_online(user)
+    store, calls = h.service.store, h.service.calls
+    real_zadd, real_release = store.zadd, calls.release_busy
+
+    async def zadd_refused(key: str, *args: Any, **kwargs: Any) -> Any:
+        if key == ACTIVE_KEY:
+            raise BrokerUnavailable("MISCONF")
+        return await real_zadd(key, *args, **kwargs)
+
+    async def release_refused(*args: Any, **kwargs: Any) -> Any:
+        raise BrokerUnavailable("MISCONF")
+
+    call = await h.service.invite("alice", "bob", "video", "")
+    monkeypatch.setattr(store, "zadd", zadd_refused)
+    accepted = await h.service.accept("bob", call.call_id)
+    assert accepted.state == "accepted"
+    assert "call.accepted" in types(await h.events("alice"))
+
+    monkeypatch.setattr(store, "zadd", real_zadd)
+    monkeypatch.setattr(calls, "release_busy", release_refused)
+    ended = await h.service.end("alice", call.call_id)
+    assert ended.state == "ended"
+    assert types(await h.events("bob"))[-1] == "call.ended"
+    assert await h.node.store.get(busy_key("alice")) == call.call_id  # not freed yet
+
+    # The timer, once the store takes writes again, frees them.
+    monkeypatch.setattr(calls, "release_busy", real_release)
+    h.clock.advance(OUTBOX_STALE_MS)
+    await h.instance().fire(call.call_id)
+    assert await h.node.store.get(busy_key("alice")) is None
+    assert await h.node.store.get(busy_key("bob")) is None
+    assert types(await h.events("bob")).count("call.ended") == 1
+
+
+async def test_a_call_whose_timer_was_lost_is_settled_when_it_keeps_a_user_busy(
+    h: Harness,
+) -> None:
+    """A failover that loses the timer entry of a ringing call (the call's hash
+    on another shard survives): nothing would ever end it, and its users would
+    be "busy" until their flags expire, hours later. Past its deadline, the
+    next invite that finds it settles it (missed) and goes through."""
+    call = await h.service.invite("alice", "bob", "video", "")
+    await h.service.timers.cancel(call.call_id)  # the entry lost
+    h.clock.ms = call.ring_deadline_ms + 1_000
+    again = await h.service.invite("alice", "carol", "video", "")
+    assert again.state == "ringing"
+    assert types(await h.events("bob"))[-1] == "call.missed"
+    # Before its deadline, a ringing call still makes its users busy.
+    with pytest.raises(SignalError) as refused:
+        await h.service.invite("dave", "carol", "video", "")
+    assert refused.value.value.code == 1005
+
+
 async def test_ring_timeout_and_a_late_answer(h: Harness) -> None:
     call = await h.service.invite("alice", "bob", "audio", '{"price":5}')
     assert await h.service.run_timer(call.call_id) == call.ring_deadline_ms
