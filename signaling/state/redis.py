@@ -35,10 +35,12 @@ reference), with these Redis facts the memory store does not share:
   ``hset``/``zadd`` with a TTL) a Lua script does both, so a key never
   outlives a lost connection without its TTL.
 
-Errors: whatever the executor raises passes through unchanged (the Redis
-executor maps connection failures to
-:class:`~signaling.broker.base.BrokerUnavailable`). A bad argument raises
-:class:`ValueError` or :class:`TypeError` before anything is sent.
+Errors: whatever the executor raises passes through unchanged. The broker's
+executor (``RedisBroker.state_store``, through ``StoreExecutor``) raises
+:class:`~signaling.broker.base.BrokerUnavailable` for connection failures and
+for error replies alike (NOSCRIPT aside, which the batched scripts answer by
+loading themselves). A bad argument raises :class:`ValueError` or
+:class:`TypeError` before anything is sent.
 """
 
 from __future__ import annotations
