@@ -122,8 +122,12 @@ class ChatPublisher:
         if count > self._typing_limit:
             metrics.typing_dropped.inc()
             return SKIP
+        # Published here, live only, so that it is counted once it was.
+        await self._node.publish(
+            ctx.channel, pub.encode(), info=ctx.info, history=False, options=ctx.options
+        )
         metrics.child(metrics.publications, kind, "typing").inc()
-        return PublishDecision(raw=pub.encode(), history=False)
+        return SKIP
 
     async def _message(self, ctx: PublishContext, kind: str, pub: ChatMessage) -> PublishDecision:
         dedupe: tuple[str, str] | None = None

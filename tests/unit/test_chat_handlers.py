@@ -259,12 +259,21 @@ def test_keys_read_together_share_a_cluster_slot() -> None:
     assert slots == {key_slot(room.encode())}
 
 
-async def test_typing_over_the_rate_is_dropped_and_counted(node: Node) -> None:
+async def test_typing_over_the_rate_is_dropped_and_counted(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
     publisher, metrics, _ = chat(node)
     typing = context(node, {"type": "typing"}, channel="dm:#a,fan")
-    decisions = [await publisher.on_publish(typing) for _ in range(5)]
-    live = PublishDecision(raw=b'{"type":"typing"}', history=False)
-    assert decisions == [live, live] + [PublishDecision(skip=True)] * 3
+    published = metrics.publications.labels("dm", "typing")
+    # Published by the hook (live only), and counted once it was: a broker
+    # failure is the client's error 100, not a typing indicator counted.
+    fail_once(monkeypatch, node, "publish")
+    with pytest.raises(BrokerUnavailable):
+        await publisher.on_publish(typing)
+    assert published._value.get() == 0
+    decisions = [await publisher.on_publish(typing) for _ in range(4)]
+    assert decisions == [PublishDecision(skip=True)] * 4
+    assert published._value.get() == 1
     assert metrics.typing_dropped._value.get() == 3
 
 
