@@ -125,6 +125,10 @@ class SpawnedServer:
             stderr=subprocess.STDOUT,
             env=self.env,
             cwd=REPO_ROOT,
+            # Out of the tool's process group: a Ctrl-C at the terminal stops the
+            # tool, which stops its servers itself (one SIGTERM each, then the
+            # drain), instead of every server and worker also getting the SIGINT.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -377,7 +381,11 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         self._terminated = False
         self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=self.dir
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            cwd=self.dir,
+            start_new_session=True,  # as the servers: stopped by the tool, not by Ctrl-C
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

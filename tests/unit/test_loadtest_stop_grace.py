@@ -5,6 +5,7 @@ reconnect storm is not killed mid-drain."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from loadtest.servers import (
@@ -12,6 +13,8 @@ from loadtest.servers import (
     SERVER_DEFAULT_DRAIN_S,
     SERVER_EXIT_GRACE_S,
     STOP_MARGIN_S,
+    RedisServer,
+    ServerGroup,
     SpawnedServer,
 )
 from signaling.config import Settings
@@ -38,3 +41,19 @@ def test_grace_covers_the_drain_window_and_the_workers_grace() -> None:
     assert server("digis-signal").stop_grace_s == MIN_STOP_GRACE_S
     assert server("digis-signal", SIGNAL_DRAIN_S="junk").stop_grace_s == MIN_STOP_GRACE_S
     assert server("baseline", SIGNAL_DRAIN_S="120").stop_grace_s == MIN_STOP_GRACE_S
+
+
+def test_spawned_processes_are_out_of_the_tools_process_group(tmp_path: Path) -> None:
+    """A Ctrl-C at the terminal signals the foreground process group: the tool
+    (which stops what it started, one SIGTERM each), not its servers and Redis,
+    which would otherwise get the SIGINT and the tool's SIGTERM both."""
+    group = ServerGroup.spawn("baseline")
+    redis = RedisServer(None).start()
+    try:
+        ours = os.getpgid(0)
+        for pid in (*group.pids, redis.pid):
+            assert os.getpgid(pid) != ours
+            assert os.getsid(pid) == pid  # a session (and group) of its own
+    finally:
+        group.stop()
+        redis.stop()
