@@ -485,9 +485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.spawn_baseline:
         factories.append(lambda: _spawned("baseline", args, server_cpus, client_cpus))
 
-    # SIGTERM ends a run like Ctrl-C does: the finally blocks stop the servers we
-    # started and the client processes, by PID.
+    # SIGTERM and SIGHUP (the terminal closed) end a run like Ctrl-C does: the
+    # finally blocks stop the servers we started and the client processes, by PID
+    # (the servers, in sessions of their own, get no signal of the terminal's).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)
     progress = ProgressLine(enabled=not args.quiet)
     runs: list[dict[str, Any]] = []
     code = EXIT_OK

@@ -13,13 +13,14 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from loadtest.cli import EXIT_FATAL
+from loadtest.cli import EXIT_ABORTED, EXIT_FATAL
 from loadtest.profile import read_raw, summarize
 from loadtest.scenarios.fanout import PROBE_EVERY
 from support.processes import REPO_ROOT, ServerProcess
@@ -434,3 +435,52 @@ async def refused_usage(args: list[str]) -> bytes:
     output, _ = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT_S)
     assert proc.returncode == 2, output
     return output
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+async def test_a_hang_up_stops_the_run_and_the_servers_it_started() -> None:
+    """The spawned servers live in sessions of their own (a Ctrl-C reaches the
+    tool only): a SIGHUP (the terminal closed) must then end the run as Ctrl-C
+    does, the tool stopping what it started, not leave them running."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadtest", *SMOKE_RUNS["idle"][:3], "-d", "60",
+        "--spawn-baseline", "--no-pin", "--quiet",
+        cwd=REPO_ROOT, env=tool_env(),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    try:
+        line = b""
+        while b"baseline up at" not in line:
+            line = await asyncio.wait_for(proc.stderr.readline(), TOOL_TIMEOUT_S)
+            assert line, "the tool ended before its baseline was up"
+        spawned = _children(proc.pid)
+        assert spawned, "no server process found"
+        proc.send_signal(signal.SIGHUP)
+        assert await asyncio.wait_for(proc.wait(), TOOL_TIMEOUT_S) == EXIT_ABORTED
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    for pid in spawned:
+        assert not _alive(pid), f"spawned process {pid} outlived the tool"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
