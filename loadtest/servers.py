@@ -387,6 +387,17 @@ class RedisServer:
             cwd=self.dir,
             start_new_session=True,  # as the servers: stopped by the tool, not by Ctrl-C
         )
+        try:
+            self._wait_for_pong(timeout)
+        except BaseException:
+            # Ctrl-C during start-up included: in a session of its own, a
+            # redis-server not stopped here would outlive the tool.
+            self.stop()
+            raise
+        return self
+
+    def _wait_for_pong(self, timeout: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -397,9 +408,8 @@ class RedisServer:
             ):
                 sock.sendall(b"PING\r\n")
                 if sock.recv(16).startswith(b"+PONG"):
-                    return self
+                    return
             time.sleep(0.05)
-        self.stop()
         raise RuntimeError("redis-server did not answer PING")
 
     def stop(self) -> None:

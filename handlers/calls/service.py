@@ -31,7 +31,7 @@ their last disconnect, the last time a check saw them online, and the accept;
 offline for ``call_grace_s`` ends the call for both (``participant_lost``).
 The other party's connection does not matter. A killed instance's users
 count as online until handlers.presence reaps the instance (or, at the
-latest, until their online records expire, 30 s).
+latest, until their online records expire, 60 s).
 """
 
 from __future__ import annotations
@@ -310,11 +310,12 @@ class CallService:
             raise SignalError(CALL_CALLEE_BUSY)
 
     async def _claim_busy(self, user: str, call_id: str) -> bool:
-        """Mark ``user`` busy with ``call_id``. A call holding the flag past its
-        deadline (ringing past the ring timeout, accepted past the maximum) is
-        one whose timer did not run (its entry lost in a failover, say): it is
-        settled now, and the flag claimed again, instead of refusing the user's
-        calls until the flag expires, hours later."""
+        """Mark ``user`` busy with ``call_id``. A ringing call holding the flag
+        past its ring timeout is one whose timer did not run (its entry lost in
+        a failover, say): it is settled now (missed), and the flag claimed
+        again, instead of refusing the user's calls until the flag expires,
+        hours later. (Not an accepted call past its maximum: its timer would
+        bill every minute up to it, with no liveness seen in between.)"""
         if await self.calls.claim_busy(user, call_id):
             return True
         holder = await self.calls.busy_with(user)
@@ -326,9 +327,7 @@ class CallService:
         return await self.calls.claim_busy(user, call_id)
 
     def _past_deadline(self, call: Call, at: int) -> bool:
-        if call.state in (CallState.PENDING, CallState.RINGING):
-            return at >= call.ring_deadline_ms
-        return call.state == CallState.ACCEPTED and self._clock_overdue(call, at)
+        return call.state in (CallState.PENDING, CallState.RINGING) and at >= call.ring_deadline_ms
 
     async def _abandon(self, call_id: str, users: tuple[str, str]) -> None:
         for user in users:
@@ -401,14 +400,19 @@ class CallService:
                 _participant_role(c, user)
                 if c.state != CallState.ACCEPTED:
                     raise wrong_state(c.state)
-                if catch_up and self._clock_step(c, now) is not None:
+                if catch_up and self._tick_or_end_due(c, now):
                     raise _ClockDue
                 return _ended(EndReason.HANGUP, now, user)
 
             try:
                 change = await self._update(call_id, decide)
             except _ClockDue:
-                await self._set_timer(call_id, await self.run_timer(call_id))
+                # The clock's steps only; liveness is the timer's, not the
+                # hang-up's. At its maximum the call ends here, as the timer
+                # would end it.
+                ended = await self._run_clock(call_id)
+                if ended is not None:
+                    await self._after_change(call_id, await self._finished(ended))
                 continue
             assert change is not None
             await self._after_change(call_id, await self._finished(change))
@@ -578,20 +582,31 @@ class CallService:
         return await self._finished(change)
 
     async def _call_timer(self, call_id: str) -> int | None:
-        # Ticks, warnings and the max duration, one compare-and-set each, in
-        # time order, until nothing is due; then liveness.
-        while True:
-            at = self.clock()
-            change = await self._update(call_id, functools.partial(self._clock_step, at=at), at)
-            if change is None:
-                break
-            if change.after.state != CallState.ACCEPTED:
-                return await self._finished(change)  # the max duration
-            await self._clock_changed(change, at)
+        # The clock's steps; then liveness.
+        ended = await self._run_clock(call_id)
+        if ended is not None:
+            return await self._finished(ended)  # the max duration
         call = await self.calls.get(call_id)
         if call is None or call.state != CallState.ACCEPTED:
             return await self._after_lost_race(call)
         return await self._check_liveness(call)
+
+    async def _run_clock(self, call_id: str) -> Change | None:
+        """Ticks, warnings and the max duration, one compare-and-set each, in
+        time order, until nothing is due. Returns the change that ended the
+        call at its maximum, if one did, for the caller to finish."""
+        while True:
+            at = self.clock()
+            change = await self._update(call_id, functools.partial(self._clock_step, at=at), at)
+            if change is None:
+                return None
+            if change.after.state != CallState.ACCEPTED:
+                return change
+            await self._clock_changed(change, at)
+
+    def _tick_or_end_due(self, c: Call, at: int) -> bool:
+        end, tick, _ = self._due_times(c)
+        return end <= at or (tick is not None and tick <= at)
 
     def _due_times(self, c: Call) -> tuple[int, int | None, int | None]:
         """(end, next tick or None, next warning or None) of an accepted call."""

@@ -32,8 +32,9 @@ Messages are published by this hook itself (it then tells the core to skip
 its own publish): if the broker fails, the dedupe and slow-mode claims are
 released before the error reaches the client, so the client's retry is
 delivered instead of being taken for a duplicate; a slow-mode refusal
-releases the dedupe claim the same way. Hooks registered after this one do
-not see chat messages (they do see typing).
+releases the dedupe claim the same way. Typing indicators are published by
+this hook too (live only), and counted once they were. Hooks registered after
+this one see neither.
 """
 
 from __future__ import annotations

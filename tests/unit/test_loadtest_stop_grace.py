@@ -5,8 +5,11 @@ reconnect storm is not killed mid-drain."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+
+import pytest
 
 from loadtest.servers import (
     MIN_STOP_GRACE_S,
@@ -47,13 +50,26 @@ def test_spawned_processes_are_out_of_the_tools_process_group(tmp_path: Path) ->
     """A Ctrl-C at the terminal signals the foreground process group: the tool
     (which stops what it started, one SIGTERM each), not its servers and Redis,
     which would otherwise get the SIGINT and the tool's SIGTERM both."""
-    group = ServerGroup.spawn("baseline")
-    redis = RedisServer(None).start()
-    try:
+    with contextlib.ExitStack() as started:
+        group = ServerGroup.spawn("baseline")
+        started.callback(group.stop)
+        redis = RedisServer(None).start()
+        started.callback(redis.stop)
         ours = os.getpgid(0)
         for pid in (*group.pids, redis.pid):
             assert os.getpgid(pid) != ours
             assert os.getsid(pid) == pid  # a session (and group) of its own
-    finally:
-        group.stop()
-        redis.stop()
+
+
+def test_a_redis_interrupted_while_starting_is_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the tool waits for its Redis's PONG: in a session of its own
+    the redis-server gets no SIGINT, so the start must stop it itself."""
+    redis = RedisServer(None)
+
+    def interrupted(timeout: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(redis, "_wait_for_pong", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        redis.start()
+    assert redis.proc is not None and redis.proc.poll() is not None
