@@ -675,10 +675,7 @@ class ClientSession:
             expires_at = await self._check_sub_token(req.token, user, channel)
         elif options.token_required or not node.policy.can_subscribe(user, channel):
             raise SignalError(ERROR_PERMISSION_DENIED)
-        if node.subscribe_hooks:
-            ctx = SubscribeContext(user, self.client_id, channel, options)
-            for hook in node.subscribe_hooks:
-                await hook(ctx)
+        await self._run_subscribe_hooks(user, channel, options)
         result = await self._start_subscription(channel, req, expires_at)
         self._send(encode_reply(cmd_id, "subscribe", result))
         self._go_live(channel, result)
@@ -942,11 +939,17 @@ class ClientSession:
         options = node.channel_options(channel)
         if options.token_required or not node.policy.can_subscribe(user, channel):
             raise SignalError(ERROR_PERMISSION_DENIED)
-        if node.subscribe_hooks:
-            ctx = SubscribeContext(user, self.client_id, channel, options)
-            for hook in node.subscribe_hooks:
-                await hook(ctx)
+        await self._run_subscribe_hooks(user, channel, options)
         return options
+
+    async def _run_subscribe_hooks(self, user: str, channel: str, options: ChannelOptions) -> None:
+        """The node's subscribe hooks (moderation's ban check); each raises
+        SignalError to refuse."""
+        hooks = self.node.subscribe_hooks
+        if hooks:
+            ctx = SubscribeContext(user, self.client_id, channel, options)
+            for hook in hooks:
+                await hook(ctx)
 
     async def _presence(self, channel: str) -> PresenceResult:
         if not (await self._check_read(channel)).presence:

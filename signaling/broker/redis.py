@@ -100,6 +100,11 @@ _REMOVE_AT_ONCE = 500
 TOPOLOGY_RETRY_S = 1.0
 
 
+# What a command can fail with: the connection (OSError, and redis-py's
+# ConnectionError and TimeoutError, which are RedisErrors) or an error reply.
+_FAILURES = (OSError, RedisError)
+
+
 class StoreExecutor:
     """The broker's executor as the state store sees it: any error Redis answers
     (OOM, MISCONF, READONLY, TRYAGAIN, CLUSTERDOWN, BUSY, or a script's or
@@ -118,19 +123,19 @@ class StoreExecutor:
             return await self._executor.execute(*args)
         except NoScriptError:
             raise  # the store's batched scripts load themselves on it (run_script_many)
-        except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
+        except _FAILURES as exc:
             raise _store_unavailable(exc) from exc
 
     async def run_script(self, script: Any, keys: Sequence[str], args: Sequence[RedisArg]) -> Any:
         try:
             return await self._executor.run_script(script, keys, args)
-        except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
+        except _FAILURES as exc:
             raise _store_unavailable(exc) from exc
 
     async def execute_many(self, commands: Sequence[Sequence[RedisArg]]) -> list[Any]:
         try:
             results = await self._executor.execute_many(commands)
-        except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
+        except _FAILURES as exc:
             raise _store_unavailable(exc) from exc
         return [_unavailable_result(r) for r in results]
 
@@ -138,9 +143,7 @@ class StoreExecutor:
 def _unavailable_result(result: Any) -> Any:
     """One result of a batch: an error as BrokerUnavailable, except NOSCRIPT,
     which run_script_many answers by loading the script."""
-    if isinstance(result, NoScriptError) or not isinstance(
-        result, RedisConnectionError | RedisTimeoutError | OSError | RedisError
-    ):
+    if isinstance(result, NoScriptError) or not isinstance(result, _FAILURES):
         return result
     return _store_unavailable(result)
 
